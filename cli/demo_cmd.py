@@ -1,0 +1,87 @@
+"""`hat demo [--model DIR] [--prompt TEXT]`: a cloud server and a device on loopback, one streamed generation."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from .generate_cmd import add_sampling_args, set_threads
+
+READY_TIMEOUT_S = 120.0  # longest wait for the cloud process to load its bundle and bind
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("demo", help="split a model, start a cloud and a device on loopback, stream a generation")
+    p.add_argument("--model", help="checkpoint folder (default: the project's default model)")
+    p.add_argument("--prompt", default="def fibonacci(n):", help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="most tokens to generate")
+    p.add_argument("--input-layers", "-K", type=int, default=2, help="decoder layers on the device before the cloud")
+    p.add_argument("--output-layers", "-M", type=int, default=1, help="decoder layers on the device after the cloud")
+    add_sampling_args(p)
+    p.set_defaults(run=run)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HAT_HOME", Path.home() / ".cache" / "hat"))
+
+
+def run(args) -> int:
+    from hat.common.sampling import SamplingParams
+    from hat.common.split import split_checkpoint
+    from hat.device.cloud_link import LinkConfig
+
+    from .generate_cmd import generate_once
+
+    if args.model:
+        model_dir = Path(args.model)
+        print(f"model: {model_dir}")
+    else:
+        from hat.common.toy_model import toy_model_dir
+        model_dir = toy_model_dir(cache_root())
+        print(f"model: {model_dir}\n  (a small Llama with RANDOM weights built deterministically by `hat demo`: "
+              "expect noise, not text; the trained reference model replaces it)")
+    threads = max(1, (os.cpu_count() or 2) // 2)  # cloud and device share this machine: half the cores each
+    set_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="hat-demo-") as tmp:
+        device_dir, cloud_dir = split_checkpoint(model_dir, args.input_layers, args.output_layers, Path(tmp) / "bundle")
+        print(f"split: device runs layers [0, {args.input_layers}) and the last {args.output_layers}; "
+              f"the cloud runs the rest")
+        cloud = subprocess.Popen(
+            [sys.executable, "-m", "hat.cli.main", "cloud", "serve", "--bundle", str(cloud_dir),
+             "--data", "tcp://127.0.0.1:0", "--control", "127.0.0.1:0", "--threads", str(threads)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            data_port, control_port = wait_ready(cloud)
+            print(f"cloud: pid {cloud.pid}, data port {data_port}, control port {control_port}")
+            print(f"prompt: {args.prompt!r}\n---")
+            link = LinkConfig(host="127.0.0.1", data_port=data_port, control_port=control_port, device_id="demo-device")
+            generate_once(str(device_dir), link, args.prompt, args.max_new_tokens,
+                          SamplingParams(args.temperature, args.top_p, args.seed), stream=True)
+        finally:
+            cloud.terminate()
+            try:
+                cloud.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                cloud.kill()
+    return 0
+
+
+def wait_ready(cloud: subprocess.Popen) -> tuple[int, int]:
+    """Read the cloud's output until its `ready` line; return (data port, control port)."""
+    lines: list[str] = []
+    timer = threading.Timer(READY_TIMEOUT_S, cloud.kill)
+    timer.start()
+    try:
+        for line in cloud.stdout:
+            lines.append(line)
+            match = re.match(r"ready data=tcp://[^:]+:(\d+) control=\S+:(\d+)", line)
+            if match:
+                threading.Thread(target=lambda: [None for _ in cloud.stdout], daemon=True).start()  # keep draining
+                return int(match.group(1)), int(match.group(2))
+    finally:
+        timer.cancel()
+    raise RuntimeError("the cloud server did not start:\n" + "".join(lines[-20:]))

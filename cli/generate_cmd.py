@@ -1,0 +1,72 @@
+"""`hat generate --bundle BUNDLE/device --cloud HOST --prompt TEXT --max-new-tokens N [--json]`."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("generate", help="generate text on this device with the cloud's middle layers")
+    p.add_argument("--bundle", required=True, help="device bundle folder (BUNDLE/device from `hat split`)")
+    p.add_argument("--cloud", required=True, help="cloud host name or address")
+    p.add_argument("--data-port", type=int, default=5555, help="cloud's ZeroMQ data-plane port")
+    p.add_argument("--control-port", type=int, default=5556, help="cloud's gRPC control-plane port")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
+    add_sampling_args(p)
+    p.add_argument("--device-id", default="", help="this device's id (default: host name and process id)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any one cloud reply")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.set_defaults(run=run)
+
+
+def add_sampling_args(p) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def run(args) -> int:
+    from hat.common.sampling import SamplingParams
+    from hat.device.cloud_link import LinkConfig
+
+    set_threads(args.threads)
+    sampling = SamplingParams(args.temperature, args.top_p, args.seed)
+    link_config = LinkConfig(host=args.cloud, data_port=args.data_port, control_port=args.control_port,
+                             device_id=args.device_id, reply_timeout_s=args.timeout)
+    result = generate_once(args.bundle, link_config, args.prompt, args.max_new_tokens, sampling, stream=not args.json)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    return 0
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+        torch.set_num_threads(threads)
+
+
+def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sampling, stream: bool):
+    from hat.device.cloud_link import CloudLink
+    from hat.device.device_model import DeviceModel
+    from hat.device.generator import SplitGenerator
+
+    model = DeviceModel.load(bundle)
+    with CloudLink(link_config) as link:
+        link.register(model.manifest)
+        generator = SplitGenerator(model, link)
+        on_text = (lambda text: print(text, end="", flush=True)) if stream else None
+        result = generator.generate(prompt, max_new_tokens, sampling, on_text=on_text)
+    if stream:
+        print()
+        print(summary_line(result), file=sys.stderr)
+    return result
+
+
+def summary_line(result) -> str:
+    tbt = f"{statistics.median(result.tbt_ms):.1f} ms median time between tokens" if result.tbt_ms else "one token"
+    return (f"[{len(result.token_ids)} tokens ({result.finish_reason}) from a {result.prompt_tokens}-token prompt: "
+            f"first token {result.ttft_ms:.0f} ms, {tbt}; {result.bytes_up / 1024:.1f} KiB up, "
+            f"{result.bytes_down / 1024:.1f} KiB down]")

@@ -1,0 +1,35 @@
+"""`hat`: one command, with subcommands for every role."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import cloud_cmd, demo_cmd, generate_cmd, split_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hat", description="Device-cloud split LLM inference (HAT design).")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    split_cmd.add_parser(commands)
+    cloud_cmd.add_parser(commands)
+    generate_cmd.add_parser(commands)
+    demo_cmd.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"hat {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

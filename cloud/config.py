@@ -1,0 +1,24 @@
+"""Configuration of a cloud server."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class CloudConfig:
+    bundle: str  # path of the cloud bundle written by `hat split` (BUNDLE/cloud)
+    data_address: str = "tcp://127.0.0.1:5555"  # ZeroMQ ROUTER bind address of the data plane (port 0 = any free)
+    control_address: str = "127.0.0.1:5556"  # gRPC bind address of the control plane (port 0 = any free)
+    device: str = "cpu"  # torch device the middle part runs on (cpu, cuda, cuda:1)
+    session_idle_timeout_s: float = 300.0  # a session untouched this long is dropped and its cache freed
+    max_sessions: int = 1024  # sessions held at once; an OPEN beyond this is refused with OVERLOADED
+    max_tokens_per_message: int = 8192  # largest FORWARD accepted, in tokens
+    max_batch_tokens: int = 8192  # tokens of all sessions run in one forward of the middle part
+    poll_interval_s: float = 0.05  # longest wait for traffic before housekeeping (expiry) runs
+    grpc_workers: int = 4  # threads serving the control plane
+
+    def __post_init__(self):
+        for name in ("session_idle_timeout_s", "max_sessions", "max_tokens_per_message", "max_batch_tokens",
+                     "poll_interval_s", "grpc_workers"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

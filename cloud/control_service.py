@@ -1,0 +1,42 @@
+"""The control plane: gRPC registration, health and statistics."""
+from __future__ import annotations
+
+import time
+
+from hat.common.bundle import BundleManifest
+from hat.common.proto import hat_pb2 as pb
+from hat.common.proto import hat_pb2_grpc
+
+from .config import CloudConfig
+from .device_registry import DeviceRegistry
+from .session_store import SessionStore
+from .stats import CloudStats
+
+
+class ControlService(hat_pb2_grpc.HatControlServicer):
+    def __init__(self, config: CloudConfig, manifest: BundleManifest, max_context: int, registry: DeviceRegistry,
+                 store: SessionStore, stats: CloudStats):
+        self.config, self.manifest, self.max_context = config, manifest, max_context
+        self.registry, self.store, self.stats = registry, store, stats
+        self.started = time.monotonic()
+        self.draining = False
+
+    def Register(self, request, context):
+        reason = self.registry.register(request)
+        if reason is not None:
+            return pb.RegisterReply(accepted=False, reason=reason)
+        return pb.RegisterReply(accepted=True, cloud_dtype=self.manifest.dtype, hidden_size=self.manifest.hidden_size,
+                                max_context=self.max_context,
+                                max_tokens_per_message=self.config.max_tokens_per_message,
+                                session_idle_timeout_s=self.config.session_idle_timeout_s)
+
+    def Health(self, request, context):
+        return pb.HealthReply(status="draining" if self.draining else "serving",
+                              uptime_s=time.monotonic() - self.started, sessions=len(self.store))
+
+    def Stats(self, request, context):
+        s = self.stats
+        return pb.StatsReply(sessions=len(self.store), registered_devices=len(self.registry),
+                             kv_cache_bytes=self.store.kv_bytes(), forward_batches=s.forward_batches,
+                             forward_tokens=s.forward_tokens, errors=s.errors,
+                             expired_sessions=self.store.expired_total, max_batch_sessions=s.max_batch_sessions)

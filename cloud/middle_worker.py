@@ -1,0 +1,76 @@
+"""Runs the middle part over a batch of FORWARD requests from many sessions in one ragged forward."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hat.common.bundle import BundleManifest, load_manifest
+from hat.common.checkpoint import load_tensors
+from hat.common.layers import SequenceSpan
+from hat.common.model_part import ModelPart
+from hat.common.model_spec import load_model_spec
+from hat.common.proto import hat_pb2 as pb
+from hat.common.wire import WireError
+
+from .session_store import CloudSession
+
+log = logging.getLogger("hat.cloud")
+
+
+@dataclass(slots=True)
+class ForwardJob:
+    owner: bytes  # routing id to reply to
+    header: pb.DataHeader  # the FORWARD's header
+    hidden: torch.Tensor  # [num_tokens, hidden] input-part hidden states
+    session: CloudSession  # the session whose cache the tokens extend
+
+
+def load_middle_part(bundle_dir: str | Path, device: str = "cpu") -> tuple[ModelPart, BundleManifest]:
+    manifest = load_manifest(bundle_dir, part="cloud")
+    spec = load_model_spec(bundle_dir)
+    first, last = manifest.middle_layers
+    tensors = load_tensors(bundle_dir, lambda name: True)
+    return ModelPart.from_tensors(spec, first, last, tensors, device=device), manifest
+
+
+class MiddleWorker:
+    def __init__(self, part: ModelPart):
+        self.part = part
+
+    def check(self, job: ForwardJob) -> None:
+        """Refuse, before it touches any cache, a FORWARD that does not fit this model or session."""
+        spec, header, cache = self.part.spec, job.header, job.session.cache
+        if job.hidden.shape[1] != spec.hidden_size:
+            raise WireError(pb.BAD_TENSOR, f"hidden size {job.hidden.shape[1]}, this model's is {spec.hidden_size}")
+        if header.start > cache.length:
+            raise WireError(pb.BAD_POSITION, f"start position {header.start} is beyond the session's cache of "
+                                             f"{cache.length} positions")
+        end = header.start + job.hidden.shape[0]
+        if end > cache.max_length:
+            raise WireError(pb.CONTEXT_EXCEEDED, f"positions up to {end} exceed the model's context of {cache.max_length}")
+
+    def run(self, jobs: list[ForwardJob]) -> list[torch.Tensor | WireError]:
+        """One output per job: the middle part's hidden states of the positions the job asked back."""
+        try:
+            return self._forward(jobs)
+        except Exception:  # one bad job must not fail the batch: retry each alone (caches were cut to start)
+            if len(jobs) == 1:
+                log.exception("forward failed for session %s", jobs[0].header.session_id)
+                return [WireError(pb.INTERNAL, "the cloud failed to run this request")]
+            return [result for job in jobs for result in self.run([job])]
+
+    @torch.inference_mode()
+    def _forward(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
+        spans = [SequenceSpan(job.session.cache, int(job.header.start), job.hidden.shape[0]) for job in jobs]
+        hidden = torch.cat([job.hidden for job in jobs]) if len(jobs) > 1 else jobs[0].hidden
+        out = self.part.forward_layers(hidden, spans).cpu()
+        results, offset = [], 0
+        for job, span in zip(jobs, spans):
+            keep = job.header.return_last or span.count
+            keep = min(keep, span.count)
+            results.append(out[offset + span.count - keep: offset + span.count])
+            offset += span.count
+        return results

@@ -1,0 +1,74 @@
+"""The cloud's sessions: one middle-part KV cache per device generation, with idle expiry."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from hat.common.kv_cache import KVCache
+from hat.common.model_part import ModelPart
+from hat.common.proto import hat_pb2 as pb
+from hat.common.wire import WireError
+
+
+@dataclass(slots=True)
+class CloudSession:
+    session_id: str  # chosen by the device
+    device_id: str  # registered device that opened it
+    owner: bytes  # ZeroMQ routing id of the connection that opened it; only it may use the session
+    cache: KVCache  # middle-layer keys and values
+    last_active: float  # monotonic time of the last message
+
+
+class SessionStore:
+    def __init__(self, part: ModelPart, max_sessions: int, idle_timeout_s: float, clock=time.monotonic):
+        self._part = part
+        self._max_sessions = max_sessions
+        self._idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self._sessions: dict[str, CloudSession] = {}
+        self._lock = threading.Lock()
+        self.expired_total = 0
+
+    def open(self, session_id: str, device_id: str, owner: bytes) -> CloudSession:
+        """Create the session with an empty cache (re-opening one's own session starts it afresh)."""
+        if not session_id:
+            raise WireError(pb.MALFORMED, "OPEN needs a session id")
+        with self._lock:
+            existing = self._sessions.get(session_id)
+            if existing is not None and existing.owner != owner:
+                raise WireError(pb.SESSION_EXISTS, f"session {session_id!r} belongs to another connection")
+            if existing is None and len(self._sessions) >= self._max_sessions:
+                raise WireError(pb.OVERLOADED, f"the cloud holds its limit of {self._max_sessions} sessions; retry later")
+            session = CloudSession(session_id, device_id, owner, self._part.new_cache(), self._clock())
+            self._sessions[session_id] = session
+            return session
+
+    def get(self, session_id: str, owner: bytes) -> CloudSession:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise WireError(pb.UNKNOWN_SESSION, f"unknown session {session_id!r} (never opened, closed, or expired)")
+        session.last_active = self._clock()
+        return session
+
+    def close(self, session_id: str, owner: bytes) -> None:
+        self.get(session_id, owner)
+        with self._lock:
+            del self._sessions[session_id]
+
+    def expire_idle(self) -> list[str]:
+        deadline = self._clock() - self._idle_timeout_s
+        with self._lock:
+            gone = [sid for sid, s in self._sessions.items() if s.last_active < deadline]
+            for sid in gone:
+                del self._sessions[sid]
+            self.expired_total += len(gone)
+        return gone
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def kv_bytes(self) -> int:
+        with self._lock:
+            return sum(s.cache.nbytes for s in self._sessions.values())

@@ -1,0 +1,1 @@
+"""Shared by device and cloud: model runtime, split bundles, wire format, sampling."""

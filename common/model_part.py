@@ -1,0 +1,107 @@
+"""A contiguous slice of a Llama-family model, the unit the split hands to device and cloud."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kv_cache import KVCache
+from .layers import DecoderLayer, RaggedBatch, RMSNorm, SequenceSpan
+from .model_spec import ModelSpec
+from .rope import RotaryTable
+
+EMBED = "model.embed_tokens.weight"
+NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a parameter name belongs to, or None for embedding, norm and head."""
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2])
+    return None
+
+
+class ModelPart(nn.Module):
+    """Optional embedding, decoder layers [first, last), optional final norm + LM head.
+
+    Parameter names are transformers' (`model.layers.5.self_attn.q_proj.weight` keeps its global
+    layer number), so a part loads strict from a subset of the checkpoint's tensors.
+    """
+
+    def __init__(self, spec: ModelSpec, first: int, last: int, embedding: bool = False, head: bool = False):
+        super().__init__()
+        if not 0 <= first <= last <= spec.num_layers:
+            raise ValueError(f"layer range [{first}, {last}) is outside the model's {spec.num_layers} layers")
+        self.spec, self.first, self.last = spec, first, last
+        self.has_embedding, self.has_head = embedding, head
+        self.model = nn.Module()
+        if embedding:
+            self.model.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(spec, i) for i in range(first, last)})
+        if head:
+            self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary = RotaryTable(spec)
+
+    @classmethod
+    def from_tensors(cls, spec: ModelSpec, first: int, last: int, tensors: dict[str, torch.Tensor],
+                     embedding: bool = False, head: bool = False, device: str | torch.device = "cpu") -> "ModelPart":
+        """Build without random init and load `tensors` strict (extra tensors for other parts are ignored)."""
+        with torch.device("meta"):
+            part = cls(spec, first, last, embedding, head)
+        state = {name: tensors[name] for name in part.wanted_names(tensors) if name in tensors}
+        if head and LM_HEAD not in tensors and spec.tie_word_embeddings and EMBED in tensors:
+            state[LM_HEAD] = tensors[EMBED]
+        missing = set(part.state_dict().keys()) - set(state)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors for layers [{first}, {last}), "
+                             f"e.g. {sorted(missing)[:3]}")
+        part.load_state_dict(state, strict=True, assign=True)
+        return part.to(device).eval()
+
+    def wanted_names(self, names) -> list[str]:
+        """The names among `names` that belong to this part."""
+        own = set(self.state_dict().keys())
+        return [n for n in names if n in own]
+
+    @property
+    def num_layers(self) -> int:
+        return self.last - self.first
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def new_cache(self, max_length: int | None = None) -> KVCache:
+        spec = self.spec
+        return KVCache(self.num_layers, spec.num_kv_heads, spec.head_dim, self.dtype,
+                       max_length or spec.max_context, device=self.device)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(token_ids.to(self.device))
+
+    def forward_layers(self, hidden: torch.Tensor, spans: list[SequenceSpan]) -> torch.Tensor:
+        """hidden: [total tokens, hidden] for `spans` in order. Each span's cache is cut back to its
+        start, extended by its tokens, and committed only when every layer has run."""
+        batch = RaggedBatch(spans)
+        if hidden.shape[0] != batch.num_tokens:
+            raise ValueError(f"hidden has {hidden.shape[0]} tokens, spans say {batch.num_tokens}")
+        for span in spans:
+            span.cache.begin_write(span.start, span.count)
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
+        if self.num_layers:
+            cos, sin = self.rotary.cos_sin(batch.positions(), self.dtype)
+            cos, sin = cos.to(self.device), sin.to(self.device)
+            for slot, layer in enumerate(self.model.layers.values()):
+                hidden = layer(hidden, cos, sin, batch, slot)
+        for span in spans:
+            span.cache.commit(span.start + span.count)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head; float32 logits."""
+        return self.lm_head(self.model.norm(hidden)).float()

@@ -1,0 +1,127 @@
+"""The device's connection to the cloud: gRPC registration and a ZeroMQ DEALER for hidden states.
+
+Every wait is bounded: a reply that does not come within `reply_timeout_s` raises CloudTimeoutError.
+Bytes sent and received on the data plane are counted per link.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+import zmq
+
+from hat.common import wire
+from hat.common.bundle import BundleManifest
+from hat.common.proto import hat_pb2 as pb
+from hat.common.proto import hat_pb2_grpc
+
+
+class CloudError(RuntimeError):
+    """The cloud refused a request; `code` is the wire ErrorCode (or None for control-plane refusals)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class CloudTimeoutError(CloudError):
+    """No reply within the configured time."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    host: str = "127.0.0.1"  # cloud host name or address
+    data_port: int = 5555  # cloud's ZeroMQ data-plane port
+    control_port: int = 5556  # cloud's gRPC control-plane port
+    device_id: str = ""  # this device's id; empty = derived from the host name
+    reply_timeout_s: float = 60.0  # longest wait for one data-plane reply
+    control_timeout_s: float = 10.0  # longest wait for one control-plane call (includes connecting)
+
+    def resolved_device_id(self) -> str:
+        return self.device_id or f"{platform.node() or 'device'}-{os.getpid()}"
+
+
+class CloudLink:
+    def __init__(self, config: LinkConfig):
+        self.config = config
+        self.device_id = config.resolved_device_id()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.registration: pb.RegisterReply | None = None
+        self._sequence = 0
+        self._channel = grpc.insecure_channel(f"{config.host}:{config.control_port}")
+        self._control = hat_pb2_grpc.HatControlStub(self._channel)
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.ROUTING_ID, os.urandom(16))
+        self._socket.connect(f"tcp://{config.host}:{config.data_port}")
+
+    def register(self, manifest: BundleManifest, backend: str = "torch") -> pb.RegisterReply:
+        request = pb.RegisterRequest(
+            device_id=self.device_id, fingerprint=manifest.source_fingerprint, num_layers=manifest.num_layers,
+            input_layers=manifest.input_layers, output_layers=manifest.output_layers,
+            capabilities=pb.Capabilities(backend=backend, compute_dtype=manifest.dtype,
+                                         platform=f"{platform.machine()} {platform.system()}"))
+        try:
+            reply = self._control.Register(request, timeout=self.config.control_timeout_s, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            raise CloudError(f"cannot register with the cloud's control plane at {self.config.host}:"
+                             f"{self.config.control_port}: {exc.code().name} {exc.details()}") from None
+        if not reply.accepted:
+            raise CloudError(f"the cloud refused this device: {reply.reason}")
+        self.registration = reply
+        return reply
+
+    def stats(self) -> pb.StatsReply:
+        return self._control.Stats(pb.StatsRequest(), timeout=self.config.control_timeout_s)
+
+    def open_session(self, session_id: str) -> None:
+        self._request(wire.make_header(pb.OPEN, session_id, device_id=self.device_id))
+
+    def close_session(self, session_id: str, timeout_s: float = 5.0) -> None:
+        self._request(wire.make_header(pb.CLOSE, session_id), timeout_s=min(timeout_s, self.config.reply_timeout_s))
+
+    def forward(self, session_id: str, start: int, hidden: torch.Tensor, return_last: int = 0) -> torch.Tensor:
+        """Send positions [start, start + len(hidden)); get the middle part's output for the last `return_last` (0 = all)."""
+        reply = self._request(wire.make_header(pb.FORWARD, session_id, start=start, return_last=return_last), hidden)
+        return reply.tensor
+
+    def _request(self, header: pb.DataHeader, tensor: torch.Tensor | None = None,
+                 timeout_s: float | None = None) -> wire.DataMessage:
+        self._sequence += 1
+        header.sequence = self._sequence
+        frames = wire.encode(header, tensor)
+        self._socket.send_multipart(frames, copy=False)
+        self.bytes_up += wire.frame_bytes(frames)
+        timeout_s = self.config.reply_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
+            if not self._socket.poll(remaining_ms, zmq.POLLIN):
+                raise CloudTimeoutError(f"no reply from the cloud at {self.config.host}:{self.config.data_port} "
+                                        f"within {timeout_s:g} s")
+            reply_frames = self._socket.recv_multipart(copy=False)
+            self.bytes_down += wire.frame_bytes(reply_frames)
+            reply = wire.decode(reply_frames)
+            if reply.header.sequence != self._sequence:
+                continue  # a late reply to a request that already timed out
+            if reply.header.kind == pb.ERROR:
+                code = reply.header.error_code
+                raise CloudError(f"cloud error {pb.ErrorCode.Name(code)}: {reply.header.error_message}", code)
+            return reply
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self._context.term()
+        self._channel.close()
+
+    def __enter__(self) -> "CloudLink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,48 @@
+"""The device's share of the model: tokenizer, input part (embedding + first K layers) and output part
+(last M layers + final norm + LM head), loaded from a device bundle."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from hat.common.bundle import BundleManifest, load_manifest
+from hat.common.checkpoint import load_tensors
+from hat.common.model_part import ModelPart
+from hat.common.model_spec import ModelSpec, load_model_spec
+
+
+@dataclass(slots=True)
+class DeviceModel:
+    manifest: BundleManifest  # what the bundle holds and where it was cut
+    spec: ModelSpec  # architecture of the whole model
+    tokenizer: PreTrainedTokenizerBase  # the checkpoint's own tokenizer
+    input_part: ModelPart  # embedding + layers [0, K)
+    output_part: ModelPart  # layers [N-M, N) + final norm + LM head
+    stop_ids: tuple[int, ...]  # token ids that end a generation
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, device: str = "cpu") -> "DeviceModel":
+        manifest = load_manifest(bundle_dir, part="device")
+        spec = load_model_spec(bundle_dir)
+        tensors = load_tensors(bundle_dir, lambda name: True)
+        n, k, m = manifest.num_layers, manifest.input_layers, manifest.output_layers
+        input_part = ModelPart.from_tensors(spec, 0, k, tensors, embedding=True, device=device)
+        output_part = ModelPart.from_tensors(spec, n - m, n, tensors, head=True, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(str(bundle_dir), local_files_only=True)
+        return cls(manifest, spec, tokenizer, input_part, output_part, stop_token_ids(bundle_dir, spec, tokenizer))
+
+
+def stop_token_ids(bundle_dir: str | Path, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """End-of-sequence ids as transformers' generate picks them: generation_config.json, else config.json,
+    else the tokenizer's eos token."""
+    path = Path(bundle_dir) / "generation_config.json"
+    if path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    if spec.eos_token_ids:
+        return spec.eos_token_ids
+    return () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)

@@ -1,0 +1,125 @@
+"""Split generation: the device runs input and output parts, the cloud the middle, only hidden states cross."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from hat.common.layers import SequenceSpan
+from hat.common.sampling import SamplingParams, sample_token
+
+from .cloud_link import CloudLink
+from .device_model import DeviceModel
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the model's context."""
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    token_ids: list[int]  # generated ids only (an end-of-sequence id included when it ended the generation)
+    text: str  # decoded generated text, special tokens skipped
+    prompt_tokens: int  # length of the tokenized prompt
+    finish_reason: str  # "stop" (end-of-sequence token) or "length" (max_new_tokens or the context filled)
+    ttft_ms: float  # from the call to the first generated token
+    tbt_ms: list[float] = field(default_factory=list)  # one per token after the first: time since the previous token
+    bytes_up: int = 0  # data-plane bytes sent (headers + hidden states)
+    bytes_down: int = 0  # data-plane bytes received
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer, self.on_text, self.emitted = tokenizer, on_text, ""
+
+    def update(self, token_ids: list[int], final: bool = False) -> None:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:
+            return
+        if self.on_text is not None and len(text) > len(self.emitted):
+            self.on_text(text[len(self.emitted):])
+        self.emitted = text
+
+
+class SplitGenerator:
+    def __init__(self, model: DeviceModel, link: CloudLink):
+        self.model, self.link = model, link
+        self.max_context = model.spec.max_context
+        if link.registration is not None and link.registration.max_context:
+            self.max_context = min(self.max_context, link.registration.max_context)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.model.tokenizer(prompt)["input_ids"]
+
+    def generate(self, prompt: str, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        started = time.perf_counter()
+        return self.generate_ids(self.encode(prompt), max_new_tokens, sampling, on_text, started)
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                     on_text: Callable[[str], None] | None = None, started: float | None = None) -> GenerationResult:
+        started = time.perf_counter() if started is None else started
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty after tokenization")
+        if len(prompt_ids) >= self.max_context:
+            raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                                     f"{self.max_context} tokens, which leaves no room to generate")
+        budget = min(max_new_tokens, self.max_context - len(prompt_ids))
+        up0, down0 = self.link.bytes_up, self.link.bytes_down
+        rng = sampling.make_generator()
+        stream = TextStream(self.model.tokenizer, on_text)
+        session_id = uuid.uuid4().hex
+        self.link.open_session(session_id)
+        try:
+            input_cache, output_cache = self.model.input_part.new_cache(), self.model.output_part.new_cache()
+            generated: list[int] = []
+            token_times: list[float] = []
+            pending, position = list(prompt_ids), 0
+            finish = "length"
+            while len(generated) < budget:
+                logits = self._step(session_id, pending, position, input_cache, output_cache)
+                position += len(pending)
+                token = sample_token(logits, sampling, rng)
+                generated.append(token)
+                token_times.append(time.perf_counter())
+                stream.update(generated)
+                if token in self.model.stop_ids:
+                    finish = "stop"
+                    break
+                pending = [token]
+            stream.update(generated, final=True)
+        finally:
+            self._close_quietly(session_id)
+        return GenerationResult(
+            token_ids=generated, text=stream.emitted, prompt_tokens=len(prompt_ids), finish_reason=finish,
+            ttft_ms=(token_times[0] - started) * 1000,
+            tbt_ms=[(b - a) * 1000 for a, b in zip(token_times, token_times[1:])],
+            bytes_up=self.link.bytes_up - up0, bytes_down=self.link.bytes_down - down0)
+
+    def _step(self, session_id: str, token_ids: list[int], position: int, input_cache, output_cache) -> torch.Tensor:
+        """Run new tokens at `position` through input part, cloud and output part; logits of the last one."""
+        model, count = self.model, len(token_ids)
+        hidden = model.input_part.forward_layers(
+            model.input_part.embed(torch.tensor(token_ids)), [SequenceSpan(input_cache, position, count)])
+        needs_all = model.output_part.num_layers > 0  # output layers need every position for their own cache
+        middle = self.link.forward(session_id, position, hidden, return_last=0 if needs_all else 1)
+        if needs_all:
+            middle = model.output_part.forward_layers(middle, [SequenceSpan(output_cache, position, count)])
+        return model.output_part.logits(middle[-1:].to(model.output_part.dtype))[0]
+
+    def _close_quietly(self, session_id: str) -> None:
+        try:
+            self.link.close_session(session_id)
+        except Exception:  # the cloud may be gone; its idle expiry frees the session then
+            pass
