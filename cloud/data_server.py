@@ -100,7 +100,9 @@ class DataServer:
         self._pending = deferred
         if not jobs:
             return
+        began = time.perf_counter()
         results = self.worker.run(jobs)
+        compute_us = int((time.perf_counter() - began) * 1e6)
         self.stats.forward_batches += 1
         self.stats.forward_tokens += tokens
         self.stats.max_batch_sessions = max(self.stats.max_batch_sessions, len(jobs))
@@ -110,7 +112,8 @@ class DataServer:
                 continue
             start = job.header.start + job.hidden.shape[0] - result.shape[0]
             header = wire.make_header(pb.RESULT, job.header.session_id, job.header.sequence, start=start,
-                                      cache_length=job.session.cache.length)
+                                      cache_length=job.session.cache.length, compute_us=compute_us,
+                                      batch_sessions=len(jobs))
             self._reply(owner=job.owner, header=header, tensor=result)
 
     def _reply(self, owner: bytes, header: pb.DataHeader, tensor=None) -> None:

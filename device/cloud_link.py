@@ -86,10 +86,10 @@ class CloudLink:
     def close_session(self, session_id: str, timeout_s: float = 5.0) -> None:
         self._request(wire.make_header(pb.CLOSE, session_id), timeout_s=min(timeout_s, self.config.reply_timeout_s))
 
-    def forward(self, session_id: str, start: int, hidden: torch.Tensor, return_last: int = 0) -> torch.Tensor:
-        """Send positions [start, start + len(hidden)); get the middle part's output for the last `return_last` (0 = all)."""
-        reply = self._request(wire.make_header(pb.FORWARD, session_id, start=start, return_last=return_last), hidden)
-        return reply.tensor
+    def forward(self, session_id: str, start: int, hidden: torch.Tensor, return_last: int = 0) -> wire.DataMessage:
+        """Send positions [start, start + len(hidden)); the RESULT holds the middle part's output for the last
+        `return_last` positions (0 = all) and, in its header, the cloud's compute time."""
+        return self._request(wire.make_header(pb.FORWARD, session_id, start=start, return_last=return_last), hidden)
 
     def _request(self, header: pb.DataHeader, tensor: torch.Tensor | None = None,
                  timeout_s: float | None = None) -> wire.DataMessage:

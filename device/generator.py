@@ -20,6 +20,15 @@ class PromptTooLongError(ValueError):
 
 
 @dataclass(slots=True)
+class StepTiming:
+    """Where one round's time went (milliseconds)."""
+    tokens: int  # positions sent in this round
+    device_ms: float  # input part + output part + sampling on the device
+    round_ms: float  # send to reply, as the device saw it
+    cloud_compute_ms: float  # the middle-part forward, as the cloud measured it
+
+
+@dataclass(slots=True)
 class GenerationResult:
     token_ids: list[int]  # generated ids only (an end-of-sequence id included when it ended the generation)
     text: str  # decoded generated text, special tokens skipped
@@ -29,9 +38,15 @@ class GenerationResult:
     tbt_ms: list[float] = field(default_factory=list)  # one per token after the first: time since the previous token
     bytes_up: int = 0  # data-plane bytes sent (headers + hidden states)
     bytes_down: int = 0  # data-plane bytes received
+    steps: list[StepTiming] = field(default_factory=list)  # per round, for benchmarks (not in to_json)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["steps"]
+        out["device_ms"] = sum(s.device_ms for s in self.steps)
+        out["cloud_compute_ms"] = sum(s.cloud_compute_ms for s in self.steps)
+        out["network_ms"] = sum(s.round_ms - s.cloud_compute_ms for s in self.steps)
+        return out
 
 
 class TextStream:
@@ -85,14 +100,17 @@ class SplitGenerator:
             input_cache, output_cache = self.model.input_part.new_cache(), self.model.output_part.new_cache()
             generated: list[int] = []
             token_times: list[float] = []
+            steps: list[StepTiming] = []
             pending, position = list(prompt_ids), 0
             finish = "length"
             while len(generated) < budget:
-                logits = self._step(session_id, pending, position, input_cache, output_cache)
+                step_began = time.perf_counter()
+                logits, round_ms, cloud_ms = self._step(session_id, pending, position, input_cache, output_cache)
                 position += len(pending)
                 token = sample_token(logits, sampling, rng)
                 generated.append(token)
                 token_times.append(time.perf_counter())
+                steps.append(StepTiming(len(pending), (token_times[-1] - step_began) * 1000 - round_ms, round_ms, cloud_ms))
                 stream.update(generated)
                 if token in self.model.stop_ids:
                     finish = "stop"
@@ -105,18 +123,24 @@ class SplitGenerator:
             token_ids=generated, text=stream.emitted, prompt_tokens=len(prompt_ids), finish_reason=finish,
             ttft_ms=(token_times[0] - started) * 1000,
             tbt_ms=[(b - a) * 1000 for a, b in zip(token_times, token_times[1:])],
-            bytes_up=self.link.bytes_up - up0, bytes_down=self.link.bytes_down - down0)
+            bytes_up=self.link.bytes_up - up0, bytes_down=self.link.bytes_down - down0, steps=steps)
 
-    def _step(self, session_id: str, token_ids: list[int], position: int, input_cache, output_cache) -> torch.Tensor:
-        """Run new tokens at `position` through input part, cloud and output part; logits of the last one."""
+    def _step(self, session_id: str, token_ids: list[int], position: int, input_cache,
+              output_cache) -> tuple[torch.Tensor, float, float]:
+        """Run new tokens at `position` through input part, cloud and output part.
+        Returns the last position's logits, the round's milliseconds and the cloud's compute milliseconds."""
         model, count = self.model, len(token_ids)
         hidden = model.input_part.forward_layers(
             model.input_part.embed(torch.tensor(token_ids)), [SequenceSpan(input_cache, position, count)])
         needs_all = model.output_part.num_layers > 0  # output layers need every position for their own cache
-        middle = self.link.forward(session_id, position, hidden, return_last=0 if needs_all else 1)
+        sent = time.perf_counter()
+        reply = self.link.forward(session_id, position, hidden, return_last=0 if needs_all else 1)
+        round_ms = (time.perf_counter() - sent) * 1000
+        middle = reply.tensor
         if needs_all:
             middle = model.output_part.forward_layers(middle, [SequenceSpan(output_cache, position, count)])
-        return model.output_part.logits(middle[-1:].to(model.output_part.dtype))[0]
+        logits = model.output_part.logits(middle[-1:].to(model.output_part.dtype))[0]
+        return logits, round_ms, reply.header.compute_us / 1000
 
     def _close_quietly(self, session_id: str) -> None:
         try:
