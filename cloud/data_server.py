@@ -51,11 +51,8 @@ class DataServer:
                     log.info("session %s expired after %.0f s idle", session_id, self.config.session_idle_timeout_s)
 
     def _drain(self) -> None:
-        while True:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = self.socket.recv_multipart(copy=False)
             self._handle(frames[0].bytes, frames[1:])
 
     def _handle(self, owner: bytes, frames: list) -> None:
@@ -111,7 +108,8 @@ class DataServer:
                 self._reply_error(job.owner, job.header, result)
                 continue
             start = job.header.start + job.hidden.shape[0] - result.shape[0]
-            header = wire.make_header(pb.RESULT, job.header.session_id, job.header.sequence, start=start,
+            # no session id: the device matches replies by sequence, and the id would be most of the header
+            header = wire.make_header(pb.RESULT, "", job.header.sequence, start=start,
                                       cache_length=job.session.cache.length, compute_us=compute_us,
                                       batch_sessions=len(jobs))
             self._reply(owner=job.owner, header=header, tensor=result)

@@ -17,7 +17,8 @@ from .proto import hat_pb2 as pb
 WIRE_VERSION = 1
 TORCH_TO_WIRE = {torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16}
 WIRE_TO_TORCH = {v: k for k, v in TORCH_TO_WIRE.items()}
-TENSOR_KINDS = (pb.FORWARD, pb.RESULT)
+TENSOR_KINDS = frozenset((pb.FORWARD, pb.RESULT))
+KNOWN_KINDS = frozenset(pb.MessageKind.values()) - {pb.KIND_UNSPECIFIED}
 # torch.frombuffer warns on read-only buffers (ZeroMQ frames are); decoded tensors are never written in place
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
@@ -58,8 +59,7 @@ def encode(header: pb.DataHeader, tensor: torch.Tensor | None = None) -> list:
     del header.shape[:]
     header.shape.extend(tensor.shape)
     header.num_tokens = tensor.shape[0]
-    raw = tensor.view(torch.uint8) if tensor.dtype != torch.bfloat16 else tensor.view(torch.int16).view(torch.uint8)
-    return [header.SerializeToString(), memoryview(raw.numpy()).cast("B")]
+    return [header.SerializeToString(), tensor.reshape(-1).view(torch.uint8).numpy()]  # a view: no copy
 
 
 def frame_bytes(frames: list) -> int:
@@ -81,7 +81,7 @@ def decode(frames: list, limits: WireLimits = WireLimits()) -> DataMessage:
         raise WireError(pb.MALFORMED, f"undecodable header: {exc}") from None
     if header.version != WIRE_VERSION:
         raise WireError(pb.MALFORMED, f"wire version {header.version}, expected {WIRE_VERSION}")
-    if header.kind not in pb.MessageKind.values() or header.kind == pb.KIND_UNSPECIFIED:
+    if header.kind not in KNOWN_KINDS:
         raise WireError(pb.MALFORMED, f"unknown message kind {header.kind}")
     if len(header.session_id) > limits.max_session_id_chars or len(header.device_id) > limits.max_session_id_chars:
         raise WireError(pb.MALFORMED, f"session or device id longer than {limits.max_session_id_chars} characters")

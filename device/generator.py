@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-import uuid
+import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -94,7 +94,7 @@ class SplitGenerator:
         up0, down0 = self.link.bytes_up, self.link.bytes_down
         rng = sampling.make_generator()
         stream = TextStream(self.model.tokenizer, on_text)
-        session_id = uuid.uuid4().hex
+        session_id = secrets.token_hex(6)  # 48 random bits: sessions are per connection, ids stay short on the wire
         self.link.open_session(session_id)
         try:
             input_cache, output_cache = self.model.input_part.new_cache(), self.model.output_part.new_cache()
@@ -111,7 +111,8 @@ class SplitGenerator:
                 generated.append(token)
                 token_times.append(time.perf_counter())
                 steps.append(StepTiming(len(pending), (token_times[-1] - step_began) * 1000 - round_ms, round_ms, cloud_ms))
-                stream.update(generated)
+                if on_text is not None:
+                    stream.update(generated)
                 if token in self.model.stop_ids:
                     finish = "stop"
                     break
