@@ -75,7 +75,7 @@ class DataServer:
             else:
                 raise WireError(pb.MALFORMED, f"the cloud does not accept {pb.MessageKind.Name(header.kind)} messages")
         except WireError as exc:
-            self._reply_error(owner, header, exc)
+            self._reply_error(owner, header or exc.header, exc)
 
     def _run_batch(self) -> None:
         jobs, sessions, tokens, deferred = [], set(), 0, deque()

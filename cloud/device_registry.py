@@ -6,6 +6,7 @@ import threading
 
 from hat.common.bundle import BundleManifest, BundleMismatchError, check_compatible
 from hat.common.proto import hat_pb2 as pb
+from hat.common.wire import MAX_ID_CHARS
 
 log = logging.getLogger("hat.cloud")
 
@@ -20,6 +21,8 @@ class DeviceRegistry:
         """Record the device; returns None when accepted, else the reason it is refused."""
         if not request.device_id:
             return "registration needs a device id"
+        if len(request.device_id) > MAX_ID_CHARS:
+            return f"device id longer than {MAX_ID_CHARS} characters"
         try:
             check_compatible(fingerprint=request.fingerprint, num_layers=request.num_layers,
                              input_layers=request.input_layers, output_layers=request.output_layers,

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from .proto import hat_pb2 as pb
 
 WIRE_VERSION = 1
+MAX_ID_CHARS = 128  # default limit on session and device ids
 TORCH_TO_WIRE = {torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16}
 WIRE_TO_TORCH = {v: k for k, v in TORCH_TO_WIRE.items()}
 TENSOR_KINDS = frozenset((pb.FORWARD, pb.RESULT))
@@ -26,16 +27,17 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 class WireError(ValueError):
     """A message that cannot be accepted; `code` is the ErrorCode to answer with."""
 
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, header: "pb.DataHeader | None" = None):
         super().__init__(message)
         self.code = code
+        self.header = header  # the parsed header when the fault lies past it, so a reply can echo its sequence
 
 
 @dataclass(frozen=True, slots=True)
 class WireLimits:
     max_header_bytes: int = 4096  # a header larger than this is refused before parsing
     max_tensor_bytes: int = 256 << 20  # largest tensor frame accepted
-    max_session_id_chars: int = 128  # longest session or device id
+    max_session_id_chars: int = MAX_ID_CHARS  # longest session or device id
 
 
 @dataclass(slots=True)
@@ -70,8 +72,8 @@ def frame_bytes(frames: list) -> int:
 def decode(frames: list, limits: WireLimits = WireLimits()) -> DataMessage:
     """Parse and check [header] or [header, tensor] frames (bytes, memoryviews or zmq.Frame)."""
     buffers = [f.buffer if hasattr(f, "buffer") else f for f in frames]
-    if not 1 <= len(buffers) <= 2:
-        raise WireError(pb.MALFORMED, f"expected 1 or 2 frames, got {len(buffers)}")
+    if not buffers:
+        raise WireError(pb.MALFORMED, "expected 1 or 2 frames, got 0")
     if len(buffers[0]) > limits.max_header_bytes:
         raise WireError(pb.MALFORMED, f"header of {len(buffers[0])} bytes exceeds {limits.max_header_bytes}")
     header = pb.DataHeader()
@@ -79,6 +81,16 @@ def decode(frames: list, limits: WireLimits = WireLimits()) -> DataMessage:
         header.ParseFromString(bytes(buffers[0]))
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise WireError(pb.MALFORMED, f"undecodable header: {exc}") from None
+    try:
+        return _check(header, buffers, limits)
+    except WireError as exc:
+        exc.header = header
+        raise
+
+
+def _check(header: pb.DataHeader, buffers: list, limits: WireLimits) -> DataMessage:
+    if len(buffers) > 2:
+        raise WireError(pb.MALFORMED, f"expected 1 or 2 frames, got {len(buffers)}")
     if header.version != WIRE_VERSION:
         raise WireError(pb.MALFORMED, f"wire version {header.version}, expected {WIRE_VERSION}")
     if header.kind not in KNOWN_KINDS:
@@ -113,6 +125,6 @@ def _decode_tensor(header: pb.DataHeader, buffer, limits: WireLimits) -> torch.T
 
 def error_header(request: pb.DataHeader | None, code: int, message: str) -> pb.DataHeader:
     """An ERROR reply echoing what can be echoed of the request."""
-    session = request.session_id if request is not None else ""
+    session = request.session_id[:MAX_ID_CHARS] if request is not None else ""
     sequence = request.sequence if request is not None else 0
     return make_header(pb.ERROR, session, sequence, error_code=code, error_message=message[:1000])

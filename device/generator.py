@@ -68,8 +68,11 @@ class SplitGenerator:
     def __init__(self, model: DeviceModel, link: CloudLink):
         self.model, self.link = model, link
         self.max_context = model.spec.max_context
-        if link.registration is not None and link.registration.max_context:
-            self.max_context = min(self.max_context, link.registration.max_context)
+        self.max_message_tokens = self.max_context  # the cloud's per-message limit: longer prompts go in pieces
+        registration = link.registration
+        if registration is not None:
+            self.max_context = min(self.max_context, registration.max_context or self.max_context)
+            self.max_message_tokens = registration.max_tokens_per_message or self.max_message_tokens
 
     def encode(self, prompt: str) -> list[int]:
         return self.model.tokenizer(prompt)["input_ids"]
@@ -104,13 +107,17 @@ class SplitGenerator:
             pending, position = list(prompt_ids), 0
             finish = "length"
             while len(generated) < budget:
-                step_began = time.perf_counter()
-                logits, round_ms, cloud_ms = self._step(session_id, pending, position, input_cache, output_cache)
-                position += len(pending)
-                token = sample_token(logits, sampling, rng)
-                generated.append(token)
-                token_times.append(time.perf_counter())
-                steps.append(StepTiming(len(pending), (token_times[-1] - step_began) * 1000 - round_ms, round_ms, cloud_ms))
+                for start in range(0, len(pending), self.max_message_tokens):  # one message per round in decode
+                    step_began = time.perf_counter()
+                    chunk = pending[start:start + self.max_message_tokens]
+                    logits, round_ms, cloud_ms = self._step(session_id, chunk, position, input_cache, output_cache)
+                    position += len(chunk)
+                    if start + len(chunk) == len(pending):
+                        token = sample_token(logits, sampling, rng)
+                        generated.append(token)
+                        token_times.append(time.perf_counter())
+                    step_ms = (time.perf_counter() - step_began) * 1000
+                    steps.append(StepTiming(len(chunk), step_ms - round_ms, round_ms, cloud_ms))
                 if on_text is not None:
                     stream.update(generated)
                 if token in self.model.stop_ids:
