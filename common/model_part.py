@@ -21,6 +21,15 @@ def layer_index(name: str) -> int | None:
     return None
 
 
+def _weight_dtype(tensors, default: torch.dtype) -> torch.dtype:
+    """The checkpoint's dominant floating dtype (some store norms in float32 beside bfloat16 weights)."""
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else default
+
+
 class ModelPart(nn.Module):
     """Optional embedding, decoder layers [first, last), optional final norm + LM head.
 
@@ -42,6 +51,8 @@ class ModelPart(nn.Module):
             self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary = RotaryTable(spec)
+        self.dtype = torch.get_default_dtype()  # of the weights, and of this part's caches and hidden states
+        self.device = torch.device("cpu")  # where the weights live
 
     @classmethod
     def from_tensors(cls, spec: ModelSpec, first: int, last: int, tensors: dict[str, torch.Tensor],
@@ -49,37 +60,41 @@ class ModelPart(nn.Module):
         """Build without random init and load `tensors` strict (extra tensors for other parts are ignored)."""
         with torch.device("meta"):
             part = cls(spec, first, last, embedding, head)
-        state = {name: tensors[name] for name in part.wanted_names(tensors) if name in tensors}
+        own = set(part.state_dict().keys())
+        state = {name: tensor for name, tensor in tensors.items() if name in own}
         if head and LM_HEAD not in tensors and spec.tie_word_embeddings and EMBED in tensors:
             state[LM_HEAD] = tensors[EMBED]
-        missing = set(part.state_dict().keys()) - set(state)
+        missing = own - set(state)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors for layers [{first}, {last}), "
                              f"e.g. {sorted(missing)[:3]}")
-        part.load_state_dict(state, strict=True, assign=True)
-        return part.to(device).eval()
+        unused = [name for name in tensors if part.owns(name) and name not in own]
+        if unused:  # a tensor of ours this runtime has no place for: loading on would compute wrong logits
+            raise ValueError(f"checkpoint has {len(unused)} tensors this runtime does not use for "
+                             f"{spec.model_type}, e.g. {sorted(unused)[:3]}: unsupported architecture variant")
+        dtype = _weight_dtype(tensors.values(), part.dtype)
+        part.load_state_dict({name: t.to(dtype) for name, t in state.items()}, strict=True, assign=True)
+        part = part.to(device).eval()
+        part.dtype, part.device = dtype, torch.device(device)
+        return part
 
-    def wanted_names(self, names) -> list[str]:
-        """The names among `names` that belong to this part."""
-        own = set(self.state_dict().keys())
-        return [n for n in names if n in own]
+    def owns(self, name: str) -> bool:
+        """Whether a checkpoint tensor name falls in this part (its layers, embedding, norm or head)."""
+        layer = layer_index(name)
+        if layer is not None:
+            return self.first <= layer < self.last
+        if name.startswith("model.embed_tokens."):
+            return self.has_embedding
+        return self.has_head and (name.startswith("model.norm.") or name.startswith("lm_head."))
 
     @property
     def num_layers(self) -> int:
         return self.last - self.first
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
     def new_cache(self, max_length: int | None = None) -> KVCache:
         spec = self.spec
         return KVCache(self.num_layers, spec.num_kv_heads, spec.head_dim, self.dtype,
-                       max_length or spec.max_context, device=self.device)
+                       spec.max_context if max_length is None else max_length, device=self.device)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(token_ids.to(self.device))

@@ -93,15 +93,24 @@ def spec_from_config(cfg: PretrainedConfig) -> ModelSpec:
         head_dim=head_dim,
         rms_norm_eps=cfg.rms_norm_eps,
         max_context=cfg.max_position_embeddings,
-        qkv_bias=attention_bias or model_type == "qwen2",
-        o_bias=attention_bias and model_type != "qwen3",
-        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        qkv_bias=_BIAS_RULES[model_type][0](attention_bias),
+        o_bias=_BIAS_RULES[model_type][1](attention_bias),
+        mlp_bias=model_type == "llama" and bool(getattr(cfg, "mlp_bias", False)),
         qk_norm=model_type == "qwen3",
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         sliding_windows=_sliding_windows(cfg),
         eos_token_ids=eos_ids,
         hf_config=cfg,
     )
+
+
+# per family, as transformers builds its attention: (q/k/v bias, o_proj bias) from config.attention_bias
+_BIAS_RULES = {
+    "llama": (lambda ab: ab, lambda ab: ab),
+    "qwen3": (lambda ab: ab, lambda ab: ab),
+    "qwen2": (lambda ab: True, lambda ab: False),  # always q/k/v bias, never o_proj bias
+    "mistral": (lambda ab: False, lambda ab: False),  # never biases, whatever the config says
+}
 
 
 def rope_parameters(cfg: PretrainedConfig) -> dict:

@@ -19,22 +19,46 @@ if _TESTS not in sys.path:
 from checkpoints import FAMILIES, make_checkpoint  # noqa: E402
 
 
+def randomize_norms_and_biases(model_dir: Path, dtype: torch.dtype, seed: int = 1) -> None:
+    """Give every bias and norm weight random values, in place.
+
+    transformers initialises biases to 0 and RMSNorm weights to 1, so a freshly built checkpoint
+    cannot tell a runtime that drops a bias, or swaps two norms, from a correct one.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=g))
+            elif name.endswith("norm.weight"):
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=g))
+    model.save_pretrained(model_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """A function `(family, dtype=torch.float32, **overrides) -> Path` of a saved tiny checkpoint.
+    """A function `(family, dtype=torch.float32, randomize=True, **overrides) -> Path` of a saved tiny
+    checkpoint; `overrides` go to the family's transformers config, `randomize` gives biases and norm
+    weights random values (see randomize_norms_and_biases).
 
-    Each distinct (family, dtype, overrides) is built once per session and shared; treat the folder
-    as read-only (copy it into tmp_path before changing anything in it).
+    Each distinct set of arguments is built once per session and shared; treat the folder as
+    read-only (copy it into tmp_path before changing anything in it).
     """
     cache: dict[tuple, Path] = {}
 
-    def get(family: str, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    def get(family: str, dtype: torch.dtype = torch.float32, randomize: bool = True, **overrides) -> Path:
         if family not in FAMILIES:
             raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-        key = (family, dtype, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        key = (family, dtype, randomize, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
         if key not in cache:
             name = f"{family}-{str(dtype).removeprefix('torch.')}-{len(cache)}"
-            cache[key] = make_checkpoint(family, tmp_path_factory.mktemp(name), dtype=dtype, **overrides)
+            path = make_checkpoint(family, tmp_path_factory.mktemp(name), dtype=dtype, **overrides)
+            if randomize:
+                randomize_norms_and_biases(path, dtype)
+            cache[key] = path
         return cache[key]
 
     return get
