@@ -203,6 +203,60 @@ def unsplit_generation(part, prompt_ids: list[int], tokens: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the run
+# A bare pyzmq ROUTER that answers each message after busy-waiting the given seconds (the cloud's compute).
+_ECHO_SERVER = """
+import sys, time, zmq
+work = float(sys.argv[1])
+sock = zmq.Context().socket(zmq.ROUTER)
+print(sock.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+while True:
+    frames = sock.recv_multipart(copy=False)
+    if frames[1].bytes == b"stop":
+        break
+    until = time.perf_counter() + work
+    while time.perf_counter() < until:
+        pass
+    sock.send_multipart(frames, copy=False)
+"""
+
+
+def transport_floor(device_ms: float, cloud_ms: float, payload_bytes: int, rounds: int = 400) -> dict:
+    """Round-trip overhead of bare ZeroMQ on this machine under the same compute gaps as the split decode:
+    the client busy-waits the device's compute between rounds, the echo server the cloud's compute. What is
+    left over is thread wake-ups and the kernel, which no change to this project's code removes."""
+    import zmq
+
+    def busy(ms: float) -> None:
+        until = time.perf_counter() + ms / 1000
+        while time.perf_counter() < until:
+            pass
+
+    server = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, str(cloud_ms / 1000)], stdout=subprocess.PIPE, text=True)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    try:
+        sock.connect(f"tcp://127.0.0.1:{int(server.stdout.readline())}")
+        payload = np.zeros(payload_bytes, np.uint8)
+        samples = []
+        for _ in range(rounds):
+            busy(device_ms)
+            sent = time.perf_counter()
+            sock.send_multipart([b"h" * 32, payload], copy=False)
+            if not sock.poll(10_000):
+                raise RuntimeError("the echo server did not answer within 10 s")
+            sock.recv_multipart(copy=False)
+            samples.append((time.perf_counter() - sent) * 1000 - cloud_ms)
+        sock.send_multipart([b"stop"])
+        server.wait(timeout=10)
+    finally:
+        sock.close(linger=0)
+        context.term()
+        if server.poll() is None:
+            server.kill()
+    samples = samples[rounds // 10:]
+    return {"median": med(samples), "p90": pct(samples, 90)}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from hat.common.checkpoint import load_tensors
@@ -266,6 +320,8 @@ def main(argv=None) -> int:
 
     overhead = stat("overhead_ms")
     hidden_bytes = spec.hidden_size * itemsize
+    log("transport floor: bare ZeroMQ echo with the same compute gaps")
+    floor = transport_floor(stat("device_compute_ms")["median"], stat("cloud_ms")["median"], hidden_bytes)
     up_per_tok = statistics.fmean(r["up"] / r["tokens"] for r in decode)
     down_per_tok = statistics.fmean(r["down"] / r["down_tokens"] for r in decode)
     long = split_runs[-1]
@@ -282,7 +338,8 @@ def main(argv=None) -> int:
         "split_tbt_ms": {"median": split_tbt, "p90": pct([r["tbt_ms"] for r in decode], 90)},
         "unsplit_step_ms": {"median": base_tbt, "p90": pct(base_steps, 90)},
         "latency_ratio": split_tbt / base_tbt,
-        "overhead_ms": overhead, "link_ms": stat("link_ms"), "device_glue_ms": stat("glue_ms"),
+        "overhead_ms": overhead, "transport_floor_ms": floor,
+        "overhead_above_floor_ms": overhead["median"] - floor["median"], "link_ms": stat("link_ms"), "device_glue_ms": stat("glue_ms"),
         "device_compute_ms": stat("device_compute_ms"), "cloud_compute_ms": stat("cloud_ms"),
         "round_ms": stat("round_ms"),
         "device_parts_ms": {k: med([r[k] for r in decode]) for k in ("embed", "input", "output", "logits", "sample")},
@@ -347,6 +404,10 @@ def report(f: dict) -> None:
           f"({f['split_tbt_ms']['median']:.3f} / {f['unsplit_step_ms']['median']:.3f} ms)")
     print(f"  (b) overhead per round: median {f['overhead_ms']['median']:.3f} ms, p90 {f['overhead_ms']['p90']:.3f} ms "
           f"(target <= {OVERHEAD_TARGET_MS} ms median)")
+    fl = f["transport_floor_ms"]
+    print(f"      of which bare ZeroMQ under the same compute gaps (no project code; measured in this run): "
+          f"median {fl['median']:.3f} ms, p90 {fl['p90']:.3f} ms")
+    print(f"      -> this project's own share of the overhead: {f['overhead_above_floor_ms']:.3f} ms median")
     print(f"  (c) bytes per generated token (decode rounds; hidden state = {f['hidden_size']} x "
           f"{hb // f['hidden_size']} B = {hb} B):")
     bw = 10
