@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 import tempfile
-import threading
 from pathlib import Path
 
-from .generate_cmd import add_sampling_args, set_threads
+from hat.testbed.local_cloud import local_cloud_process
 
-READY_TIMEOUT_S = 120.0  # longest wait for the cloud process to load its bundle and bind
+from .generate_cmd import add_sampling_args, set_threads
 
 
 def add_parser(commands) -> None:
@@ -50,38 +46,11 @@ def run(args) -> int:
         device_dir, cloud_dir = split_checkpoint(model_dir, args.input_layers, args.output_layers, Path(tmp) / "bundle")
         print(f"split: device runs layers [0, {args.input_layers}) and the last {args.output_layers}; "
               f"the cloud runs the rest")
-        cloud = subprocess.Popen(
-            [sys.executable, "-m", "hat.cli.main", "cloud", "serve", "--bundle", str(cloud_dir),
-             "--data", "tcp://127.0.0.1:0", "--control", "127.0.0.1:0", "--threads", str(threads)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            data_port, control_port = wait_ready(cloud)
-            print(f"cloud: pid {cloud.pid}, data port {data_port}, control port {control_port}")
+        with local_cloud_process(cloud_dir, threads) as cloud:
+            print(f"cloud: pid {cloud.pid}, data port {cloud.data_port}, control port {cloud.control_port}")
             print(f"prompt: {args.prompt!r}\n---")
-            link = LinkConfig(host="127.0.0.1", data_port=data_port, control_port=control_port, device_id="demo-device")
+            link = LinkConfig(host="127.0.0.1", data_port=cloud.data_port, control_port=cloud.control_port,
+                              device_id="demo-device")
             generate_once(str(device_dir), link, args.prompt, args.max_new_tokens,
                           SamplingParams(args.temperature, args.top_p, args.seed), stream=True)
-        finally:
-            cloud.terminate()
-            try:
-                cloud.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                cloud.kill()
     return 0
-
-
-def wait_ready(cloud: subprocess.Popen) -> tuple[int, int]:
-    """Read the cloud's output until its `ready` line; return (data port, control port)."""
-    lines: list[str] = []
-    timer = threading.Timer(READY_TIMEOUT_S, cloud.kill)
-    timer.start()
-    try:
-        for line in cloud.stdout:
-            lines.append(line)
-            match = re.match(r"ready data=tcp://[^:]+:(\d+) control=\S+:(\d+)", line)
-            if match:
-                threading.Thread(target=lambda: [None for _ in cloud.stdout], daemon=True).start()  # keep draining
-                return int(match.group(1)), int(match.group(2))
-    finally:
-        timer.cancel()
-    raise RuntimeError("the cloud server did not start:\n" + "".join(lines[-20:]))

@@ -96,21 +96,10 @@ def cloud_server(cloud_dir: Path, threads: int, in_process: bool):
         finally:
             server.stop()
         return
-    from hat.cli.demo_cmd import wait_ready
-    cloud = subprocess.Popen(
-        [sys.executable, "-m", "hat.cli.main", "cloud", "serve", "--bundle", str(cloud_dir),
-         "--data", "tcp://127.0.0.1:0", "--control", "127.0.0.1:0", "--threads", str(threads)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        ports = wait_ready(cloud)
-        log(f"cloud subprocess pid {cloud.pid} ready: data port {ports[0]}, control port {ports[1]}")
-        yield ports
-    finally:
-        cloud.terminate()
-        try:
-            cloud.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            cloud.kill()
+    from hat.testbed.local_cloud import local_cloud_process
+    with local_cloud_process(cloud_dir, threads) as cloud:
+        log(f"cloud subprocess pid {cloud.pid} ready: data port {cloud.data_port}, control port {cloud.control_port}")
+        yield cloud.data_port, cloud.control_port
 
 
 # ------------------------------------------------------------------------------------ split instrumentation
