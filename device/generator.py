@@ -23,7 +23,7 @@ class PromptTooLongError(ValueError):
 class StepTiming:
     """Where one round's time went (milliseconds)."""
     tokens: int  # positions sent in this round
-    device_ms: float  # input part + output part + sampling on the device
+    device_ms: float  # input part + output layers on the device (the final norm, head and sampling are not in it)
     round_ms: float  # send to reply, as the device saw it
     cloud_compute_ms: float  # the middle-part forward, as the cloud measured it
 
@@ -100,30 +100,24 @@ class SplitGenerator:
         session_id = secrets.token_hex(6)  # 48 random bits: sessions are per connection, ids stay short on the wire
         self.link.open_session(session_id)
         try:
-            input_cache, output_cache = self.model.input_part.new_cache(), self.model.output_part.new_cache()
+            caches = (self.model.input_part.new_cache(), self.model.output_part.new_cache())
             generated: list[int] = []
             token_times: list[float] = []
             steps: list[StepTiming] = []
-            pending, position = list(prompt_ids), 0
+            logits = self._run(session_id, prompt_ids, 0, caches, steps)
             finish = "length"
-            while len(generated) < budget:
-                for start in range(0, len(pending), self.max_message_tokens):  # one message per round in decode
-                    step_began = time.perf_counter()
-                    chunk = pending[start:start + self.max_message_tokens]
-                    logits, round_ms, cloud_ms = self._step(session_id, chunk, position, input_cache, output_cache)
-                    position += len(chunk)
-                    if start + len(chunk) == len(pending):
-                        token = sample_token(logits, sampling, rng)
-                        generated.append(token)
-                        token_times.append(time.perf_counter())
-                    step_ms = (time.perf_counter() - step_began) * 1000
-                    steps.append(StepTiming(len(chunk), step_ms - round_ms, round_ms, cloud_ms))
+            while True:
+                token = sample_token(logits, sampling, rng)
+                generated.append(token)
+                token_times.append(time.perf_counter())
                 if on_text is not None:
                     stream.update(generated)
                 if token in self.model.stop_ids:
                     finish = "stop"
                     break
-                pending = [token]
+                if len(generated) == budget:
+                    break
+                logits = self._run(session_id, [token], len(prompt_ids) + len(generated) - 1, caches, steps)
             stream.update(generated, final=True)
         finally:
             self._close_quietly(session_id)
@@ -133,22 +127,27 @@ class SplitGenerator:
             tbt_ms=[(b - a) * 1000 for a, b in zip(token_times, token_times[1:])],
             bytes_up=self.link.bytes_up - up0, bytes_down=self.link.bytes_down - down0, steps=steps)
 
-    def _step(self, session_id: str, token_ids: list[int], position: int, input_cache,
-              output_cache) -> tuple[torch.Tensor, float, float]:
-        """Run new tokens at `position` through input part, cloud and output part.
-        Returns the last position's logits, the round's milliseconds and the cloud's compute milliseconds."""
-        model, count = self.model, len(token_ids)
-        hidden = model.input_part.forward_layers(
-            model.input_part.embed(torch.tensor(token_ids)), [SequenceSpan(input_cache, position, count)])
+    def _run(self, session_id: str, token_ids: list[int], position: int, caches, steps: list[StepTiming]) -> torch.Tensor:
+        """Run tokens at `position` through input part, cloud and output part, in messages of at most the
+        cloud's per-message limit, recording each round. Returns the logits of the last token."""
+        model = self.model
+        input_cache, output_cache = caches
         needs_all = model.output_part.num_layers > 0  # output layers need every position for their own cache
-        sent = time.perf_counter()
-        reply = self.link.forward(session_id, position, hidden, return_last=0 if needs_all else 1)
-        round_ms = (time.perf_counter() - sent) * 1000
-        middle = reply.tensor
-        if needs_all:
-            middle = model.output_part.forward_layers(middle, [SequenceSpan(output_cache, position, count)])
-        logits = model.output_part.logits(middle[-1:].to(model.output_part.dtype))[0]
-        return logits, round_ms, reply.header.compute_us / 1000
+        for start in range(0, len(token_ids), self.max_message_tokens):
+            began = time.perf_counter()
+            chunk = token_ids[start:start + self.max_message_tokens]
+            chunk_position, count = position + start, len(chunk)
+            hidden = model.input_part.forward_layers(
+                model.input_part.embed(torch.tensor(chunk)), [SequenceSpan(input_cache, chunk_position, count)])
+            sent = time.perf_counter()
+            reply = self.link.forward(session_id, chunk_position, hidden, return_last=0 if needs_all else 1)
+            round_ms = (time.perf_counter() - sent) * 1000
+            middle = reply.tensor
+            if needs_all:
+                middle = model.output_part.forward_layers(middle, [SequenceSpan(output_cache, chunk_position, count)])
+            step_ms = (time.perf_counter() - began) * 1000
+            steps.append(StepTiming(count, step_ms - round_ms, round_ms, reply.header.compute_us / 1000))
+        return model.output_part.logits(middle[-1:].to(model.output_part.dtype))[0]
 
     def _close_quietly(self, session_id: str) -> None:
         try:
