@@ -33,6 +33,7 @@ class DataServer:
                  worker: MiddleWorker, stats: CloudStats):
         self.config, self.socket, self.store, self.registry, self.worker, self.stats = (
             config, socket, store, registry, worker, stats)
+        # bytes of the largest FORWARD in the widest dtype; the token count is checked on its own as well
         self.limits = WireLimits(max_tensor_bytes=config.max_tokens_per_message * worker.part.spec.hidden_size * 4)
         self._pending: deque[ForwardJob] = deque()
 
@@ -70,6 +71,9 @@ class DataServer:
                 self.store.close(header.session_id, owner)
                 self._reply(owner, wire.make_header(pb.CLOSED, header.session_id, header.sequence))
             elif header.kind == pb.FORWARD:
+                if header.num_tokens > self.config.max_tokens_per_message:
+                    raise WireError(pb.BAD_TENSOR, f"{header.num_tokens} tokens in one message; this cloud takes at most "
+                                                   f"{self.config.max_tokens_per_message} (see RegisterReply)")
                 # checked against the cache when its batch runs: earlier FORWARDs of the session may be queued
                 self._pending.append(ForwardJob(owner, header, message.tensor, self.store.get(header.session_id, owner)))
             else:

@@ -23,6 +23,7 @@ from cluster import running_cloud
 from hat.common import wire
 from hat.common.bundle import load_manifest
 from hat.common.checkpoint import fingerprint
+from hat.common.model_spec import load_model_spec
 from hat.common.proto import hat_pb2 as pb
 from hat.common.proto import hat_pb2_grpc
 from hat.common.split import split_checkpoint
@@ -498,3 +499,11 @@ def test_prompt_longer_than_max_tokens_per_message(tiny_checkpoint, tmp_path):
         with cluster.generator(reply_timeout_s=1.0) as gen:
             assert gen.link.registration.max_tokens_per_message == 16
             assert gen.generate_ids(ids, 4).token_ids == expected
+        # a device that ignores the limit is told so, whatever the dtype makes of the byte count
+        hidden = load_model_spec(model_dir).hidden_size
+        with peers(cluster.data_port, 1) as (peer,):
+            assert peer.request([header_bytes(pb.OPEN, "wide-open", 1, device_id=gen.link.device_id)]).header.kind \
+                == pb.OPENED
+            reply = peer.request(forward_frames("wide-open", 2, torch.randn(17, hidden, dtype=torch.float16))).header
+            assert (reply.kind, reply.error_code) == (pb.ERROR, pb.BAD_TENSOR)
+            assert "at most 16" in reply.error_message
