@@ -5,24 +5,27 @@ import os
 import tempfile
 from pathlib import Path
 
+from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, reference_model_dir
 from hat.testbed.local_cloud import local_cloud_process
 
 from .generate_cmd import add_sampling_args, set_threads
 
 
+DEMO_TEMPERATURE, DEMO_TOP_P, DEMO_SEED = 0.7, 0.95, 0  # the demo's sampling unless flags say otherwise
+
+
 def add_parser(commands) -> None:
     p = commands.add_parser("demo", help="split a model, start a cloud and a device on loopback, stream a generation")
-    p.add_argument("--model", help="checkpoint folder (default: the project's default model)")
+    p.add_argument("--model", help="checkpoint folder (default: the project's reference model)")
     p.add_argument("--prompt", default="def fibonacci(n):", help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=48, help="most tokens to generate")
-    p.add_argument("--input-layers", "-K", type=int, default=2, help="decoder layers on the device before the cloud")
-    p.add_argument("--output-layers", "-M", type=int, default=1, help="decoder layers on the device after the cloud")
+    p.add_argument("--input-layers", "-K", type=int, default=DEFAULT_INPUT_LAYERS,
+                   help="decoder layers on the device before the cloud")
+    p.add_argument("--output-layers", "-M", type=int, default=DEFAULT_OUTPUT_LAYERS,
+                   help="decoder layers on the device after the cloud")
     add_sampling_args(p)
-    p.set_defaults(run=run)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HAT_HOME", Path.home() / ".cache" / "hat"))
+    # greedy decoding of a model this small loops on one line; seeded sampling reads as code and stays reproducible
+    p.set_defaults(run=run, temperature=DEMO_TEMPERATURE, top_p=DEMO_TOP_P, seed=DEMO_SEED)
 
 
 def run(args) -> int:
@@ -32,14 +35,8 @@ def run(args) -> int:
 
     from .generate_cmd import generate_once
 
-    if args.model:
-        model_dir = Path(args.model)
-        print(f"model: {model_dir}")
-    else:
-        from hat.common.toy_model import toy_model_dir
-        model_dir = toy_model_dir(cache_root())
-        print(f"model: {model_dir}\n  (a small Llama with RANDOM weights built deterministically by `hat demo`: "
-              "expect noise, not text; the trained reference model replaces it)")
+    model_dir = Path(args.model) if args.model else reference_model_dir()
+    print(f"model: {model_dir}" + ("" if args.model else " (the project's reference model: see its MODEL_CARD.md)"))
     threads = max(1, (os.cpu_count() or 2) // 2)  # cloud and device share this machine: half the cores each
     set_threads(threads)
     with tempfile.TemporaryDirectory(prefix="hat-demo-") as tmp:
@@ -48,7 +45,7 @@ def run(args) -> int:
               f"the cloud runs the rest")
         with local_cloud_process(cloud_dir, threads) as cloud:
             print(f"cloud: pid {cloud.pid}, data port {cloud.data_port}, control port {cloud.control_port}")
-            print(f"prompt: {args.prompt!r}\n---")
+            print(f"prompt: {args.prompt!r} (temperature {args.temperature}, top-p {args.top_p}, seed {args.seed})\n---")
             link = LinkConfig(host="127.0.0.1", data_port=cloud.data_port, control_port=cloud.control_port,
                               device_id="demo-device")
             generate_once(str(device_dir), link, args.prompt, args.max_new_tokens,

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
+
 OVERHEAD_TARGET_MS = 0.5
 BYTES_TARGET_RATIO = 1.05
 PROMPT = "def fibonacci(n):\n    "
@@ -48,16 +50,15 @@ def log(message: str) -> None:
 
 
 def default_model_dir() -> Path:
-    # The toy model for now; the trained reference model will become the default later.
-    from hat.common.toy_model import toy_model_dir
-    return toy_model_dir(Path(os.environ.get("HAT_HOME", Path.home() / ".cache" / "hat")))
+    from hat.common.default_model import reference_model_dir
+    return reference_model_dir()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="checkpoint folder (default: the toy model under $HAT_HOME)")
-    p.add_argument("--input-layers", "-K", type=int, default=2)
-    p.add_argument("--output-layers", "-M", type=int, default=1)
+    p.add_argument("--model", type=Path, help="checkpoint folder (default: the reference model)")
+    p.add_argument("--input-layers", "-K", type=int, default=DEFAULT_INPUT_LAYERS)
+    p.add_argument("--output-layers", "-M", type=int, default=DEFAULT_OUTPUT_LAYERS)
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per measured generation")
     p.add_argument("--repeats", type=int, default=3, help="measured generations (split and unsplit each)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),

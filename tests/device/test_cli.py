@@ -97,7 +97,7 @@ def model_dir(tiny_checkpoint) -> Path:
 def launched(model_dir, work):
     """`hat demo` and the good `hat split` start before the first test and run alongside the in-process ones."""
     procs = {
-        "demo": start("demo", "--model", model_dir, "--max-new-tokens", 8, env={"HAT_HOME": str(work / "hat-home")},
+        "demo": start("demo", "--model", model_dir, "--max-new-tokens", 8,
                       stderr=subprocess.STDOUT),
         "split": start("split", model_dir, "--input-layers", K, "--output-layers", M, "--out", work / "B"),
     }

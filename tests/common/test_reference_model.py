@@ -1,0 +1,88 @@
+"""The committed reference model: it loads both ways, and its held-out loss is the model card's."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hat.common.checkpoint import load_tensors
+from hat.common.default_model import reference_model_dir
+from hat.common.layers import SequenceSpan
+from hat.common.model_part import ModelPart
+from hat.common.model_spec import load_model_spec
+from hat.common.reference_corpus import hf_logits_fn, heldout_files, mean_loss, heldout_scores
+
+FILES_SCORED = 3  # held-out files re-scored here (the card's figure covers all of them)
+TOLERANCE = 0.05  # relative, as the issue asks
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model_dir = reference_model_dir()
+    summary = json.loads((model_dir / "training_summary.json").read_text())
+    recorded = {f["relpath"]: f for f in summary["heldout"]["per_file"]}
+    # only files with the very bytes the card scored: another interpreter's stdlib may differ
+    files = [f for f in heldout_files() if f.relpath in recorded and recorded[f.relpath]["sha256"] == f.sha256()]
+    files = sorted((f for f in files if recorded[f.relpath]["tokens"] > 0),
+                   key=lambda f: recorded[f.relpath]["tokens"])[:FILES_SCORED]
+    if not files:
+        pytest.skip("none of the card's held-out files is present unchanged in this interpreter's standard library")
+    expected = sum(recorded[f.relpath]["nll"] for f in files) / sum(recorded[f.relpath]["tokens"] for f in files)
+    return model_dir, summary, files, expected
+
+
+def runtime_logits_fn(model_dir):
+    spec = load_model_spec(model_dir)
+    whole = ModelPart.from_tensors(spec, 0, spec.num_layers, load_tensors(model_dir, lambda n: True, torch.float32),
+                                   embedding=True, head=True)
+
+    @torch.no_grad()
+    def fn(ids):
+        hidden = whole.forward_layers(whole.embed(ids), [SequenceSpan(whole.new_cache(len(ids)), 0, len(ids))])
+        return whole.logits(hidden)
+    return fn
+
+
+def test_card_states_the_summary(reference):
+    model_dir, summary, _, _ = reference
+    card = (model_dir / "MODEL_CARD.md").read_text()
+    assert f"{summary['heldout_loss']:.3f}" in card
+    assert summary["model"]["parameters"] > 5_000_000 and summary["model"]["layers"] >= 8
+    assert (model_dir / "model.safetensors").stat().st_size < 30_000_000
+
+
+def test_heldout_loss_matches_card_through_transformers(reference):
+    model_dir, _, files, expected = reference
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    loss = mean_loss(heldout_scores(hf_logits_fn(model), tokenizer, files))
+    assert loss == pytest.approx(expected, rel=TOLERANCE)
+
+
+def test_heldout_loss_matches_card_through_the_runtime(reference):
+    model_dir, _, files, expected = reference
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    loss = mean_loss(heldout_scores(runtime_logits_fn(model_dir), tokenizer, files))
+    assert loss == pytest.approx(expected, rel=TOLERANCE)
+
+
+def test_split_generation_writes_python(tmp_path):
+    """What `hat demo --prompt "def fibonacci(n):"` shows (the demo's sampling, the default split): the
+    reference model continues a function header with an indented Python body."""
+    from cluster import running_cloud
+
+    from hat.cli.demo_cmd import DEMO_SEED, DEMO_TEMPERATURE, DEMO_TOP_P
+    from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
+    from hat.common.sampling import SamplingParams
+
+    sampling = SamplingParams(DEMO_TEMPERATURE, DEMO_TOP_P, DEMO_SEED)
+    with running_cloud(reference_model_dir(), DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, tmp_path) as cluster:
+        with cluster.generator() as generator:
+            text = generator.generate("def fibonacci(n):", 60, sampling).text
+    assert text.startswith("\n"), repr(text)
+    body = text.splitlines()[1:]
+    assert body and all(line.startswith("    ") or not line.strip() for line in body[:2]), repr(text)
+    keywords = ("return", "if ", "for ", "self", "None", "def ", "class ", "import ")
+    assert sum(k in text for k in keywords) >= 2, repr(text)
