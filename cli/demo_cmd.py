@@ -23,6 +23,8 @@ def add_parser(commands) -> None:
                    help="decoder layers on the device before the cloud")
     p.add_argument("--output-layers", "-M", type=int, default=DEFAULT_OUTPUT_LAYERS,
                    help="decoder layers on the device after the cloud")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="compute dtype of both parts (float32: CPUs without native bfloat16 emulate it slowly)")
     add_sampling_args(p)
     # greedy decoding of a model this small loops on one line; seeded sampling reads as code and stays reproducible
     p.set_defaults(run=run, temperature=DEMO_TEMPERATURE, top_p=DEMO_TOP_P, seed=DEMO_SEED)
@@ -40,7 +42,8 @@ def run(args) -> int:
     threads = max(1, (os.cpu_count() or 2) // 2)  # cloud and device share this machine: half the cores each
     set_threads(threads)
     with tempfile.TemporaryDirectory(prefix="hat-demo-") as tmp:
-        device_dir, cloud_dir = split_checkpoint(model_dir, args.input_layers, args.output_layers, Path(tmp) / "bundle")
+        device_dir, cloud_dir = split_checkpoint(model_dir, args.input_layers, args.output_layers, Path(tmp) / "bundle",
+                                                  args.dtype)
         print(f"split: device runs layers [0, {args.input_layers}) and the last {args.output_layers}; "
               f"the cloud runs the rest")
         with local_cloud_process(cloud_dir, threads) as cloud:

@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cloud-in-process", action="store_true",
                    help="run the cloud in this process (shares the GIL; for comparison)")
     p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of both parts and of the unsplit baseline (the reference model is stored in bfloat16)")
     p.add_argument("--json", type=Path, help="write the figures to this file")
     args = p.parse_args(argv)
     if args.tokens < 4:
@@ -249,7 +251,7 @@ def transport_floor(device_ms: float, cloud_ms: float, payload_bytes: int, round
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hat.common.checkpoint import load_tensors
+    from hat.common.checkpoint import load_tensors, parse_dtype
     from hat.common.model_part import ModelPart
     from hat.common.model_spec import load_model_spec
     from hat.common.split import split_checkpoint
@@ -266,10 +268,12 @@ def main(argv=None) -> int:
         f"{'in-process' if args.cloud_in_process else 'subprocess'}")
 
     spec = load_model_spec(model_dir)
-    whole = ModelPart.from_tensors(spec, 0, spec.num_layers, load_tensors(model_dir, lambda name: True),
+    whole = ModelPart.from_tensors(spec, 0, spec.num_layers,
+                                   load_tensors(model_dir, lambda name: True, parse_dtype(args.dtype)),
                                    embedding=True, head=True)
     with tempfile.TemporaryDirectory(prefix="hat-bench-") as tmp:
-        device_dir, cloud_dir = split_checkpoint(model_dir, args.input_layers, args.output_layers, Path(tmp) / "bundle")
+        device_dir, cloud_dir = split_checkpoint(model_dir, args.input_layers, args.output_layers, Path(tmp) / "bundle",
+                                                 args.dtype)
         model = DeviceModel.load(device_dir)
         model.stop_ids = ()  # always generate the full number of tokens (a random model may emit EOS)
         itemsize = torch.empty(0, dtype=model.input_part.dtype).element_size()
