@@ -148,3 +148,26 @@ def hf_logits_fn(model) -> LogitsFn:
     def fn(ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids[None].to(model.device)).logits[0].float()
     return fn
+
+
+def runtime_logits_fn(model_dir: str | os.PathLike, cuts: tuple[int, ...] = ()) -> LogitsFn:
+    """logits_fn through the project's runtime, the model cut into parts at the layer numbers `cuts`
+    (float32 throughout; no cuts = one whole part)."""
+    from .checkpoint import load_tensors
+    from .layers import SequenceSpan
+    from .model_part import ModelPart
+    from .model_spec import load_model_spec
+
+    spec = load_model_spec(model_dir)
+    tensors = load_tensors(model_dir, lambda name: True, torch.float32)
+    edges = [0, *cuts, spec.num_layers]
+    parts = [ModelPart.from_tensors(spec, a, b, tensors, embedding=i == 0, head=i == len(edges) - 2)
+             for i, (a, b) in enumerate(zip(edges, edges[1:]))]
+
+    @torch.no_grad()
+    def fn(ids: torch.Tensor) -> torch.Tensor:
+        hidden = parts[0].embed(ids)
+        for part in parts:
+            hidden = part.forward_layers(hidden, [SequenceSpan(part.new_cache(len(ids)), 0, len(ids))])
+        return parts[-1].logits(hidden)
+    return fn

@@ -82,6 +82,7 @@ from tqdm import tqdm
 
 from hat.common.reference_corpus import (EVAL_WINDOW, HELDOUT_HASH_BELOW, corpus_fingerprint,
                                          corpus_files, heldout_scores, hf_logits_fn, mean_loss, read_text,
+                                         runtime_logits_fn,
                                          split_corpus, stdlib_root)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -471,28 +472,6 @@ def train(args) -> int:
 
 
 # -------------------------------------------------------------------------------------------- export
-
-def runtime_logits_fn(model_dir: Path, cuts: tuple[int, ...]):
-    """logits_fn through the project's runtime, the model cut at `cuts` (float32 throughout)."""
-    from hat.common.checkpoint import load_tensors
-    from hat.common.layers import SequenceSpan
-    from hat.common.model_part import ModelPart
-    from hat.common.model_spec import load_model_spec
-
-    spec = load_model_spec(model_dir)
-    tensors = load_tensors(model_dir, lambda name: True, torch.float32)
-    edges = [0, *cuts, spec.num_layers]
-    parts = [ModelPart.from_tensors(spec, a, b, tensors, embedding=i == 0, head=i == len(edges) - 2)
-             for i, (a, b) in enumerate(zip(edges, edges[1:]))]
-
-    @torch.no_grad()
-    def fn(ids: torch.Tensor) -> torch.Tensor:
-        hidden = parts[0].embed(ids)
-        for part in parts:
-            hidden = part.forward_layers(hidden, [SequenceSpan(part.new_cache(len(ids)), 0, len(ids))])
-        return parts[-1].logits(hidden)
-    return fn
-
 
 def export(args, model, tokenizer, data, n_params, step, elapsed, rows, sessions) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig

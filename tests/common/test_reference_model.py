@@ -7,12 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hat.common.checkpoint import load_tensors
 from hat.common.default_model import reference_model_dir
-from hat.common.layers import SequenceSpan
-from hat.common.model_part import ModelPart
-from hat.common.model_spec import load_model_spec
-from hat.common.reference_corpus import hf_logits_fn, heldout_files, mean_loss, heldout_scores
+from hat.common.reference_corpus import heldout_files, heldout_scores, hf_logits_fn, mean_loss, runtime_logits_fn
 
 FILES_SCORED = 3  # held-out files re-scored here (the card's figure covers all of them)
 TOLERANCE = 0.05  # relative, as the issue asks
@@ -31,18 +27,6 @@ def reference():
         pytest.skip("none of the card's held-out files is present unchanged in this interpreter's standard library")
     expected = sum(recorded[f.relpath]["nll"] for f in files) / sum(recorded[f.relpath]["tokens"] for f in files)
     return model_dir, summary, files, expected
-
-
-def runtime_logits_fn(model_dir):
-    spec = load_model_spec(model_dir)
-    whole = ModelPart.from_tensors(spec, 0, spec.num_layers, load_tensors(model_dir, lambda n: True, torch.float32),
-                                   embedding=True, head=True)
-
-    @torch.no_grad()
-    def fn(ids):
-        hidden = whole.forward_layers(whole.embed(ids), [SequenceSpan(whole.new_cache(len(ids)), 0, len(ids))])
-        return whole.logits(hidden)
-    return fn
 
 
 def test_card_states_the_summary(reference):
