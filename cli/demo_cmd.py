@@ -8,7 +8,7 @@ from pathlib import Path
 from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, reference_model_dir
 from hat.testbed.local_cloud import local_cloud_process
 
-from .generate_cmd import add_sampling_args, set_threads
+from .generate_cmd import add_sampling_args, add_speculation_args, set_threads
 
 
 DEMO_TEMPERATURE, DEMO_TOP_P, DEMO_SEED = 0.7, 0.95, 0  # the demo's sampling unless flags say otherwise
@@ -26,6 +26,7 @@ def add_parser(commands) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="compute dtype of both parts (float32: CPUs without native bfloat16 emulate it slowly)")
     add_sampling_args(p)
+    add_speculation_args(p)
     # greedy decoding of a model this small loops on one line; seeded sampling reads as code and stays reproducible
     p.set_defaults(run=run, temperature=DEMO_TEMPERATURE, top_p=DEMO_TOP_P, seed=DEMO_SEED)
 
@@ -46,11 +47,17 @@ def run(args) -> int:
                                                   args.dtype)
         print(f"split: device runs layers [0, {args.input_layers}) and the last {args.output_layers}; "
               f"the cloud runs the rest")
+        if args.no_speculation or not (device_dir / "adapter").is_dir():
+            print("decoding: plain split decoding, one cloud round per token"
+                  + ("" if args.no_speculation else " (the checkpoint ships no draft adapter for this split)"))
+        else:
+            print(f"decoding: speculative, the device drafts with its adapter (threshold {args.draft_threshold}, "
+                  f"up to {args.max_draft} tokens per round) and the cloud verifies")
         with local_cloud_process(cloud_dir, threads) as cloud:
             print(f"cloud: pid {cloud.pid}, data port {cloud.data_port}, control port {cloud.control_port}")
             print(f"prompt: {args.prompt!r} (temperature {args.temperature}, top-p {args.top_p}, seed {args.seed})\n---")
             link = LinkConfig(host="127.0.0.1", data_port=cloud.data_port, control_port=cloud.control_port,
                               device_id="demo-device")
             generate_once(str(device_dir), link, args.prompt, args.max_new_tokens,
-                          SamplingParams(args.temperature, args.top_p, args.seed), stream=True)
+                          SamplingParams(args.temperature, args.top_p, args.seed), stream=True, speculation_args=args)
     return 0

@@ -15,6 +15,7 @@ def add_parser(commands) -> None:
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     add_sampling_args(p)
+    add_speculation_args(p)
     p.add_argument("--device-id", default="", help="this device's id (default: host name and process id)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any one cloud reply")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -28,6 +29,27 @@ def add_sampling_args(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
 
 
+def add_speculation_args(p) -> None:
+    from hat.device.speculation import DEFAULT_SPECULATION as S
+
+    p.add_argument("--no-speculation", action="store_true",
+                   help="plain split decoding, one token per cloud round (default: speculate when the bundle has an adapter)")
+    p.add_argument("--draft-threshold", type=float, default=S.threshold,
+                   help="stop drafting when the draft's top probability falls below this")
+    p.add_argument("--max-draft", type=int, default=S.max_draft, help="most draft tokens verified per round")
+    p.add_argument("--no-parallel-draft", action="store_true", help="do not draft while a verification is in flight")
+
+
+def speculation_config(args, model):
+    """The SpeculationConfig the flags ask for, or None for plain decoding."""
+    from hat.device.speculation import SpeculationConfig
+
+    if args.no_speculation or model.adapter is None:
+        return None
+    return SpeculationConfig(threshold=args.draft_threshold, max_draft=args.max_draft,
+                             parallel=not args.no_parallel_draft)
+
+
 def run(args) -> int:
     from hat.common.sampling import SamplingParams
     from hat.device.cloud_link import LinkConfig
@@ -36,7 +58,8 @@ def run(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_p, args.seed)
     link_config = LinkConfig(host=args.cloud, data_port=args.data_port, control_port=args.control_port,
                              device_id=args.device_id, reply_timeout_s=args.timeout)
-    result = generate_once(args.bundle, link_config, args.prompt, args.max_new_tokens, sampling, stream=not args.json)
+    result = generate_once(args.bundle, link_config, args.prompt, args.max_new_tokens, sampling, stream=not args.json,
+                           speculation_args=args)
     if args.json:
         print(json.dumps(result.to_json()))
     return 0
@@ -48,7 +71,7 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sampling, stream: bool):
+def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sampling, stream: bool, speculation_args):
     from hat.device.cloud_link import CloudLink
     from hat.device.device_model import DeviceModel
     from hat.device.generator import SplitGenerator
@@ -56,7 +79,7 @@ def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sa
     model = DeviceModel.load(bundle)
     with CloudLink(link_config) as link:
         link.register(model.manifest)
-        generator = SplitGenerator(model, link)
+        generator = SplitGenerator(model, link, speculation_config(speculation_args, model))
         on_text = (lambda text: print(text, end="", flush=True)) if stream else None
         result = generator.generate(prompt, max_new_tokens, sampling, on_text=on_text)
     if stream:
@@ -66,7 +89,13 @@ def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sa
 
 
 def summary_line(result) -> str:
-    tbt = f"{statistics.median(result.tbt_ms):.1f} ms median time between tokens" if result.tbt_ms else "one token"
+    tbt = f"{statistics.mean(result.tbt_ms):.1f} ms mean time between tokens" if result.tbt_ms else "one token"
+    info = result.to_json()
+    if result.speculative:
+        decoding = (f"speculative: {info['rounds']} rounds, {info['accept_len']:.2f} tokens per round, "
+                    f"{info['draft_ms']:.0f} ms drafting, {info['wasted_draft_tokens']} draft tokens wasted")
+    else:
+        decoding = f"plain split decoding: {info['rounds']} rounds"
     return (f"[{len(result.token_ids)} tokens ({result.finish_reason}) from a {result.prompt_tokens}-token prompt: "
-            f"first token {result.ttft_ms:.0f} ms, {tbt}; {result.bytes_up / 1024:.1f} KiB up, "
+            f"first token {result.ttft_ms:.0f} ms, {tbt}; {decoding}; {result.bytes_up / 1024:.1f} KiB up, "
             f"{result.bytes_down / 1024:.1f} KiB down]")

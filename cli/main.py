@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from . import cloud_cmd, demo_cmd, generate_cmd, split_cmd
+from . import cloud_cmd, demo_cmd, generate_cmd, split_cmd, train_adapter_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     cloud_cmd.add_parser(commands)
     generate_cmd.add_parser(commands)
     demo_cmd.add_parser(commands)
+    train_adapter_cmd.add_parser(commands)
     return parser
 
 

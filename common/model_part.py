@@ -101,18 +101,20 @@ class ModelPart(nn.Module):
 
     def forward_layers(self, hidden: torch.Tensor, spans: list[SequenceSpan]) -> torch.Tensor:
         """hidden: [total tokens, hidden] for `spans` in order. Each span's cache is cut back to its
-        start, extended by its tokens, and committed only when every layer has run."""
+        start, extended by its tokens, and committed only when every layer has run (a part with no
+        layers leaves its caches alone)."""
         batch = RaggedBatch(spans)
         if hidden.shape[0] != batch.num_tokens:
             raise ValueError(f"hidden has {hidden.shape[0]} tokens, spans say {batch.num_tokens}")
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
+        if not self.num_layers:  # no layers, nothing cached: the hidden states pass through
+            return hidden
         for span in spans:
             span.cache.begin_write(span.start, span.count)
-        hidden = hidden.to(device=self.device, dtype=self.dtype)
-        if self.num_layers:
-            cos, sin = self.rotary.cos_sin(batch.positions(), self.dtype)
-            cos, sin = cos.to(self.device), sin.to(self.device)
-            for slot, layer in enumerate(self.model.layers.values()):
-                hidden = layer(hidden, cos, sin, batch, slot)
+        cos, sin = self.rotary.cos_sin(batch.positions(), self.dtype)
+        cos, sin = cos.to(self.device), sin.to(self.device)
+        for slot, layer in enumerate(self.model.layers.values()):
+            hidden = layer(hidden, cos, sin, batch, slot)
         for span in spans:
             span.cache.commit(span.start + span.count)
         return hidden

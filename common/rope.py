@@ -13,6 +13,7 @@ class RotaryTable:
     def __init__(self, spec: ModelSpec):
         with torch.device("cpu"):  # real tensors even when the part is being built on the meta device
             self._build(spec)
+            self._extend(256)
 
     def _build(self, spec: ModelSpec) -> None:
         params = rope_parameters(spec.hf_config)
@@ -28,10 +29,18 @@ class RotaryTable:
             self.attention_scaling = float(scaling)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] int64 -> (cos, sin), each [T, head_dim] in `dtype`."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        """positions: [T] int64 -> (cos, sin), each [T, head_dim] in `dtype`, looked up in tables that grow
+        (by doubling) to the largest position asked for: one gather per call instead of five ops."""
+        needed = int(positions.max()) + 1
+        if needed > self._cos.shape[0]:
+            self._extend(max(needed, 2 * self._cos.shape[0]))
+        cos, sin = self._cos[positions], self._sin[positions]
+        return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
+
+    def _extend(self, length: int) -> None:
+        freqs = torch.arange(length, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+        self._cos, self._sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

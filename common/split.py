@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, AdapterMismatchError
 from .bundle import BundleManifest
 from .checkpoint import DTYPE_NAMES, fingerprint, load_tensors, parse_dtype
 from .model_part import EMBED, LM_HEAD, NORM, layer_index
@@ -28,9 +29,15 @@ def validate_split(num_layers: int, input_layers: int, output_layers: int) -> No
                          f"cloud: the model has {num_layers} layers")
 
 
+def default_adapter_dir(model_dir: str | Path, input_layers: int, output_layers: int) -> Path:
+    """Where a checkpoint keeps the draft adapter it ships for a split: MODEL/adapters/k{K}-m{M}."""
+    return Path(model_dir) / "adapters" / f"k{input_layers}-m{output_layers}"
+
+
 def split_checkpoint(model_dir: str | Path, input_layers: int, output_layers: int, out: str | Path,
-                     dtype: str | None = None) -> tuple[Path, Path]:
-    """Write OUT/device and OUT/cloud; returns their paths."""
+                     dtype: str | None = None, adapter: str | Path | None = None) -> tuple[Path, Path]:
+    """Write OUT/device and OUT/cloud; returns their paths. The device bundle carries the draft adapter
+    `adapter` (default: the checkpoint's own for this split, when it ships one) under OUT/device/adapter."""
     model_dir, out = Path(model_dir), Path(out)
     spec = load_model_spec(model_dir)
     n = spec.num_layers
@@ -51,6 +58,13 @@ def split_checkpoint(model_dir: str | Path, input_layers: int, output_layers: in
     cloud_tensors = load_tensors(model_dir, lambda name: not on_device(name), torch_dtype)
     stored = next(iter(cloud_tensors.values())).dtype
     source = fingerprint(model_dir)
+    if adapter is None and (default_adapter_dir(model_dir, input_layers, output_layers) / ADAPTER_CONFIG).is_file():
+        adapter = default_adapter_dir(model_dir, input_layers, output_layers)
+    if adapter is not None:
+        try:
+            AdapterConfig.load(adapter).check_matches(source, input_layers, output_layers)
+        except AdapterMismatchError as exc:
+            raise AdapterMismatchError(f"adapter {adapter}: {exc}") from None
     config = json.loads((model_dir / "config.json").read_text())
     paths = []
     for part, tensors in (("device", device_tensors), ("cloud", cloud_tensors)):
@@ -64,6 +78,10 @@ def split_checkpoint(model_dir: str | Path, input_layers: int, output_layers: in
             for name in TOKENIZER_FILES:
                 if (model_dir / name).is_file():
                     shutil.copy2(model_dir / name, target / name)
+            if adapter is not None:
+                (target / "adapter").mkdir()
+                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                    shutil.copy2(Path(adapter) / name, target / "adapter" / name)
         BundleManifest(part=part, model_type=spec.model_type, num_layers=n, input_layers=input_layers,
                        output_layers=output_layers, hidden_size=spec.hidden_size, dtype=DTYPE_NAMES[stored],
                        source_fingerprint=source, source_name=model_dir.name).save(target)

@@ -89,15 +89,18 @@ class CloudLink:
     def forward(self, session_id: str, start: int, hidden: torch.Tensor, return_last: int = 0) -> wire.DataMessage:
         """Send positions [start, start + len(hidden)); the RESULT holds the middle part's output for the last
         `return_last` positions (0 = all) and, in its header, the cloud's compute time."""
-        return self._request(wire.make_header(pb.FORWARD, session_id, start=start, return_last=return_last), hidden)
+        return self.receive(self.send_forward(session_id, start, hidden, return_last))
 
-    def _request(self, header: pb.DataHeader, tensor: torch.Tensor | None = None,
-                 timeout_s: float | None = None) -> wire.DataMessage:
-        self._sequence += 1
-        header.sequence = self._sequence
-        frames = wire.encode(header, tensor)
-        self._socket.send_multipart(frames, copy=False)
-        self.bytes_up += wire.frame_bytes(frames)
+    def send_forward(self, session_id: str, start: int, hidden: torch.Tensor, return_last: int = 0) -> int:
+        """Send a FORWARD without waiting; returns the sequence number to `receive` its reply with."""
+        return self._send(wire.make_header(pb.FORWARD, session_id, start=start, return_last=return_last), hidden)
+
+    def reply_ready(self) -> bool:
+        """Whether a reply is waiting to be received (never blocks)."""
+        return bool(self._socket.poll(0, zmq.POLLIN))
+
+    def receive(self, sequence: int, timeout_s: float | None = None) -> wire.DataMessage:
+        """The reply to request `sequence`, skipping late replies to earlier ones; CloudError if it is an ERROR."""
         timeout_s = self.config.reply_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while True:
@@ -108,12 +111,24 @@ class CloudLink:
             reply_frames = self._socket.recv_multipart(copy=False)
             self.bytes_down += wire.frame_bytes(reply_frames)
             reply = wire.decode(reply_frames)
-            if reply.header.sequence != self._sequence:
+            if reply.header.sequence != sequence:
                 continue  # a late reply to a request that already timed out
             if reply.header.kind == pb.ERROR:
                 code = reply.header.error_code
                 raise CloudError(f"cloud error {pb.ErrorCode.Name(code)}: {reply.header.error_message}", code)
             return reply
+
+    def _send(self, header: pb.DataHeader, tensor: torch.Tensor | None = None) -> int:
+        self._sequence += 1
+        header.sequence = self._sequence
+        frames = wire.encode(header, tensor)
+        self._socket.send_multipart(frames, copy=False)
+        self.bytes_up += wire.frame_bytes(frames)
+        return self._sequence
+
+    def _request(self, header: pb.DataHeader, tensor: torch.Tensor | None = None,
+                 timeout_s: float | None = None) -> wire.DataMessage:
+        return self.receive(self._send(header, tensor), timeout_s)
 
     def close(self) -> None:
         self._socket.close(linger=0)

@@ -8,10 +8,13 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from hat.common.adapter import DraftAdapter
 from hat.common.bundle import BundleManifest, load_manifest
 from hat.common.checkpoint import load_tensors
 from hat.common.model_part import ModelPart
 from hat.common.model_spec import ModelSpec, load_model_spec
+
+ADAPTER_DIR = "adapter"  # the device bundle's draft adapter folder
 
 
 @dataclass(slots=True)
@@ -22,6 +25,7 @@ class DeviceModel:
     input_part: ModelPart  # embedding + layers [0, K)
     output_part: ModelPart  # layers [N-M, N) + final norm + LM head
     stop_ids: tuple[int, ...]  # token ids that end a generation
+    adapter: DraftAdapter | None = None  # the draft adapter (BUNDLE/adapter), None when the bundle has none
 
     @classmethod
     def load(cls, bundle_dir: str | Path, device: str = "cpu") -> "DeviceModel":
@@ -32,7 +36,12 @@ class DeviceModel:
         input_part = ModelPart.from_tensors(spec, 0, k, tensors, embedding=True, device=device)
         output_part = ModelPart.from_tensors(spec, n - m, n, tensors, head=True, device=device)
         tokenizer = AutoTokenizer.from_pretrained(str(bundle_dir), local_files_only=True)
-        return cls(manifest, spec, tokenizer, input_part, output_part, stop_token_ids(bundle_dir, spec, tokenizer))
+        adapter = None
+        if (Path(bundle_dir) / ADAPTER_DIR).is_dir():
+            adapter = DraftAdapter.load(Path(bundle_dir) / ADAPTER_DIR, spec, input_part.dtype, device)
+            adapter.config.check_matches(manifest.source_fingerprint, k, m)
+        return cls(manifest, spec, tokenizer, input_part, output_part, stop_token_ids(bundle_dir, spec, tokenizer),
+                   adapter)
 
 
 def stop_token_ids(bundle_dir: str | Path, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

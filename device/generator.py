@@ -1,18 +1,33 @@
-"""Split generation: the device runs input and output parts, the cloud the middle, only hidden states cross."""
+"""Split generation: the device runs input and output parts, the cloud the middle, only hidden states cross.
+
+Decoding is plain (one token per cloud round) or speculative: the device drafts with its own parts and
+the adapter, the cloud runs the middle layers once over the whole draft, the device verifies with the
+lossless rules of `acceptance` and, while a verification is in flight, drafts the round after it.
+If the cloud has lost the session (expired, restarted), the device re-sends its history and goes on.
+"""
 from __future__ import annotations
 
-import time
 import secrets
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from hat.common.layers import SequenceSpan
+from hat.common.proto import hat_pb2 as pb
 from hat.common.sampling import SamplingParams, sample_token
 
-from .cloud_link import CloudLink
+from .acceptance import verify
+from .cloud_link import CloudError, CloudLink
 from .device_model import DeviceModel
+from .drafter import DeviceCaches, Draft, Drafter
+from .speculation import SpeculationConfig
+from .results import GenerationResult, StepTiming, TextStream
+
+RECOVERABLE = (pb.UNKNOWN_SESSION, pb.BAD_POSITION)  # the cloud lost the session's cache: re-send the history
+MAX_RECOVERIES = 3  # per generation; beyond this the cloud's error is raised
+_ROUND_EMA = 0.3  # weight of the newest round time in the predicted round time
 
 
 class PromptTooLongError(ValueError):
@@ -20,59 +35,28 @@ class PromptTooLongError(ValueError):
 
 
 @dataclass(slots=True)
-class StepTiming:
-    """Where one round's time went (milliseconds)."""
-    tokens: int  # positions sent in this round
-    device_ms: float  # input part + output layers on the device (the final norm, head and sampling are not in it)
-    round_ms: float  # send to reply, as the device saw it
-    cloud_compute_ms: float  # the middle-part forward, as the cloud measured it
-
-
-@dataclass(slots=True)
-class GenerationResult:
-    token_ids: list[int]  # generated ids only (an end-of-sequence id included when it ended the generation)
-    text: str  # decoded generated text, special tokens skipped
-    prompt_tokens: int  # length of the tokenized prompt
-    finish_reason: str  # "stop" (end-of-sequence token) or "length" (max_new_tokens or the context filled)
-    ttft_ms: float  # from the call to the first generated token
-    tbt_ms: list[float] = field(default_factory=list)  # one per token after the first: time since the previous token
-    bytes_up: int = 0  # data-plane bytes sent (headers + hidden states)
-    bytes_down: int = 0  # data-plane bytes received
-    steps: list[StepTiming] = field(default_factory=list)  # per round, for benchmarks (not in to_json)
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        del out["steps"]
-        out["device_ms"] = sum(s.device_ms for s in self.steps)
-        out["cloud_compute_ms"] = sum(s.cloud_compute_ms for s in self.steps)
-        out["network_ms"] = sum(s.round_ms - s.cloud_compute_ms for s in self.steps)
-        return out
-
-
-class TextStream:
-    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        self.tokenizer, self.on_text, self.emitted = tokenizer, on_text, ""
-
-    def update(self, token_ids: list[int], final: bool = False) -> None:
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:
-            return
-        if self.on_text is not None and len(text) > len(self.emitted):
-            self.on_text(text[len(self.emitted):])
-        self.emitted = text
+class _Generation:
+    """One generation's state on the device."""
+    session_id: str  # the cloud session
+    tokens: list[int]  # prompt and every generated token, in order
+    caches: DeviceCaches  # the device parts' caches
+    steps: list[StepTiming] = field(default_factory=list)  # per cloud round
+    recoveries: int = 0  # history re-sends so far
 
 
 class SplitGenerator:
-    def __init__(self, model: DeviceModel, link: CloudLink):
-        self.model, self.link = model, link
+    def __init__(self, model: DeviceModel, link: CloudLink, speculation: SpeculationConfig | None = None):
+        """`speculation`: draft with the bundle's adapter (None = plain split decoding)."""
+        if speculation is not None and model.adapter is None:
+            raise ValueError("speculation needs a device bundle with a draft adapter (`hat split --adapter`)")
+        self.model, self.link, self.speculation = model, link, speculation
         self.max_context = model.spec.max_context
         self.max_message_tokens = self.max_context  # the cloud's per-message limit: longer prompts go in pieces
         registration = link.registration
         if registration is not None:
             self.max_context = min(self.max_context, registration.max_context or self.max_context)
             self.max_message_tokens = registration.max_tokens_per_message or self.max_message_tokens
+        self.predicted_round_s = 0.0  # moving average of verification round times (bounds parallel drafting)
 
     def encode(self, prompt: str) -> list[int]:
         return self.model.tokenizer(prompt)["input_ids"]
@@ -97,57 +81,155 @@ class SplitGenerator:
         up0, down0 = self.link.bytes_up, self.link.bytes_down
         rng = sampling.make_generator()
         stream = TextStream(self.model.tokenizer, on_text)
-        session_id = secrets.token_hex(6)  # 48 random bits: sessions are per connection, ids stay short on the wire
-        self.link.open_session(session_id)
-        try:
-            caches = (self.model.input_part.new_cache(), self.model.output_part.new_cache())
-            generated: list[int] = []
-            token_times: list[float] = []
-            steps: list[StepTiming] = []
-            logits = self._run(session_id, prompt_ids, 0, caches, steps)
-            finish = "length"
-            while True:
-                token = sample_token(logits, sampling, rng)
+        model = self.model
+        caches = DeviceCaches(model.input_part.new_cache(), model.output_part.new_cache(),
+                              model.adapter.new_cache() if self.speculation else None)
+        g = _Generation(secrets.token_hex(6), list(prompt_ids), caches)  # 48 random bits: ids stay short on the wire
+        generated: list[int] = []
+        token_times: list[float] = []
+        finish = "length"
+
+        def emit(tokens: list[int]) -> bool:
+            """Append tokens in order; True once the generation is over (stop token or budget)."""
+            nonlocal finish
+            for token in tokens:
                 generated.append(token)
                 token_times.append(time.perf_counter())
+                if token in model.stop_ids:
+                    finish = "stop"
+                    return True
+                if len(generated) == budget:
+                    return True
+            return False
+
+        self.link.open_session(g.session_id)
+        try:
+            logits = self._run(g, prompt_ids, 0)
+            pending = sample_token(logits, sampling, rng)
+            done = emit([pending])
+            drafter = Drafter(model, caches, self.speculation, sampling, torch.Generator().manual_seed(
+                int(torch.randint(2 ** 62, (1,), generator=rng)))) if self.speculation else None
+            carried: Draft | None = None
+            while not done:
                 if on_text is not None:
                     stream.update(generated)
-                if token in self.model.stop_ids:
-                    finish = "stop"
-                    break
-                if len(generated) == budget:
-                    break
-                logits = self._run(session_id, [token], len(prompt_ids) + len(generated) - 1, caches, steps)
+                if drafter is None:
+                    g.tokens.append(pending)
+                    logits = self._run(g, [pending], len(g.tokens) - 1, decode=True)
+                    pending = sample_token(logits, sampling, rng)
+                    done = emit([pending])
+                else:
+                    new, carried = self._speculative_round(g, drafter, pending, carried, budget - len(generated),
+                                                           sampling, rng)
+                    g.tokens.extend([pending] + new[:-1])
+                    pending = new[-1]
+                    done = emit(new)
             stream.update(generated, final=True)
         finally:
-            self._close_quietly(session_id)
+            self._close_quietly(g.session_id)
         return GenerationResult(
             token_ids=generated, text=stream.emitted, prompt_tokens=len(prompt_ids), finish_reason=finish,
             ttft_ms=(token_times[0] - started) * 1000,
             tbt_ms=[(b - a) * 1000 for a, b in zip(token_times, token_times[1:])],
-            bytes_up=self.link.bytes_up - up0, bytes_down=self.link.bytes_down - down0, steps=steps)
+            bytes_up=self.link.bytes_up - up0, bytes_down=self.link.bytes_down - down0,
+            speculative=self.speculation is not None, recoveries=g.recoveries, steps=g.steps)
 
-    def _run(self, session_id: str, token_ids: list[int], position: int, caches, steps: list[StepTiming]) -> torch.Tensor:
+    def _run(self, g: _Generation, token_ids: list[int], position: int, decode: bool = False) -> torch.Tensor:
         """Run tokens at `position` through input part, cloud and output part, in messages of at most the
         cloud's per-message limit, recording each round. Returns the logits of the last token."""
         model = self.model
-        input_cache, output_cache = caches
+        caches = g.caches
         needs_all = model.output_part.num_layers > 0  # output layers need every position for their own cache
         for start in range(0, len(token_ids), self.max_message_tokens):
             began = time.perf_counter()
             chunk = token_ids[start:start + self.max_message_tokens]
             chunk_position, count = position + start, len(chunk)
-            hidden = model.input_part.forward_layers(
-                model.input_part.embed(torch.tensor(chunk)), [SequenceSpan(input_cache, chunk_position, count)])
+            embeds = model.input_part.embed(torch.tensor(chunk))
+            hidden = model.input_part.forward_layers(embeds, [SequenceSpan(caches.input, chunk_position, count)])
+            if caches.adapter is not None:  # the adapter's cache follows the input part's
+                model.adapter(hidden, embeds, [SequenceSpan(caches.adapter, chunk_position, count)])
             sent = time.perf_counter()
-            reply = self.link.forward(session_id, chunk_position, hidden, return_last=0 if needs_all else 1)
+            reply = self._forward(g, chunk_position, hidden, return_last=0 if needs_all else 1)
             round_ms = (time.perf_counter() - sent) * 1000
             middle = reply.tensor
             if needs_all:
-                middle = model.output_part.forward_layers(middle, [SequenceSpan(output_cache, chunk_position, count)])
+                middle = model.output_part.forward_layers(middle, [SequenceSpan(caches.output, chunk_position, count)])
             step_ms = (time.perf_counter() - began) * 1000
-            steps.append(StepTiming(count, step_ms - round_ms, round_ms, reply.header.compute_us / 1000))
+            g.steps.append(StepTiming(count, step_ms - round_ms, round_ms, reply.header.compute_us / 1000, decode))
         return model.output_part.logits(middle[-1:].to(model.output_part.dtype))[0]
+
+    def _speculative_round(self, g: _Generation, drafter: Drafter, pending: int, carried: Draft | None,
+                           remaining: int, sampling: SamplingParams, rng: torch.Generator) -> tuple[list[int], Draft | None]:
+        """Draft from `pending` (its position is len(g.tokens)), verify in one cloud round; returns the new tokens
+        (accepted drafts, then the corrected or bonus token) and the next round's draft if one was made ahead."""
+        model, caches = self.model, g.caches
+        start = len(g.tokens)
+        limit = max(0, min(self.speculation.max_draft, remaining - 1, self.max_context - start - 1,
+                           self.max_message_tokens - 1))
+        began = time.perf_counter()
+        draft = drafter.extend(carried or Draft(start, [pending]), limit)
+        if len(draft.drafted) > limit:  # a carried draft longer than this round may verify
+            caches.truncate(start + limit + 1)
+            draft = Draft(start, draft.tokens[:limit + 1], draft.probs[:limit], draft.hiddens[:limit + 1],
+                          draft.estimates[:limit + 1])
+        sent = time.perf_counter()
+        n = len(draft.drafted)
+        hidden = torch.cat(draft.hiddens[:n + 1])
+        sequence = self.link.send_forward(g.session_id, start, hidden)
+        ahead = None
+        if self.speculation.parallel and remaining > n + 2:
+            deadline = sent + self.predicted_round_s
+            ahead = drafter.predraft(draft, lambda: not self.link.reply_ready() and time.perf_counter() < deadline)
+        reply = self._receive(g, sequence, start, hidden)
+        received = time.perf_counter()
+        round_s = received - sent
+        self.predicted_round_s = round_s if not self.predicted_round_s else (
+            _ROUND_EMA * round_s + (1 - _ROUND_EMA) * self.predicted_round_s)
+        output = model.output_part
+        verified = output.forward_layers(reply.tensor, [SequenceSpan(caches.output, start, n + 1)])
+        target_logits = output.logits(verified.to(output.dtype))
+        if draft.probs:
+            probs = torch.stack(draft.probs)
+        else:  # greedy, or an empty draft
+            probs = None if sampling.greedy else target_logits.new_zeros(0, target_logits.shape[1])
+        verdict = verify(draft.drafted, probs, target_logits, sampling, rng)
+        accepted = verdict.accepted
+        new = draft.drafted[:accepted] + [verdict.next_token]
+        keep_ahead = ahead is not None and accepted == n and verdict.next_token == ahead.tokens[0]
+        if not keep_ahead:
+            caches.truncate(start + accepted + 1)
+        g.steps.append(StepTiming(
+            tokens=n + 1, device_ms=(time.perf_counter() - received) * 1000, round_ms=round_s * 1000,
+            cloud_compute_ms=reply.header.compute_us / 1000, decode=True, drafted=n, accepted=accepted,
+            draft_ms=(sent - began) * 1000, predrafted=len(ahead.tokens) if ahead else 0,
+            predraft_reused=len(ahead.tokens) if keep_ahead else 0))
+        return new, ahead if keep_ahead else None
+
+    def _forward(self, g: _Generation, start: int, hidden: torch.Tensor, return_last: int = 0):
+        return self._receive(g, self.link.send_forward(g.session_id, start, hidden, return_last), start, hidden,
+                             return_last)
+
+    def _receive(self, g: _Generation, sequence: int, start: int, hidden: torch.Tensor, return_last: int = 0):
+        """The reply to `sequence`; if the cloud lost the session, re-send the history before `start` and retry."""
+        try:
+            return self.link.receive(sequence)
+        except CloudError as exc:
+            if exc.code not in RECOVERABLE or g.recoveries >= MAX_RECOVERIES:
+                raise
+        g.recoveries += 1
+        self._resend_history(g, start)
+        return self.link.forward(g.session_id, start, hidden, return_last)
+
+    def _resend_history(self, g: _Generation, end: int) -> None:
+        """Open the session afresh and rebuild its cloud cache from positions [0, end) of the device's own tokens.
+        The input part runs into a scratch cache, so the device's caches (drafts included) are untouched."""
+        self.link.open_session(g.session_id)
+        part = self.model.input_part
+        scratch = part.new_cache()
+        for start in range(0, end, self.max_message_tokens):
+            chunk = g.tokens[start:min(end, start + self.max_message_tokens)]
+            hidden = part.forward_layers(part.embed(torch.tensor(chunk)), [SequenceSpan(scratch, start, len(chunk))])
+            self.link.forward(g.session_id, start, hidden, return_last=1)
 
     def _close_quietly(self, session_id: str) -> None:
         try:

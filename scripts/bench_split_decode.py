@@ -11,9 +11,9 @@ One run prints:
   (c) data-plane bytes per generated token (decode rounds only, prefill excluded), per direction, against
       hidden_size x dtype itemsize.
 
-Method for (c): per-round accounting. The benchmark wraps the CloudLink instance's `forward` and reads the
-link's own byte counters (wire.frame_bytes: header + tensor payloads, no ZeroMQ framing, no TCP/IP) before
-and after every round; decode rounds are the rounds after the prefill round. A cross-check by difference
+Method for (c): per-round accounting. The benchmark wraps the CloudLink instance's `send_forward` and
+`receive` and reads the link's own byte counters (wire.frame_bytes: header + tensor payloads, no ZeroMQ
+framing, no TCP/IP) around every round; decode rounds are the rounds after the prefill round. A cross-check by difference
 of two generations of different lengths (same prompt) is printed next to it.
 
 Targets: overhead <= 0.5 ms median per round; bytes within 5% of the hidden-state size per direction.
@@ -108,7 +108,7 @@ def cloud_server(cloud_dir: Path, threads: int, in_process: bool):
 # ------------------------------------------------------------------------------------ split instrumentation
 class RoundRecorder:
     """Per-round compute and bytes, recorded by thin wrappers around the device's parts, the generator's
-    sampling function and the link's forward. The generator's own code runs unmodified."""
+    sampling function and the link's send and receive. The generator's own code runs unmodified."""
 
     def __init__(self):
         self.rounds: list[dict] = []
@@ -121,7 +121,7 @@ class RoundRecorder:
         rec = self
         embed, fwd_in = model.input_part.embed, model.input_part.forward_layers
         fwd_out, logits = model.output_part.forward_layers, model.output_part.logits
-        forward, sample = link.forward, generator_module.sample_token
+        send_forward, receive, sample = link.send_forward, link.receive, generator_module.sample_token
 
         def timed(fn, key, new_round=False):
             def wrapper(*a, **kw):
@@ -133,19 +133,24 @@ class RoundRecorder:
                 return out
             return wrapper
 
-        def link_forward(session_id, start, hidden, return_last=0):
-            up, down = link.bytes_up, link.bytes_down
-            reply = forward(session_id, start, hidden, return_last)
-            cur = rec._cur()
-            cur.update(tokens=int(hidden.shape[0]), up=link.bytes_up - up, down=link.bytes_down - down,
-                       down_tokens=int(reply.tensor.shape[0]) if reply.tensor is not None else 0)
+        def link_send_forward(session_id, start, hidden, return_last=0):
+            up = link.bytes_up
+            sequence = send_forward(session_id, start, hidden, return_last)
+            rec._cur().update(tokens=int(hidden.shape[0]), up=link.bytes_up - up)
+            return sequence
+
+        def link_receive(sequence, timeout_s=None):
+            down = link.bytes_down
+            reply = receive(sequence, timeout_s)
+            rec._cur().update(down=link.bytes_down - down,
+                              down_tokens=int(reply.tensor.shape[0]) if reply.tensor is not None else 0)
             return reply
 
         model.input_part.embed = timed(embed, "embed", new_round=True)  # first call of every round
         model.input_part.forward_layers = timed(fwd_in, "input")
         model.output_part.forward_layers = timed(fwd_out, "output")
         model.output_part.logits = timed(logits, "logits")
-        link.forward = link_forward
+        link.send_forward, link.receive = link_send_forward, link_receive
         generator_module.sample_token = timed(sample, "sample")
         self._restore = lambda: setattr(generator_module, "sample_token", sample)
 

@@ -295,23 +295,31 @@ def test_hostile_traffic_interleaved_with_every_step_changes_nothing(served):
     hostile = Hostile(cluster, served.hidden_size, "interleaved")
     with peers(cluster.data_port, 2) as ps, cluster.generator() as gen:
         hostile.open(ps)
-        honest_forward = gen.link.forward
+        honest_send, honest_receive = gen.link.send_forward, gen.link.receive
 
         shared: list[int] = []  # batch_sessions of the honest RESULTs
+        in_flight: dict = {}  # sequence of an honest FORWARD -> the hostile cases sent just before it
 
-        def forward(*args, **kwargs):
+        def send_forward(*args, **kwargs):
             cases = hostile.cases()
             hostile.send(ps, cases)
+            sequence = honest_send(*args, **kwargs)
+            in_flight[sequence] = cases
+            return sequence
+
+        def receive(sequence, *args, **kwargs):
+            if sequence not in in_flight:  # OPEN / CLOSE
+                return honest_receive(sequence, *args, **kwargs)
             try:
-                reply = honest_forward(*args, **kwargs)
+                reply = honest_receive(sequence, *args, **kwargs)
                 shared.append(reply.header.batch_sessions)
                 return reply
             finally:
-                hostile.check(ps, cases)
+                hostile.check(ps, in_flight.pop(sequence))
 
-        gen.link.forward = forward
+        gen.link.send_forward, gen.link.receive = send_forward, receive
         tokens = generate(gen)
-        gen.link.forward = honest_forward
+        gen.link.send_forward, gen.link.receive = honest_send, honest_receive
         assert tokens == served.reference
         assert hostile.rounds == len(tokens)
         print(f"\n{served.family}: {sum(b > 1 for b in shared)} of {len(shared)} honest forwards shared a batch "
@@ -419,14 +427,15 @@ def test_concurrent_sessions_match_each_run_alone(served):
     def run(index: int) -> None:
         try:
             with cluster.generator(models[index]) as gen:
-                honest_forward = gen.link.forward
+                honest_receive = gen.link.receive
 
-                def forward(*args, **kwargs):
-                    reply = honest_forward(*args, **kwargs)
-                    shared.append(reply.header.batch_sessions)
+                def receive(*args, **kwargs):
+                    reply = honest_receive(*args, **kwargs)
+                    if reply.header.kind == pb.RESULT:
+                        shared.append(reply.header.batch_sessions)
                     return reply
 
-                gen.link.forward = forward
+                gen.link.receive = receive
                 barrier.wait(30)
                 results[index] = generate(gen, prompts[index], 30)
         except BaseException as exc:  # surfaced in the main thread

@@ -1,0 +1,139 @@
+"""The draft adapter: a light stand-in for the cloud's middle layers, run on the device to draft tokens.
+
+EAGLE-style: at position t it fuses the input part's hidden state h_K(t) with the embedding of the
+token at t (the token that was just appended, "the next token" of the sequence so far), runs
+`depth` decoder layers of the model's own architecture over that (with its own KV cache), and
+projects back to the model's width as a correction to h_K(t):
+
+    estimate(t) = h_K(t) + project(layers(fuse([norm(h_K(t)); norm(embed(x_t))])))
+
+`estimate(t)` stands for the middle part's output at t, which the device's output part turns into
+draft logits. `project` starts at zero, so an untrained adapter passes h_K through.
+
+On disk an adapter is a folder: adapter_config.json (AdapterConfig) and adapter.safetensors.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .kv_cache import KVCache
+from .layers import RMSNorm, SequenceSpan
+from .model_part import ModelPart
+from .model_spec import ModelSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_FORMAT_VERSION = 1
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter trained for another checkpoint or another split."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterConfig:
+    input_layers: int  # K of the split it was distilled for: its input is the output of layers [0, K)
+    output_layers: int  # M of that split: its output stands for the input of layers [N-M, N)
+    width: int  # hidden width of the adapter's own decoder layers
+    depth: int  # number of adapter decoder layers
+    intermediate_size: int  # MLP width of those layers
+    source_fingerprint: str  # sha256 of the checkpoint it was distilled from (hat.common.checkpoint.fingerprint)
+    # drafting confidence = top probability of softmax(draft logits / this): fitted on held-out text so that it
+    # estimates the chance that the target's greedy token equals the draft's (1.0 = the raw softmax)
+    confidence_temperature: float = 1.0
+    format_version: int = ADAPTER_FORMAT_VERSION  # on-disk layout version
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / ADAPTER_CONFIG).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "AdapterConfig":
+        path = Path(folder) / ADAPTER_CONFIG
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not an adapter: no {ADAPTER_CONFIG} (make one with `hat train-adapter`)")
+        data = json.loads(path.read_text())
+        if data.get("format_version") != ADAPTER_FORMAT_VERSION:
+            raise ValueError(f"{path}: adapter format {data.get('format_version')}, this version reads {ADAPTER_FORMAT_VERSION}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a key missing or unknown
+            raise ValueError(f"{path} is not a valid adapter config: {exc}") from None
+
+    def check_matches(self, fingerprint: str, input_layers: int, output_layers: int) -> None:
+        if fingerprint != self.source_fingerprint:
+            raise AdapterMismatchError(f"the adapter was distilled from checkpoint {self.source_fingerprint[:12]}, "
+                                       f"not {fingerprint[:12]}: train one for this model with `hat train-adapter`")
+        if (input_layers, output_layers) != (self.input_layers, self.output_layers):
+            raise AdapterMismatchError(f"the adapter is for K={self.input_layers}, M={self.output_layers}; the split is "
+                                       f"K={input_layers}, M={output_layers}")
+
+
+def adapter_spec(spec: ModelSpec, config: AdapterConfig) -> ModelSpec:
+    """The model's architecture at the adapter's width and depth: heads scaled with the width (at least one),
+    the same head size and grouped-query ratio, the sliding window of the first middle layer."""
+    if config.width < 1 or config.depth < 1 or config.intermediate_size < 1:
+        raise ValueError(f"adapter width, depth and intermediate size must be positive, got {config.width}, "
+                         f"{config.depth}, {config.intermediate_size}")
+    heads = max(1, spec.num_heads * config.width // spec.hidden_size)
+    kv_heads = max(1, heads * spec.num_kv_heads // spec.num_heads)
+    if heads % kv_heads:
+        kv_heads = heads
+    window = spec.sliding_windows[config.input_layers]
+    return replace(spec, hidden_size=config.width, intermediate_size=config.intermediate_size, num_layers=config.depth,
+                   num_heads=heads, num_kv_heads=kv_heads, sliding_windows=(window,) * config.depth)
+
+
+class DraftAdapter(nn.Module):
+    def __init__(self, spec: ModelSpec, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+        width, eps = spec.hidden_size, spec.rms_norm_eps
+        self.hidden_norm = RMSNorm(width, eps)
+        self.embed_norm = RMSNorm(width, eps)
+        self.fuse = nn.Linear(2 * width, config.width, bias=False)
+        self.body = ModelPart(adapter_spec(spec, config), 0, config.depth)
+        self.project = nn.Linear(config.width, width, bias=False)
+        nn.init.zeros_(self.project.weight)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.body.dtype
+
+    def to_runtime(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> "DraftAdapter":
+        """Cast and move, keeping the body's dtype/device attributes (they type its caches) in step."""
+        self.to(device=device, dtype=dtype)
+        self.body.dtype, self.body.device = dtype, torch.device(device)
+        return self
+
+    def new_cache(self, max_length: int | None = None) -> KVCache:
+        return self.body.new_cache(max_length)
+
+    def forward(self, hidden: torch.Tensor, embeds: torch.Tensor, spans: list[SequenceSpan]) -> torch.Tensor:
+        """hidden: input-part output [T, width]; embeds: the same tokens' embeddings [T, width] -> estimates [T, width]."""
+        hidden = hidden.to(self.dtype)
+        fused = self.fuse(torch.cat([self.hidden_norm(hidden), self.embed_norm(embeds.to(self.dtype))], dim=-1))
+        return hidden + self.project(self.body.forward_layers(fused, spans))
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(folder / ADAPTER_WEIGHTS))
+
+    @classmethod
+    def load(cls, folder: str | Path, spec: ModelSpec, dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu") -> "DraftAdapter":
+        folder = Path(folder)
+        config = AdapterConfig.load(folder)
+        with torch.device("meta"):
+            adapter = cls(spec, config)
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+        stored = next(iter(tensors.values())).dtype
+        adapter.load_state_dict(tensors, strict=True, assign=True)
+        return adapter.to_runtime(dtype or stored, device).eval()

@@ -1,0 +1,29 @@
+"""`hat train-adapter`'s settings (no torch import: the CLI reads the defaults when it builds its parser)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AdapterTrainConfig:
+    model_dir: str  # the full checkpoint (the teacher)
+    input_layers: int  # K of the split the adapter serves
+    output_layers: int  # M of that split
+    out: str  # adapter folder to write (checkpoint.pt there makes the run resumable)
+    width: int = 0  # adapter layer width; 0 = the model's hidden size
+    depth: int = 1  # adapter decoder layers
+    intermediate_size: int = 0  # adapter MLP width; 0 = the model's
+    steps: int = 400  # optimizer steps
+    batch_size: int = 8  # windows per step
+    seq_len: int = 256  # tokens per window
+    lr: float = 2e-3  # peak learning rate (linear warmup, cosine to lr/10)
+    warmup_steps: int = 30  # warmup length in steps
+    ce_weight: float = 0.1  # weight of the cross-entropy to the teacher's distribution
+    seed: int = 0  # data order, initialisation
+    data: list[str] = field(default_factory=list)  # text files or folders (*.py, *.txt, *.md); empty = the stdlib corpus
+    eval_every: int = 100  # steps between held-out evaluations
+    eval_windows: int = 16  # held-out windows for top-1 agreement
+    eval_chains: int = 24  # held-out prefixes for the draft-chain acceptance measure
+    draft_len: int = 8  # longest greedy draft chain in that measure
+    ckpt_every: int = 50  # steps between resumable checkpoints
+    resume: bool = False  # continue from OUT/checkpoint.pt

@@ -1,0 +1,396 @@
+"""`hat train-adapter`: distil a draft adapter from the full model (the teacher) for one split.
+
+Per training window the teacher (the model's own parts, float32, no gradients) gives the input
+part's output h_K, the middle part's output h_mid and, through the output part, its token
+distribution. The adapter maps (h_K, token embeddings) to an estimate of h_mid; the loss is
+
+    SmoothL1(estimate, h_mid) + ce_weight x CE(teacher distribution, output part(estimate))
+
+with the output part frozen (gradients pass through it to the adapter). Held-out evaluation gives
+top-1 agreement (draft argmax = teacher argmax, teacher-forced) and the accepted length of greedy
+draft chains against the teacher's own greedy continuation, as speculative decoding would see it.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .adapter import AdapterConfig, DraftAdapter
+from .adapter_train_config import AdapterTrainConfig
+from .checkpoint import fingerprint, load_tensors
+from .layers import SequenceSpan
+from .model_part import ModelPart
+from .model_spec import load_model_spec
+from .reference_corpus import corpus_files, read_text, split_corpus
+from .split import validate_split
+
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "training_summary.json"
+LOSS_LOG = "loss_log.csv"
+
+
+class Teacher:
+    """The full model as three parts, float32, for targets and evaluation."""
+
+    def __init__(self, model_dir: str, k: int, m: int):
+        self.spec = load_model_spec(model_dir)
+        n = self.spec.num_layers
+        validate_split(n, k, m)
+        tensors = load_tensors(model_dir, lambda name: True, torch.float32)
+        self.input = ModelPart.from_tensors(self.spec, 0, k, tensors, embedding=True)
+        self.middle = ModelPart.from_tensors(self.spec, k, n - m, tensors)
+        self.output = ModelPart.from_tensors(self.spec, n - m, n, tensors, head=True)
+        for part in (self.input, self.middle, self.output):
+            part.requires_grad_(False)
+
+    @staticmethod
+    def spans(part: ModelPart, batch: int, length: int) -> list[SequenceSpan]:
+        return [SequenceSpan(part.new_cache(length), 0, length) for _ in range(batch)]
+
+    @torch.no_grad()
+    def targets(self, ids: torch.Tensor):
+        """ids [B, T] -> (embeddings, h_K, h_mid, teacher logits), flattened to [B*T, ...]."""
+        b, t = ids.shape
+        embeds = self.input.embed(ids.reshape(-1))
+        h_k = self.input.forward_layers(embeds, self.spans(self.input, b, t))
+        h_mid = self.middle.forward_layers(h_k, self.spans(self.middle, b, t))
+        logits = self.output.logits(self.output.forward_layers(h_mid, self.spans(self.output, b, t)))
+        return embeds, h_k, h_mid, logits
+
+    def draft_logits(self, adapter: DraftAdapter, embeds, h_k, b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        estimate = adapter(h_k, embeds, self.spans(adapter, b, t))
+        return estimate, self.output.logits(self.output.forward_layers(estimate, self.spans(self.output, b, t)))
+
+
+def text_files(config: AdapterTrainConfig) -> tuple[list[Path], list[Path], str]:
+    """(training files, held-out files, a description): the stdlib corpus split, or --data split 98/2 by hash."""
+    if not config.data:
+        train, heldout = split_corpus(corpus_files())
+        return [f.path for f in train], [f.path for f in heldout], "the Python stdlib corpus (hat.common.reference_corpus)"
+    files: list[Path] = []
+    for item in map(Path, config.data):
+        if item.is_dir():
+            files += sorted(p for ext in ("*.py", "*.txt", "*.md") for p in item.rglob(ext) if p.is_file())
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"--data {item}: no such file or folder")
+    if not files:
+        raise ValueError(f"--data {config.data}: no *.py, *.txt or *.md files found")
+    heldout = [f for f in files if hash_fraction(str(f)) < 0.02] or files[-1:]
+    train = [f for f in files if f not in heldout] or files
+    return train, heldout, f"{len(files)} files under {', '.join(config.data)}"
+
+
+def hash_fraction(text: str) -> float:
+    import hashlib
+    return hashlib.sha256(text.encode()).digest()[0] / 256
+
+
+def token_stream(tokenizer, files: list[Path], needed: int, seed: int, desc: str) -> np.ndarray:
+    """Tokens of files in a seeded random order, each ended by eos, until `needed` tokens are there."""
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    pieces, total = [], 0
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    with tqdm(total=needed, desc=desc, unit="tok", unit_scale=True, leave=False) as bar:
+        for path in order:
+            ids = tokenizer(read_text(path))["input_ids"] + [eos]
+            pieces.append(np.asarray(ids, dtype=np.int64))
+            total += len(ids)
+            bar.update(len(ids))
+            if total >= needed:
+                break
+    stream = np.concatenate(pieces)
+    if len(stream) < 2:
+        raise ValueError("the training text is empty after tokenization")
+    return stream
+
+
+def windows(stream: np.ndarray, seed: int, step: int, batch: int, length: int) -> torch.Tensor:
+    """[batch, length] windows for step `step`, from the seed alone (so a resumed run sees the same data)."""
+    length = min(length, len(stream))
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(stream) - length + 1, size=batch)
+    return torch.from_numpy(np.stack([stream[s:s + length] for s in starts]))
+
+
+def lr_factor(step: int, config: AdapterTrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def distillation_loss(teacher: Teacher, adapter: DraftAdapter, ids: torch.Tensor, ce_weight: float):
+    """(total loss, smooth-L1 term, cross-entropy term) for windows ids [B, T]."""
+    b, t = ids.shape
+    embeds, h_k, h_mid, teacher_logits = teacher.targets(ids)
+    estimate, draft_logits = teacher.draft_logits(adapter, embeds, h_k, b, t)
+    regression = F.smooth_l1_loss(estimate, h_mid)
+    ce = -(torch.softmax(teacher_logits, -1) * torch.log_softmax(draft_logits, -1)).sum(-1).mean()
+    return regression + ce_weight * ce, regression, ce
+
+
+@torch.no_grad()
+def draft_coverage(teacher: Teacher, adapter: DraftAdapter, ids: torch.Tensor, ks=(1, 2, 4)) -> dict[int, float]:
+    """Teacher-forced: for each k, the fraction of positions where the teacher's argmax is among the draft's
+    top k (k = 1 is top-1 agreement; k > 1 bounds what a k-way draft tree could add at one position)."""
+    b, t = ids.shape
+    embeds, h_k, _, teacher_logits = teacher.targets(ids)
+    _, draft_logits = teacher.draft_logits(adapter, embeds, h_k, b, t)
+    target = teacher_logits.argmax(-1, keepdim=True)
+    top = draft_logits.topk(max(ks), dim=-1).indices
+    return {k: float((top[:, :k] == target).any(-1).float().mean()) for k in ks}
+
+
+CONFIDENCE_TEMPERATURES = tuple(round(0.05 * i, 2) for i in range(1, 61))  # the grid searched, 0.05 .. 3.0
+
+
+@torch.no_grad()
+def fit_confidence_temperature(teacher: Teacher, adapter: DraftAdapter, ids: torch.Tensor) -> tuple[float, dict]:
+    """The temperature T whose top probability softmax(draft logits / T).max best predicts (log loss) whether the
+    draft's argmax equals the teacher's, teacher-forced on held-out windows; and the fit's figures."""
+    b, t = ids.shape
+    embeds, h_k, _, teacher_logits = teacher.targets(ids)
+    _, draft_logits = teacher.draft_logits(adapter, embeds, h_k, b, t)
+    agree = (draft_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
+
+    def log_loss(temperature: float) -> float:
+        conf = torch.softmax(draft_logits / temperature, -1).amax(-1).clamp(1e-6, 1 - 1e-6)
+        return float(-(agree * conf.log() + (1 - agree) * (1 - conf).log()).mean())
+
+    best = min(CONFIDENCE_TEMPERATURES, key=log_loss)
+    conf = torch.softmax(draft_logits / best, -1).amax(-1)
+    return best, {"confidence_temperature": best, "log_loss": round(log_loss(best), 4),
+                  "log_loss_at_1": round(log_loss(1.0), 4), "mean_confidence": round(float(conf.mean()), 4),
+                  "agreement": round(float(agree.mean()), 4)}
+
+
+def top1_agreement(teacher: Teacher, adapter: DraftAdapter, ids: torch.Tensor) -> float:
+    return draft_coverage(teacher, adapter, ids, (1,))[1]
+
+
+@torch.no_grad()
+def chain_acceptance(teacher: Teacher, adapter: DraftAdapter, prefixes: list[list[int]], draft_len: int) -> dict:
+    """Greedy speculative rounds from each prefix: the draft chains `draft_len` tokens (input part -> adapter ->
+    output part, true middle outputs for the prefix), the teacher continues greedily; accepted = the common
+    prefix. Returns the mean accepted length per round with the bonus token and the per-depth acceptance."""
+    accepted = []
+    for prefix in prefixes:
+        target = _chain_targets(teacher, prefix, draft_len)
+        draft = _draft_chain(teacher, adapter, prefix, draft_len)
+        n = next((i for i, (a, b) in enumerate(zip(draft, target)) if a != b), draft_len)
+        accepted.append(n)
+    depth = [sum(a > i for a in accepted) / len(accepted) for i in range(draft_len)]
+    return {"accept_len": sum(accepted) / len(accepted) + 1, "accepted_at_depth": [round(d, 4) for d in depth]}
+
+
+def _greedy_continuation(teacher: Teacher, prefix: list[int], count: int) -> list[int]:
+    parts = (teacher.input, teacher.middle, teacher.output)
+    caches = [p.new_cache() for p in parts]
+    ids, position, out = list(prefix), 0, []
+    for _ in range(count):
+        hidden = teacher.input.embed(torch.tensor(ids[position:]))
+        for part, cache in zip(parts, caches):
+            hidden = part.forward_layers(hidden, [SequenceSpan(cache, position, hidden.shape[0])])
+        position = len(ids)
+        out.append(int(teacher.output.logits(hidden[-1:]).argmax()))
+        ids.append(out[-1])
+    return out
+
+
+def _draft_chain(teacher: Teacher, adapter: DraftAdapter, prefix: list[int], count: int) -> list[int]:
+    caches = [teacher.input.new_cache(), adapter.new_cache(), teacher.middle.new_cache(), teacher.output.new_cache()]
+    n = len(prefix)
+    embeds = teacher.input.embed(torch.tensor(prefix))
+    h_k = teacher.input.forward_layers(embeds, [SequenceSpan(caches[0], 0, n)])
+    adapter(h_k, embeds, [SequenceSpan(caches[1], 0, n)])
+    h_mid = teacher.middle.forward_layers(h_k, [SequenceSpan(caches[2], 0, n)])
+    hidden = teacher.output.forward_layers(h_mid, [SequenceSpan(caches[3], 0, n)])
+    out = [int(teacher.output.logits(hidden[-1:]).argmax())]  # the first token is the target's own (verified)
+    for position in range(n, n + count):
+        embeds = teacher.input.embed(torch.tensor(out[-1:]))
+        h_k = teacher.input.forward_layers(embeds, [SequenceSpan(caches[0], position, 1)])
+        estimate = adapter(h_k, embeds, [SequenceSpan(caches[1], position, 1)])
+        hidden = teacher.output.forward_layers(estimate, [SequenceSpan(caches[3], position, 1)])
+        out.append(int(teacher.output.logits(hidden).argmax()))
+    return out[1:]  # the drafted tokens; the target's first token conditions both chains
+
+
+def _chain_targets(teacher: Teacher, prefix: list[int], count: int) -> list[int]:
+    """The teacher's greedy tokens 2..count+1 after the prefix: what a draft from its first token must match."""
+    return _greedy_continuation(teacher, prefix, count + 1)[1:]
+
+
+def heldout_prefixes(tokenizer, files: list[Path], count: int, length: int, seed: int) -> list[list[int]]:
+    """`count` token prefixes of `length` tokens cut from held-out files at seeded positions."""
+    rng = random.Random(seed)
+    streams = [ids for ids in (tokenizer(read_text(f))["input_ids"] for f in files) if len(ids) > length]
+    if not streams:
+        raise ValueError(f"no held-out file has more than {length} tokens")
+    out = []
+    for _ in range(count):
+        ids = rng.choice(streams)
+        start = rng.randrange(0, len(ids) - length)
+        out.append(ids[start:start + length])
+    return out
+
+
+def heldout_sets(tokenizer, heldout: list[Path], config: AdapterTrainConfig) -> tuple[torch.Tensor, list[list[int]]]:
+    """(windows for coverage [eval_windows, seq_len], prefixes of 64 tokens for draft chains), seeded."""
+    ids = torch.tensor(heldout_prefixes(tokenizer, heldout, config.eval_windows, config.seq_len, config.seed + 1))
+    return ids, heldout_prefixes(tokenizer, heldout, config.eval_chains, 64, config.seed + 2)
+
+
+@torch.no_grad()
+def heldout_evaluation(teacher: Teacher, adapter: DraftAdapter, eval_ids: torch.Tensor, chain_prefixes: list[list[int]],
+                       draft_len: int, step: int, log=print) -> dict:
+    coverage = draft_coverage(teacher, adapter, eval_ids)
+    result = {"step": step, "top1_agreement": round(coverage[1], 4), "top2_coverage": round(coverage[2], 4),
+              "top4_coverage": round(coverage[4], 4), **chain_acceptance(teacher, adapter, chain_prefixes, draft_len)}
+    log(f"{f'step {step}' if step >= 0 else 'adapter'}: held-out top-1 agreement {result['top1_agreement']:.3f} (target in the draft's top 2: "
+        f"{result['top2_coverage']:.3f}, top 4: {result['top4_coverage']:.3f}); greedy draft chains accept "
+        f"{result['accept_len']:.2f} tokens per round (bonus included, drafts of {draft_len})")
+    return result
+
+
+def evaluate_adapter(config: AdapterTrainConfig, calibrate: bool = False, log=print) -> dict:
+    """The held-out figures of the adapter already in config.out, without training; with `calibrate`, also
+    fit its confidence temperature and store it in its adapter_config.json."""
+    from transformers import AutoTokenizer
+
+    _, heldout, _ = text_files(config)
+    teacher = Teacher(config.model_dir, config.input_layers, config.output_layers)
+    adapter = DraftAdapter.load(config.out, teacher.spec, torch.float32)
+    adapter.config.check_matches(fingerprint(config.model_dir), config.input_layers, config.output_layers)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
+    eval_ids, chain_prefixes = heldout_sets(tokenizer, heldout, config)
+    result = heldout_evaluation(teacher, adapter, eval_ids, chain_prefixes, config.draft_len, -1, log)  # -1: no step
+    if calibrate:
+        temperature, result["calibration"] = fit_confidence_temperature(teacher, adapter, eval_ids)
+        dataclasses.replace(adapter.config, confidence_temperature=temperature).save(Path(config.out))
+        summary_path = Path(config.out) / SUMMARY
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            summary["adapter"]["confidence_temperature"] = temperature
+            summary["calibration"] = result["calibration"]
+            summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        log(f"stored confidence temperature {temperature} in {Path(config.out) / 'adapter_config.json'} "
+            f"({result['calibration']})")
+    return result
+
+
+def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
+    """Train (or resume) and write the adapter, its training_summary.json and loss_log.csv to config.out."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    train_files, heldout, data_desc = text_files(config)  # bad --data fails before the model is read
+    torch.manual_seed(config.seed)
+    teacher = Teacher(config.model_dir, config.input_layers, config.output_layers)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = teacher.spec
+    adapter_config = AdapterConfig(
+        input_layers=config.input_layers, output_layers=config.output_layers, width=config.width or spec.hidden_size,
+        depth=config.depth, intermediate_size=config.intermediate_size or spec.intermediate_size,
+        source_fingerprint=fingerprint(config.model_dir))
+    adapter = DraftAdapter(spec, adapter_config)
+    adapter.train()
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    step, rows, evals, train_s = 0, [], [], 0.0
+    ckpt_path = out / CHECKPOINT
+    if config.resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, weights_only=False)
+        if state["config"] != asdict(config) | {"resume": state["config"]["resume"]}:
+            raise ValueError(f"{ckpt_path} was written with other settings; remove it or use the same flags")
+        adapter.load_state_dict(state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, rows, evals, train_s = state["step"], state["rows"], state["evals"], state["train_s"]
+        log(f"resumed from {ckpt_path} at step {step}")
+    elif config.resume:
+        log(f"no {ckpt_path} to resume from (a finished run removes it): starting from step 0")
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
+    needed = config.steps * config.batch_size * config.seq_len // 2  # windows overlap: half the tokens seen suffice
+    stream = token_stream(tokenizer, train_files, needed, config.seed, "tokenize")
+    eval_ids, chain_prefixes = heldout_sets(tokenizer, heldout, config)
+    n_params = sum(p.numel() for p in adapter.parameters())
+    log(f"adapter: width {adapter_config.width}, depth {adapter_config.depth}, {n_params:,} parameters; teacher "
+        f"{spec.num_layers} layers, split K={config.input_layers} M={config.output_layers}; data: {data_desc}, "
+        f"{len(stream):,} tokens; {config.steps} steps x {config.batch_size} x {config.seq_len} tokens")
+
+    def evaluate() -> dict:
+        adapter.eval()
+        try:
+            return heldout_evaluation(teacher, adapter, eval_ids, chain_prefixes, config.draft_len, step, log)
+        finally:
+            adapter.train()
+
+    def save_state() -> None:
+        tmp = out / (CHECKPOINT + ".tmp")
+        torch.save({"config": asdict(config), "adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "rows": rows, "evals": evals,
+                    "train_s": train_s}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    if not evals:
+        evals.append(evaluate())
+    bar = tqdm(total=config.steps, initial=step, desc="train-adapter", unit="step")
+    while step < config.steps:
+        t0 = time.perf_counter()
+        ids = windows(stream, config.seed, step, config.batch_size, config.seq_len)
+        loss, regression, ce = distillation_loss(teacher, adapter, ids, config.ce_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        train_s += time.perf_counter() - t0
+        rows.append({"step": step, "loss": loss.item(), "smooth_l1": regression.item(), "ce": ce.item(),
+                     "lr": scheduler.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", l1=f"{rows[-1]['smooth_l1']:.3f}", ce=f"{rows[-1]['ce']:.2f}")
+        if step % config.eval_every == 0 or step == config.steps:
+            evals.append(evaluate())
+        if step % config.ckpt_every == 0 or step == config.steps:
+            save_state()
+    bar.close()
+
+    adapter.eval()
+    temperature, calibration = fit_confidence_temperature(teacher, adapter, eval_ids)
+    adapter.config = dataclasses.replace(adapter.config, confidence_temperature=temperature)
+    log(f"drafting confidence temperature {temperature} (held-out log loss {calibration['log_loss']} against "
+        f"{calibration['log_loss_at_1']} at 1.0)")
+    adapter.to_runtime(torch.float32).save(out)
+    with open(out / LOSS_LOG, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["step", "loss", "smooth_l1", "ce", "lr"])
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {
+        "adapter": asdict(adapter.config), "parameters": n_params, "train_config": asdict(config),
+        "data": data_desc, "tokens_seen": step * config.batch_size * config.seq_len,
+        "train_s": round(train_s, 1), "wall_s_this_session": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(), "final": evals[-1], "evals": evals, "calibration": calibration,
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    if ckpt_path.exists():
+        ckpt_path.unlink()  # the finished adapter is in adapter.safetensors; the checkpoint was only for resuming
+    return summary
