@@ -5,7 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, AdapterMismatchError

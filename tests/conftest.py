@@ -74,3 +74,12 @@ def family(request) -> str:
 def checkpoint_dir(tiny_checkpoint, family) -> Path:
     """The float32 tiny checkpoint of `family`."""
     return tiny_checkpoint(family)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread for a module (restored after it): for tests of many tiny forwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,13 +35,8 @@ K, M = 2, 1
 FAKE_FINGERPRINT = "a" * 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small forwards: on a shared 2-core machine intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# many small forwards: on a shared 2-core machine intra-op threads only add synchronisation
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

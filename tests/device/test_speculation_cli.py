@@ -16,12 +16,10 @@ import contextlib
 import filecmp
 import io
 import json
-import os
 import queue
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -34,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from checkpoints import TOKENIZER_TEXT
+from test_cli import assert_usage_error, finish, hat_main, start
 from hat.cli.main import build_parser, main
 from hat.common.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, DraftAdapter
 from hat.common.checkpoint import fingerprint
@@ -44,53 +43,8 @@ K, M, NUM_LAYERS = 2, 1, 6
 PROMPT = "def fibonacci(n):"
 NEW_TOKENS = 24
 READY_TIMEOUT_S = 90.0
-RUN_TIMEOUT_S = 180.0  # generous: other test runs share this machine's cores
 JSON_KEYS = ("token_ids", "text", "speculative", "accept_len", "rounds", "draft_ms", "drafted_tokens",
              "wasted_draft_tokens", "predraft_reused_tokens")
-
-_script = Path(sys.executable).with_name("hat")
-HAT = [str(_script)] if _script.is_file() else [sys.executable, "-m", "hat.cli.main"]
-
-
-def start(*args, **popen) -> subprocess.Popen:
-    """`hat ARGS` in the background, on one compute thread."""
-    kwargs = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                  env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return subprocess.Popen([*HAT, *map(str, args)], **{**kwargs, **popen})
-
-
-def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> tuple[int, str, str]:
-    if hasattr(proc, "hat_result"):
-        return proc.hat_result
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"{proc.args} ran past {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
-    proc.hat_result = proc.returncode, out, err
-    return proc.hat_result
-
-
-def hat_main(capsys, *args) -> tuple[int, str, str]:
-    """`hat ARGS` in this process, through the console script's own entry point."""
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_usage_error(result: tuple[int, str, str], command: str, *words: str) -> str:
-    """Exit code 2, no traceback, and exactly one `hat COMMAND: error: ...` line naming the problem."""
-    rc, out, err = result
-    assert rc == 2, (rc, out, err)
-    assert "Traceback" not in err and "Traceback" not in out, err
-    lines = [line for line in err.splitlines() if line.startswith(f"hat {command}: error:")]
-    assert len(lines) == 1, err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
 
 @pytest.fixture(autouse=True, scope="module")
 def restore_threads():

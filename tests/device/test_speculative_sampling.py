@@ -47,13 +47,8 @@ NUCLEUS = SamplingParams(temperature=0.8, top_p=0.7)
 SPECULATION = SpeculationConfig(threshold=0.0, max_draft=3, parallel=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Thousands of generations of tiny tensors: intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# many small forwards: on a shared 2-core machine intra-op threads only add synchronisation
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build_checkpoint(out: Path, seed: int = 0) -> Path:
