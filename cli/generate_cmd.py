@@ -35,7 +35,8 @@ def add_speculation_args(p) -> None:
     p.add_argument("--no-speculation", action="store_true",
                    help="plain split decoding, one token per cloud round (default: speculate when the bundle has an adapter)")
     p.add_argument("--draft-threshold", type=float, default=S.threshold,
-                   help="stop drafting when the draft's top probability falls below this")
+                   help="stop drafting when the draft's confidence (its top probability at the adapter's fitted "
+                        "confidence temperature) falls below this")
     p.add_argument("--max-draft", type=int, default=S.max_draft, help="most draft tokens verified per round")
     p.add_argument("--no-parallel-draft", action="store_true", help="do not draft while a verification is in flight")
 

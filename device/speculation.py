@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class SpeculationConfig:
-    threshold: float = 0.6  # stop drafting when the draft's top probability falls below this
+    threshold: float = 0.6  # stop drafting when the draft's confidence (calibrated top probability) falls below this
     max_draft: int = 8  # most draft tokens verified in one round
     parallel: bool = True  # keep drafting while a verification is in flight, for the round after it
     max_predraft: int = 8  # most tokens drafted while one verification is in flight
