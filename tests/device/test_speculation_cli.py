@@ -16,11 +16,7 @@ import contextlib
 import filecmp
 import io
 import json
-import queue
-import re
 import shutil
-import subprocess
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from checkpoints import TOKENIZER_TEXT
-from test_cli import assert_usage_error, finish, hat_main, start
+from test_cli import CloudProcess, assert_usage_error, finish, hat_main, start
 from hat.cli.main import build_parser, main
 from hat.common.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, DraftAdapter
 from hat.common.checkpoint import fingerprint
@@ -42,7 +38,6 @@ FAMILY = "llama3"
 K, M, NUM_LAYERS = 2, 1, 6
 PROMPT = "def fibonacci(n):"
 NEW_TOKENS = 24
-READY_TIMEOUT_S = 90.0
 JSON_KEYS = ("token_ids", "text", "speculative", "accept_len", "rounds", "draft_ms", "drafted_tokens",
              "wasted_draft_tokens", "predraft_reused_tokens")
 
@@ -112,41 +107,9 @@ def bundle(split_run) -> Path:
     return path
 
 
-class CloudProcess:
-    def __init__(self, cloud_bundle: Path):
-        self.proc = start("cloud", "serve", "--bundle", cloud_bundle, "--data", "tcp://127.0.0.1:0",
-                          "--control", "127.0.0.1:0", "--threads", 1, stderr=subprocess.STDOUT)
-        self.lines: list[str] = []
-        self._queue: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_ready(self) -> tuple[int, int]:
-        while True:
-            try:
-                line = self._queue.get(timeout=READY_TIMEOUT_S)
-            except queue.Empty:
-                pytest.fail(f"no ready line from the cloud within {READY_TIMEOUT_S} s:\n{''.join(self.lines)}")
-            if line is None:
-                pytest.fail(f"the cloud exited ({self.proc.wait()}) before it was ready:\n{''.join(self.lines)}")
-            match = re.match(r"ready data=tcp://127\.0\.0\.1:(\d+) control=127\.0\.0\.1:(\d+)", line)
-            if match:
-                return int(match.group(1)), int(match.group(2))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def cloud(bundle):
-    server = CloudProcess(bundle / "cloud")
+    server = CloudProcess(bundle)
     try:
         server.ports = server.wait_ready()
         yield server
