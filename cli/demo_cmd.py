@@ -8,7 +8,7 @@ from pathlib import Path
 from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, reference_model_dir
 from hat.testbed.local_cloud import local_cloud_process
 
-from .generate_cmd import add_sampling_args, add_speculation_args, set_threads
+from .generate_cmd import add_chunking_args, add_sampling_args, add_speculation_args, set_threads
 
 
 DEMO_TEMPERATURE, DEMO_TOP_P, DEMO_SEED = 0.7, 0.95, 0  # the demo's sampling unless flags say otherwise
@@ -27,6 +27,7 @@ def add_parser(commands) -> None:
                    help="compute dtype of both parts (float32: CPUs without native bfloat16 emulate it slowly)")
     add_sampling_args(p)
     add_speculation_args(p)
+    add_chunking_args(p)
     # greedy decoding of a model this small loops on one line; seeded sampling reads as code and stays reproducible
     p.set_defaults(run=run, temperature=DEMO_TEMPERATURE, top_p=DEMO_TOP_P, seed=DEMO_SEED)
 

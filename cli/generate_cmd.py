@@ -16,6 +16,7 @@ def add_parser(commands) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     add_sampling_args(p)
     add_speculation_args(p)
+    add_chunking_args(p)
     p.add_argument("--device-id", default="", help="this device's id (default: host name and process id)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any one cloud reply")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -39,6 +40,32 @@ def add_speculation_args(p) -> None:
                         "confidence temperature) falls below this")
     p.add_argument("--max-draft", type=int, default=S.max_draft, help="most draft tokens verified per round")
     p.add_argument("--no-parallel-draft", action="store_true", help="do not draft while a verification is in flight")
+
+
+def add_chunking_args(p) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--chunk-size", type=positive_int, default=0, metavar="N",
+                       help="send the prompt in chunks of N tokens (default: sizes chosen per prompt by the chunk planner "
+                            "from this device's, the link's and the cloud's measured costs)")
+    group.add_argument("--no-chunking", action="store_true", help="send the prompt whole, in one message")
+
+
+def positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def chunking_config(args):
+    from hat.device.chunk_planner import ChunkingConfig
+
+    return ChunkingConfig(enabled=not args.no_chunking, fixed_size=args.chunk_size)
 
 
 def speculation_config(args, model):
@@ -80,7 +107,8 @@ def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sa
     model = DeviceModel.load(bundle)
     with CloudLink(link_config) as link:
         link.register(model.manifest)
-        generator = SplitGenerator(model, link, speculation_config(speculation_args, model))
+        generator = SplitGenerator(model, link, speculation_config(speculation_args, model),
+                                   chunking_config(speculation_args))
         on_text = (lambda text: print(text, end="", flush=True)) if stream else None
         result = generator.generate(prompt, max_new_tokens, sampling, on_text=on_text)
     if stream:
@@ -97,6 +125,8 @@ def summary_line(result) -> str:
                     f"{info['draft_ms']:.0f} ms drafting, {info['wasted_draft_tokens']} draft tokens wasted")
     else:
         decoding = f"plain split decoding: {info['rounds']} rounds"
-    return (f"[{len(result.token_ids)} tokens ({result.finish_reason}) from a {result.prompt_tokens}-token prompt: "
-            f"first token {result.ttft_ms:.0f} ms, {tbt}; {decoding}; {result.bytes_up / 1024:.1f} KiB up, "
-            f"{result.bytes_down / 1024:.1f} KiB down]")
+    prefill = (f"in {len(result.chunks)} chunk{'s' * (len(result.chunks) != 1)} ({result.chunking}"
+               + (f", {result.replans} re-plans" if result.replans else "") + ")")
+    return (f"[{len(result.token_ids)} tokens ({result.finish_reason}) from a {result.prompt_tokens}-token prompt "
+            f"{prefill}: first token {result.ttft_ms:.0f} ms (predicted {result.ttft_predicted_ms:.0f}), {tbt}; "
+            f"{decoding}; {result.bytes_up / 1024:.1f} KiB up, {result.bytes_down / 1024:.1f} KiB down]")

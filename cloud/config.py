@@ -16,6 +16,7 @@ class CloudConfig:
     max_batch_tokens: int = 8192  # tokens of all sessions run in one forward of the middle part
     poll_interval_s: float = 0.05  # longest wait for traffic before housekeeping (expiry) runs
     grpc_workers: int = 4  # threads serving the control plane
+    profile_on_start: bool = True  # time a few forwards at start-up to seed the latency predictor devices plan with
 
     def __post_init__(self):
         for name in ("session_idle_timeout_s", "max_sessions", "max_tokens_per_message", "max_batch_tokens",

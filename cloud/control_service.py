@@ -1,4 +1,4 @@
-"""The control plane: gRPC registration, health and statistics."""
+"""The control plane: gRPC registration, health, statistics and the latency predictor."""
 from __future__ import annotations
 
 import time
@@ -9,15 +9,17 @@ from hat.common.proto import hat_pb2_grpc
 
 from .config import CloudConfig
 from .device_registry import DeviceRegistry
+from .latency_model import CloudLatencyModel
 from .session_store import SessionStore
 from .stats import CloudStats
 
 
 class ControlService(hat_pb2_grpc.HatControlServicer):
     def __init__(self, config: CloudConfig, manifest: BundleManifest, max_context: int, registry: DeviceRegistry,
-                 store: SessionStore, stats: CloudStats):
+                 store: SessionStore, stats: CloudStats, latency: CloudLatencyModel):
         self.config, self.manifest, self.max_context = config, manifest, max_context
-        self.registry, self.store, self.stats = registry, store, stats
+        self.registry, self.store, self.stats, self.latency = registry, store, stats, latency
+        self.pending_work = lambda: (0, 0.0)  # tokens and query-key pairs waiting in the data plane (set by the server)
         self.started = time.monotonic()
         self.draining = False
 
@@ -40,3 +42,6 @@ class ControlService(hat_pb2_grpc.HatControlServicer):
                              kv_cache_bytes=self.store.kv_bytes(), forward_batches=s.forward_batches,
                              forward_tokens=s.forward_tokens, errors=s.errors,
                              expired_sessions=self.store.expired_total, max_batch_sessions=s.max_batch_sessions)
+
+    def Latency(self, request, context):
+        return self.latency.reply(*self.pending_work())

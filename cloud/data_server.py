@@ -1,13 +1,18 @@
-"""The data plane: a ZeroMQ ROUTER loop that answers OPEN, FORWARD and CLOSE from many devices.
+"""The data plane: a ZeroMQ ROUTER that answers OPEN, FORWARD and CLOSE from many devices.
 
-Each turn drains what has arrived, answers control-like messages at once, and runs every
-session's pending FORWARD in one batched forward of the middle part (one FORWARD per session per
-batch, up to the token budget; the rest wait for the next turn). A bad message is answered with
-an ERROR to its sender alone.
+Two threads. The socket thread owns the ROUTER: it stamps each message with its arrival time (so a
+device can measure its uplink from the cloud's clock even while a forward runs) and queues it, and
+it sends the replies the engine hands it over an inproc socket. The engine thread takes what has
+arrived, answers control-like messages at once, and runs every session's pending FORWARD in one
+batched forward of the middle part (one FORWARD per session per batch, up to the token budget; the
+rest wait for the next turn). A bad message is answered with an ERROR to its sender alone. Every
+reply carries the arrival time of its request and its own send time on the cloud's monotonic clock.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -15,48 +20,102 @@ from collections import deque
 import zmq
 
 from hat.common import wire
+from hat.common.cost_fit import attended
 from hat.common.proto import hat_pb2 as pb
 from hat.common.wire import WireError, WireLimits
 
 from .config import CloudConfig
 from .device_registry import DeviceRegistry
+from .latency_model import CloudLatencyModel
 from .middle_worker import ForwardJob, MiddleWorker
 from .session_store import SessionStore
 from .stats import CloudStats
 
 log = logging.getLogger("hat.cloud")
 _HOUSEKEEPING_INTERVAL_S = 1.0  # how often idle sessions are looked for
+_inproc_ids = itertools.count()
+
+
+def now_us() -> int:
+    """The cloud's clock for timestamps on the wire: monotonic microseconds."""
+    return time.monotonic_ns() // 1000
 
 
 class DataServer:
     def __init__(self, config: CloudConfig, socket: zmq.Socket, store: SessionStore, registry: DeviceRegistry,
-                 worker: MiddleWorker, stats: CloudStats):
-        self.config, self.socket, self.store, self.registry, self.worker, self.stats = (
-            config, socket, store, registry, worker, stats)
+                 worker: MiddleWorker, stats: CloudStats, latency: CloudLatencyModel):
+        self.config, self.socket, self.store, self.registry, self.worker, self.stats, self.latency = (
+            config, socket, store, registry, worker, stats, latency)
         # bytes of the largest FORWARD in the widest dtype; the token count is checked on its own as well
         self.limits = WireLimits(max_tensor_bytes=config.max_tokens_per_message * worker.part.spec.hidden_size * 4)
         self._pending: deque[ForwardJob] = deque()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (arrival_us, frames) from the socket thread
+        self._outbox_address = f"inproc://hat-replies-{id(self)}-{next(_inproc_ids)}"
+        self._outbox: zmq.Socket | None = None  # the engine's end of the reply path
+
+    def pending_work(self) -> tuple[int, float]:
+        """Tokens and query-key pairs of the FORWARDs waiting for a batch (read from another thread: a snapshot)."""
+        jobs = list(self._pending)
+        return (sum(j.hidden.shape[0] for j in jobs),
+                sum(attended(j.hidden.shape[0], j.header.start) for j in jobs))
 
     def serve(self, stop: threading.Event) -> None:
+        context = self.socket.context
+        replies = context.socket(zmq.PULL)
+        replies.setsockopt(zmq.LINGER, 0)
+        replies.bind(self._outbox_address)
+        self._outbox = context.socket(zmq.PUSH)
+        self._outbox.setsockopt(zmq.LINGER, 0)
+        self._outbox.connect(self._outbox_address)
+        io = threading.Thread(target=self._socket_loop, args=(stop, replies), name="hat-data-socket", daemon=True)
+        io.start()
+        try:
+            self._engine_loop(stop)
+        finally:
+            stop.set()
+            io.join()
+            self._outbox.close(linger=0)
+            replies.close(linger=0)
+
+    def _socket_loop(self, stop: threading.Event, replies: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(replies, zmq.POLLIN)
+        timeout_ms = self.config.poll_interval_s * 1000
+        while not stop.is_set():
+            ready = dict(poller.poll(timeout=timeout_ms))
+            if self.socket in ready:
+                while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    frames = self.socket.recv_multipart(copy=False)
+                    self._inbox.put((now_us(), frames))
+            if replies in ready:
+                while replies.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self.socket.send_multipart(replies.recv_multipart(copy=False), copy=False)
+
+    def _engine_loop(self, stop: threading.Event) -> None:
         last_housekeeping = time.monotonic()
         while not stop.is_set():
-            if not self._pending:
-                poller.poll(timeout=self.config.poll_interval_s * 1000)
-            self._drain()
+            self._take(block=not self._pending)
             self._run_batch()
             if time.monotonic() - last_housekeeping > _HOUSEKEEPING_INTERVAL_S:
                 last_housekeeping = time.monotonic()
                 for session_id in self.store.expire_idle():
                     log.info("session %s expired after %.0f s idle", session_id, self.config.session_idle_timeout_s)
 
-    def _drain(self) -> None:
-        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = self.socket.recv_multipart(copy=False)
-            self._handle(frames[0].bytes, frames[1:])
+    def _take(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=self.config.poll_interval_s) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            arrival_us, frames = item
+            self._handle(frames[0].bytes, frames[1:], arrival_us)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
 
-    def _handle(self, owner: bytes, frames: list) -> None:
+    def _handle(self, owner: bytes, frames: list, arrival_us: int = 0) -> None:
         header = None
         try:
             message = wire.decode(frames, self.limits)
@@ -66,16 +125,19 @@ class DataServer:
                     raise WireError(pb.NOT_REGISTERED, f"device {header.device_id!r} has not registered with the "
                                                         "control plane")
                 self.store.open(header.session_id, header.device_id, owner)
-                self._reply(owner, wire.make_header(pb.OPENED, header.session_id, header.sequence))
+                self._reply(owner, wire.make_header(pb.OPENED, header.session_id, header.sequence,
+                                                    arrival_us=arrival_us))
             elif header.kind == pb.CLOSE:
                 self.store.close(header.session_id, owner)
-                self._reply(owner, wire.make_header(pb.CLOSED, header.session_id, header.sequence))
+                self._reply(owner, wire.make_header(pb.CLOSED, header.session_id, header.sequence,
+                                                    arrival_us=arrival_us))
             elif header.kind == pb.FORWARD:
                 if header.num_tokens > self.config.max_tokens_per_message:
                     raise WireError(pb.BAD_TENSOR, f"{header.num_tokens} tokens in one message; this cloud takes at most "
                                                    f"{self.config.max_tokens_per_message} (see RegisterReply)")
                 # checked against the cache when its batch runs: earlier FORWARDs of the session may be queued
-                self._pending.append(ForwardJob(owner, header, message.tensor, self.store.get(header.session_id, owner)))
+                self._pending.append(ForwardJob(owner, header, message.tensor, self.store.get(header.session_id, owner),
+                                                arrival_us))
             else:
                 raise WireError(pb.MALFORMED, f"the cloud does not accept {pb.MessageKind.Name(header.kind)} messages")
         except WireError as exc:
@@ -101,9 +163,12 @@ class DataServer:
         self._pending = deferred
         if not jobs:
             return
+        began_us = now_us()
         began = time.perf_counter()
         results = self.worker.run(jobs)
-        compute_us = int((time.perf_counter() - began) * 1e6)
+        compute_s = time.perf_counter() - began
+        compute_us = int(compute_s * 1e6)
+        self.latency.add_batch([(job.hidden.shape[0], int(job.header.start)) for job in jobs], compute_s)
         self.stats.forward_batches += 1
         self.stats.forward_tokens += tokens
         self.stats.max_batch_sessions = max(self.stats.max_batch_sessions, len(jobs))
@@ -115,11 +180,13 @@ class DataServer:
             # no session id: the device matches replies by sequence, and the id would be most of the header
             header = wire.make_header(pb.RESULT, "", job.header.sequence, start=start,
                                       cache_length=job.session.cache.length, compute_us=compute_us,
-                                      batch_sessions=len(jobs))
+                                      batch_sessions=len(jobs), arrival_us=job.arrival_us,
+                                      queue_us=max(0, began_us - job.arrival_us))
             self._reply(owner=job.owner, header=header, tensor=result)
 
     def _reply(self, owner: bytes, header: pb.DataHeader, tensor=None) -> None:
-        self.socket.send_multipart([owner, *wire.encode(header, tensor)], copy=False)
+        header.sent_us = now_us()
+        self._outbox.send_multipart([owner, *wire.encode(header, tensor)], copy=False)
 
     def _reply_error(self, owner: bytes, request: pb.DataHeader | None, exc: WireError) -> None:
         self.stats.errors += 1

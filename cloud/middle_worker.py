@@ -26,6 +26,7 @@ class ForwardJob:
     header: pb.DataHeader  # the FORWARD's header
     hidden: torch.Tensor  # [num_tokens, hidden] input-part hidden states
     session: CloudSession  # the session whose cache the tokens extend
+    arrival_us: int = 0  # the cloud's clock when the FORWARD had fully arrived
 
 
 def load_middle_part(bundle_dir: str | Path, device: str = "cpu") -> tuple[ModelPart, BundleManifest]:
@@ -47,7 +48,10 @@ class MiddleWorker:
             raise WireError(pb.BAD_TENSOR, f"hidden size {job.hidden.shape[1]}, this model's is {spec.hidden_size}")
         if header.start > cache.length:
             raise WireError(pb.BAD_POSITION, f"start position {header.start} is beyond the session's cache of "
-                                             f"{cache.length} positions")
+                                             f"{cache.length} positions (a gap: a chunk is missing or out of order)")
+        if header.append_only and header.start != cache.length:
+            raise WireError(pb.BAD_POSITION, f"prompt chunk at position {header.start} would rewrite the session's "
+                                             f"cache of {cache.length} positions (a duplicate or out-of-order chunk)")
         end = header.start + job.hidden.shape[0]
         if end > cache.max_length:
             raise WireError(pb.CONTEXT_EXCEEDED, f"positions up to {end} exceed the model's context of {cache.max_length}")

@@ -14,6 +14,7 @@ from .config import CloudConfig
 from .control_service import ControlService
 from .data_server import DataServer
 from .device_registry import DeviceRegistry
+from .latency_model import CloudLatencyModel
 from .middle_worker import MiddleWorker, load_middle_part
 from .session_store import SessionStore
 from .stats import CloudStats
@@ -32,8 +33,11 @@ class CloudServer:
         self.store = SessionStore(part, config.max_sessions, config.session_idle_timeout_s)
         self.registry = DeviceRegistry(self.manifest)
         self.worker = MiddleWorker(part)
+        self.latency = CloudLatencyModel()
+        if config.profile_on_start:
+            self.latency.profile(part)
         self.control = ControlService(config, self.manifest, part.spec.max_context, self.registry, self.store,
-                                      self.stats)
+                                      self.stats, self.latency)
         self._context = zmq.Context()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -52,7 +56,8 @@ class CloudServer:
             raise OSError(f"cannot bind the control plane to {self.config.control_address}")
         self.control_address = f"{self.config.control_address.rsplit(':', 1)[0]}:{port}"
         self._grpc.start()
-        data = DataServer(self.config, socket, self.store, self.registry, self.worker, self.stats)
+        data = DataServer(self.config, socket, self.store, self.registry, self.worker, self.stats, self.latency)
+        self.control.pending_work = data.pending_work
         self._thread = threading.Thread(target=self._serve, args=(data, socket), name="hat-data-plane", daemon=True)
         self._thread.start()
         m = self.manifest

@@ -44,6 +44,10 @@ class WireLimits:
 class DataMessage:
     header: pb.DataHeader
     tensor: torch.Tensor | None = None  # [num_tokens, hidden] for FORWARD and RESULT, else None
+    # set by a receiver that times its traffic (the device's link), never sent:
+    request_sent_s: float = 0.0  # receiver's perf_counter when it sent the request this message answers
+    received_s: float = 0.0  # receiver's perf_counter when it read this message from the socket
+    punctual: bool = False  # the receiver was waiting when it came, so received_s is its arrival time
 
 
 def make_header(kind: int, session_id: str, sequence: int = 0, **fields) -> pb.DataHeader:

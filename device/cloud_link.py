@@ -1,7 +1,10 @@
 """The device's connection to the cloud: gRPC registration and a ZeroMQ DEALER for hidden states.
 
 Every wait is bounded: a reply that does not come within `reply_timeout_s` raises CloudTimeoutError.
-Bytes sent and received on the data plane are counted per link.
+Bytes sent and received on the data plane are counted per link. Several requests may be out at once
+(a pipelined prefill): a reply that comes before the one waited for is kept until it is asked for,
+and a late reply to a request given up on is dropped. Replies carry the device's send and receive
+times (perf_counter) for the link estimator.
 """
 from __future__ import annotations
 
@@ -52,7 +55,11 @@ class CloudLink:
         self.bytes_up = 0
         self.bytes_down = 0
         self.registration: pb.RegisterReply | None = None
+        self.cloud_latency: pb.LatencyReply | None = None  # the cloud's latency predictor, newest fetched
+        self._latency_future = None
         self._sequence = 0
+        self._awaited: dict[int, float] = {}  # sequence -> perf_counter when sent, for requests not yet answered
+        self._stash: dict[int, wire.DataMessage] = {}  # replies that came before the one being waited for
         self._channel = grpc.insecure_channel(f"{config.host}:{config.control_port}")
         self._control = hat_pb2_grpc.HatControlStub(self._channel)
         self._context = zmq.Context()
@@ -75,13 +82,36 @@ class CloudLink:
         if not reply.accepted:
             raise CloudError(f"the cloud refused this device: {reply.reason}")
         self.registration = reply
+        try:
+            self.cloud_latency = self._control.Latency(pb.LatencyRequest(), timeout=self.config.control_timeout_s)
+        except grpc.RpcError:  # a cloud without a predictor: the device plans from the compute times it reports
+            self.cloud_latency = None
         return reply
+
+    def refresh_latency(self) -> pb.LatencyReply | None:
+        """The newest predictor fetched; asks the cloud for a fresh one in the background (never blocks)."""
+        future = self._latency_future
+        if future is not None and future.done():
+            try:
+                self.cloud_latency = future.result()
+            except grpc.RpcError:
+                pass
+            future = None
+        if future is None and self.registration is not None:
+            self._latency_future = self._control.Latency.future(pb.LatencyRequest(),
+                                                                 timeout=self.config.control_timeout_s)
+        return self.cloud_latency
 
     def stats(self) -> pb.StatsReply:
         return self._control.Stats(pb.StatsRequest(), timeout=self.config.control_timeout_s)
 
-    def open_session(self, session_id: str) -> None:
-        self._request(wire.make_header(pb.OPEN, session_id, device_id=self.device_id))
+    def open_session(self, session_id: str) -> wire.DataMessage:
+        """Open (or re-open, empty) a session; the OPENED reply's times measure the round trip."""
+        return self.receive(self.send_open(session_id))
+
+    def send_open(self, session_id: str) -> int:
+        """Send an OPEN without waiting (FORWARDs sent after it are taken after it); returns its sequence number."""
+        return self._send(wire.make_header(pb.OPEN, session_id, device_id=self.device_id))
 
     def close_session(self, session_id: str, timeout_s: float = 5.0) -> None:
         self._request(wire.make_header(pb.CLOSE, session_id), timeout_s=min(timeout_s, self.config.reply_timeout_s))
@@ -91,38 +121,62 @@ class CloudLink:
         `return_last` positions (0 = all) and, in its header, the cloud's compute time."""
         return self.receive(self.send_forward(session_id, start, hidden, return_last))
 
-    def send_forward(self, session_id: str, start: int, hidden: torch.Tensor, return_last: int = 0) -> int:
-        """Send a FORWARD without waiting; returns the sequence number to `receive` its reply with."""
-        return self._send(wire.make_header(pb.FORWARD, session_id, start=start, return_last=return_last), hidden)
+    def send_forward(self, session_id: str, start: int, hidden: torch.Tensor, return_last: int = 0,
+                     append_only: bool = False) -> int:
+        """Send a FORWARD without waiting; returns the sequence number to `receive` its reply with.
+        `append_only`: a prompt chunk, refused unless it starts exactly at the end of the session's cache."""
+        return self._send(wire.make_header(pb.FORWARD, session_id, start=start, return_last=return_last,
+                                           append_only=append_only), hidden)
 
     def reply_ready(self) -> bool:
         """Whether a reply is waiting to be received (never blocks)."""
-        return bool(self._socket.poll(0, zmq.POLLIN))
+        return bool(self._stash) or bool(self._socket.poll(0, zmq.POLLIN))
 
     def receive(self, sequence: int, timeout_s: float | None = None) -> wire.DataMessage:
-        """The reply to request `sequence`, skipping late replies to earlier ones; CloudError if it is an ERROR."""
+        """The reply to request `sequence`; CloudError if it is an ERROR, CloudTimeoutError (and the request is
+        given up) if it does not come within the timeout."""
+        reply = self._stash.pop(sequence, None)
+        if reply is not None:
+            return self._checked(reply)
         timeout_s = self.config.reply_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while True:
+            punctual = not self._socket.poll(0, zmq.POLLIN)
             remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
-            if not self._socket.poll(remaining_ms, zmq.POLLIN):
+            if punctual and not self._socket.poll(remaining_ms, zmq.POLLIN):
+                self._awaited.pop(sequence, None)
                 raise CloudTimeoutError(f"no reply from the cloud at {self.config.host}:{self.config.data_port} "
                                         f"within {timeout_s:g} s")
             reply_frames = self._socket.recv_multipart(copy=False)
+            received = time.perf_counter()
             self.bytes_down += wire.frame_bytes(reply_frames)
             reply = wire.decode(reply_frames)
-            if reply.header.sequence != sequence:
-                continue  # a late reply to a request that already timed out
-            if reply.header.kind == pb.ERROR:
-                code = reply.header.error_code
-                raise CloudError(f"cloud error {pb.ErrorCode.Name(code)}: {reply.header.error_message}", code)
-            return reply
+            sent = self._awaited.pop(reply.header.sequence, None)
+            if sent is None:
+                continue  # a late reply to a request given up on
+            reply.request_sent_s, reply.received_s, reply.punctual = sent, received, punctual
+            if reply.header.sequence == sequence:
+                return self._checked(reply)
+            self._stash[reply.header.sequence] = reply
+
+    def forget(self, sequence: int) -> None:
+        """Give up on request `sequence`: its reply, now or later, is dropped."""
+        self._awaited.pop(sequence, None)
+        self._stash.pop(sequence, None)
+
+    @staticmethod
+    def _checked(reply: wire.DataMessage) -> wire.DataMessage:
+        if reply.header.kind == pb.ERROR:
+            code = reply.header.error_code
+            raise CloudError(f"cloud error {pb.ErrorCode.Name(code)}: {reply.header.error_message}", code)
+        return reply
 
     def _send(self, header: pb.DataHeader, tensor: torch.Tensor | None = None) -> int:
         self._sequence += 1
         header.sequence = self._sequence
         frames = wire.encode(header, tensor)
         self._socket.send_multipart(frames, copy=False)
+        self._awaited[self._sequence] = time.perf_counter()
         self.bytes_up += wire.frame_bytes(frames)
         return self._sequence
 

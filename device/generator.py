@@ -1,5 +1,6 @@
 """Split generation: the device runs input and output parts, the cloud the middle, only hidden states cross.
 
+The prompt goes through a pipelined, chunked prefill (`prefill`) cut by the chunk planner.
 Decoding is plain (one token per cloud round) or speculative: the device drafts with its own parts and
 the adapter, the cloud runs the middle layers once over the whole draft, the device verifies with the
 lossless rules of `acceptance` and, while a verification is in flight, drafts the round after it.
@@ -19,9 +20,13 @@ from hat.common.proto import hat_pb2 as pb
 from hat.common.sampling import SamplingParams, sample_token
 
 from .acceptance import verify
+from .chunk_planner import DEFAULT_CHUNKING, ChunkingConfig
 from .cloud_link import CloudError, CloudLink
 from .device_model import DeviceModel
+from .device_profile import DeviceProfile
 from .drafter import DeviceCaches, Draft, Drafter
+from .link_estimator import LinkEstimator
+from .prefill import PrefillPipeline, PrefillReport
 from .speculation import SpeculationConfig
 from .results import GenerationResult, StepTiming, TextStream
 
@@ -45,8 +50,10 @@ class _Generation:
 
 
 class SplitGenerator:
-    def __init__(self, model: DeviceModel, link: CloudLink, speculation: SpeculationConfig | None = None):
-        """`speculation`: draft with the bundle's adapter (None = plain split decoding)."""
+    def __init__(self, model: DeviceModel, link: CloudLink, speculation: SpeculationConfig | None = None,
+                 chunking: ChunkingConfig = DEFAULT_CHUNKING, profile: DeviceProfile | None = None):
+        """`speculation`: draft with the bundle's adapter (None = plain split decoding). `chunking`: how prompts
+        are cut. `profile`: this device's compute costs (None = profile the parts now, a fraction of a second)."""
         if speculation is not None and model.adapter is None:
             raise ValueError("speculation needs a device bundle with a draft adapter (`hat split --adapter`)")
         self.model, self.link, self.speculation = model, link, speculation
@@ -57,6 +64,9 @@ class SplitGenerator:
             self.max_context = min(self.max_context, registration.max_context or self.max_context)
             self.max_message_tokens = registration.max_tokens_per_message or self.max_message_tokens
         self.predicted_round_s = 0.0  # moving average of verification round times (bounds parallel drafting)
+        profile = profile or DeviceProfile().profile(model, with_adapter=speculation is not None)
+        self.link_estimator = LinkEstimator()  # kept across generations: the link as measured so far
+        self.prefill = PrefillPipeline(model, link, chunking, profile, self.link_estimator)
 
     def encode(self, prompt: str) -> list[int]:
         return self.model.tokenizer(prompt)["input_ids"]
@@ -102,9 +112,9 @@ class SplitGenerator:
                     return True
             return False
 
-        self.link.open_session(g.session_id)
         try:
-            logits = self._run(g, prompt_ids, 0)
+            prefill_began = time.perf_counter()
+            logits, prefill = self._prefill(g)
             pending = sample_token(logits, sampling, rng)
             done = emit([pending])
             drafter = Drafter(model, caches, self.speculation, sampling, torch.Generator().manual_seed(
@@ -115,7 +125,7 @@ class SplitGenerator:
                     stream.update(generated)
                 if drafter is None:
                     g.tokens.append(pending)
-                    logits = self._run(g, [pending], len(g.tokens) - 1, decode=True)
+                    logits = self._decode_step(g, pending)
                     pending = sample_token(logits, sampling, rng)
                     done = emit([pending])
                 else:
@@ -132,30 +142,42 @@ class SplitGenerator:
             ttft_ms=(token_times[0] - started) * 1000,
             tbt_ms=[(b - a) * 1000 for a, b in zip(token_times, token_times[1:])],
             bytes_up=self.link.bytes_up - up0, bytes_down=self.link.bytes_down - down0,
-            speculative=self.speculation is not None, recoveries=g.recoveries, steps=g.steps)
+            speculative=self.speculation is not None, recoveries=g.recoveries, steps=g.steps,
+            chunking=self.prefill.config.mode, chunks=prefill.chunks, ttft_predicted_ms=(prefill_began - started + prefill.predicted_s) * 1000,
+            replans=prefill.replans, plan_ms=prefill.plan_ms)
 
-    def _run(self, g: _Generation, token_ids: list[int], position: int, decode: bool = False) -> torch.Tensor:
-        """Run tokens at `position` through input part, cloud and output part, in messages of at most the
-        cloud's per-message limit, recording each round. Returns the logits of the last token."""
-        model = self.model
-        caches = g.caches
-        needs_all = model.output_part.num_layers > 0  # output layers need every position for their own cache
-        for start in range(0, len(token_ids), self.max_message_tokens):
-            began = time.perf_counter()
-            chunk = token_ids[start:start + self.max_message_tokens]
-            chunk_position, count = position + start, len(chunk)
-            embeds = model.input_part.embed(torch.tensor(chunk))
-            hidden = model.input_part.forward_layers(embeds, [SequenceSpan(caches.input, chunk_position, count)])
-            if caches.adapter is not None:  # the adapter's cache follows the input part's
-                model.adapter(hidden, embeds, [SequenceSpan(caches.adapter, chunk_position, count)])
-            sent = time.perf_counter()
-            reply = self._forward(g, chunk_position, hidden, return_last=0 if needs_all else 1)
-            round_ms = (time.perf_counter() - sent) * 1000
-            middle = reply.tensor
-            if needs_all:
-                middle = model.output_part.forward_layers(middle, [SequenceSpan(caches.output, chunk_position, count)])
-            step_ms = (time.perf_counter() - began) * 1000
-            g.steps.append(StepTiming(count, step_ms - round_ms, round_ms, reply.header.compute_us / 1000, decode))
+    def _prefill(self, g: _Generation) -> tuple[torch.Tensor, PrefillReport]:
+        """Open the session and run the prompt through the pipelined prefill (the first chunk goes out without
+        waiting for the OPENED reply: the cloud takes a connection's messages in order); the logits of the last
+        position. If the cloud loses the session meanwhile, the session is re-opened and the prefill starts over."""
+        while True:
+            try:
+                middle, report = self.prefill.run(g.session_id, g.tokens, g.caches, self.max_message_tokens, g.steps,
+                                                  self.link.send_open(g.session_id))
+                break
+            except CloudError as exc:
+                if exc.code not in RECOVERABLE or g.recoveries >= MAX_RECOVERIES:
+                    raise
+            g.recoveries += 1
+        output = self.model.output_part
+        return output.logits(middle.to(output.dtype))[0], report
+
+    def _decode_step(self, g: _Generation, token: int) -> torch.Tensor:
+        """One plain decode round: `token` (the last of g.tokens) through all three parts; its logits."""
+        model, caches = self.model, g.caches
+        position = len(g.tokens) - 1
+        began = time.perf_counter()
+        embeds = model.input_part.embed(torch.tensor([token]))
+        hidden = model.input_part.forward_layers(embeds, [SequenceSpan(caches.input, position, 1)])
+        sent = time.perf_counter()
+        needs_all = model.output_part.num_layers > 0
+        reply = self._forward(g, position, hidden, return_last=0 if needs_all else 1)
+        round_ms = (time.perf_counter() - sent) * 1000
+        middle = reply.tensor
+        if needs_all:
+            middle = model.output_part.forward_layers(middle, [SequenceSpan(caches.output, position, 1)])
+        step_ms = (time.perf_counter() - began) * 1000
+        g.steps.append(StepTiming(1, step_ms - round_ms, round_ms, reply.header.compute_us / 1000, True))
         return model.output_part.logits(middle[-1:].to(model.output_part.dtype))[0]
 
     def _speculative_round(self, g: _Generation, drafter: Drafter, pending: int, carried: Draft | None,

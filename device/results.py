@@ -32,6 +32,11 @@ class GenerationResult:
     bytes_down: int = 0  # data-plane bytes received
     speculative: bool = False  # drafted on the device and verified in the cloud
     recoveries: int = 0  # times the cloud had lost the session and the device re-sent its history
+    chunking: str = "adaptive"  # how the prompt was cut: "adaptive" (planned), "fixed" (--chunk-size), "none"
+    chunks: list[int] = field(default_factory=list)  # prompt chunk sizes as sent, in order
+    ttft_predicted_ms: float = 0.0  # ttft_ms as the chunk plan predicted it (the time before the prefill as measured)
+    replans: int = 0  # times the rest of the prompt was re-planned because a measured rate drifted
+    plan_ms: float = 0.0  # time spent planning chunks (inside ttft_ms)
     steps: list[StepTiming] = field(default_factory=list)  # per round, for benchmarks (not in to_json)
 
     @property

@@ -49,6 +49,11 @@ class HatControlStub:
                 request_serializer=hat__pb2.StatsRequest.SerializeToString,
                 response_deserializer=hat__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.Latency = channel.unary_unary(
+                '/hat.HatControl/Latency',
+                request_serializer=hat__pb2.LatencyRequest.SerializeToString,
+                response_deserializer=hat__pb2.LatencyReply.FromString,
+                _registered_method=True)
 
 
 class HatControlServicer:
@@ -72,6 +77,12 @@ class HatControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Latency(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HatControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_HatControlServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=hat__pb2.StatsRequest.FromString,
                     response_serializer=hat__pb2.StatsReply.SerializeToString,
+            ),
+            'Latency': grpc.unary_unary_rpc_method_handler(
+                    servicer.Latency,
+                    request_deserializer=hat__pb2.LatencyRequest.FromString,
+                    response_serializer=hat__pb2.LatencyReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class HatControl:
             '/hat.HatControl/Stats',
             hat__pb2.StatsRequest.SerializeToString,
             hat__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Latency(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hat.HatControl/Latency',
+            hat__pb2.LatencyRequest.SerializeToString,
+            hat__pb2.LatencyReply.FromString,
             options,
             channel_credentials,
             insecure,

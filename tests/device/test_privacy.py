@@ -21,7 +21,7 @@ PROMPT = "Zebulon Quixote-Marchetti wired 4817 florins to Vandermeer Hollowbrook
 NEW_TOKENS = 20
 HEADER_LIMIT = 128  # bytes
 ALLOWED_FIELDS = {"version", "kind", "session_id", "sequence", "start", "num_tokens", "dtype", "shape", "return_last",
-                  "device_id"}
+                  "device_id", "append_only"}
 
 
 class RecordingSocket:
@@ -85,7 +85,9 @@ def test_everything_sent_was_recorded(recorded):
     assert len(prompt_ids) > 20 and result.token_ids
     assert sum(len(f) for message in sent for f in message) == bytes_up == result.bytes_up
     kinds = [parse(message[0]).kind for message in sent]
-    assert kinds == [pb.OPEN] + [pb.FORWARD] * len(result.token_ids) + [pb.CLOSE]
+    prompt_forwards = len(result.chunks)
+    assert prompt_forwards >= 1 and sum(result.chunks) == len(prompt_ids)
+    assert kinds == [pb.OPEN] + [pb.FORWARD] * (prompt_forwards + len(result.token_ids) - 1) + [pb.CLOSE]
 
 
 def test_no_frame_holds_the_prompt_text(recorded):
@@ -155,15 +157,17 @@ def test_headers_are_small_and_hold_no_token_ids(recorded):
             assert present == {"version", "kind", "session_id", "sequence"} and len(message) == 1
         else:
             assert header.kind == pb.FORWARD and len(message) == 2
-            count = len(prompt_ids) if forwards == 0 else 1
+            prompt_chunk = forwards < len(result.chunks)
+            count = result.chunks[forwards] if prompt_chunk else 1
             assert (header.start, header.num_tokens, list(header.shape)) == (position, count, [count, hidden])
             assert header.return_last == (0 if needs_all else 1)
+            assert header.append_only == prompt_chunk
             dtype = wire.WIRE_TO_TORCH[header.dtype]
             assert dtype == gen.model.input_part.dtype
             assert len(message[1]) == header.num_tokens * hidden * dtype.itemsize
             position += count
             forwards += 1
-    assert forwards == len(result.token_ids)
+    assert forwards == len(result.chunks) + len(result.token_ids) - 1
 
 
 def test_tensors_are_hidden_states_not_embeddings(recorded):

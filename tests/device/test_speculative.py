@@ -95,11 +95,11 @@ def _sabotage_after(gen, rounds: int, sabotage):
     original = gen.link.send_forward
     calls = {"n": 0}
 
-    def send_forward(session_id, start, hidden, return_last=0):
+    def send_forward(session_id, start, hidden, return_last=0, **options):
         calls["n"] += 1
         if calls["n"] == rounds:
             sabotage(session_id)
-        return original(session_id, start, hidden, return_last)
+        return original(session_id, start, hidden, return_last, **options)
 
     gen.link.send_forward = send_forward
 

@@ -1,0 +1,97 @@
+"""The cost model of a pipelined prefill, and its simulation for a given cut of the prompt into chunks.
+
+Five stages, each a FIFO: the device's input part, the uplink, the cloud's middle part, the downlink,
+and the device's output part. The device is one processor for both of its parts and follows the
+executor's (`hat.device.prefill`) policy exactly: it computes and sends the chunks in order; after each
+send it runs the output part over every reply that has arrived; it waits for the oldest reply when
+`max_in_flight` chunks are out; once all are sent it takes the remaining replies in order. The time to
+the first token is when the last chunk's output part is done, plus the head and sampling.
+
+`prefill_lower_bound` is the bound no cut can beat: the busiest resource's total work plus the
+latency every byte pays once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cost_fit import LinearCost
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineCosts:
+    device_input: LinearCost  # the input part (and the draft adapter's cache) over one chunk
+    device_output: LinearCost  # the output part over one reply
+    cloud: LinearCost  # the middle part over one chunk, as the cloud predicts it
+    cloud_queue_s: float  # wait before the cloud starts a chunk (other devices' work)
+    uplink_bytes_per_s: float  # device -> cloud rate
+    downlink_bytes_per_s: float  # cloud -> device rate
+    rtt_s: float  # round-trip latency of a tiny message (propagation and per-message overheads)
+    up_bytes_per_token: float  # hidden-state bytes sent per prompt position
+    down_bytes_per_token: float  # bytes returned per position (0 when only the last position comes back)
+    message_bytes: float = 64.0  # bytes of a message besides its tensor (header)
+    final_s: float = 0.0  # head and sampling of the first token after the last chunk
+
+    def up_s(self, tokens: int) -> float:
+        return (self.message_bytes + self.up_bytes_per_token * tokens) / self.uplink_bytes_per_s
+
+    def down_s(self, tokens: int) -> float:
+        if not self.down_bytes_per_token:  # only the last position comes back
+            return (self.message_bytes + self.up_bytes_per_token) / self.downlink_bytes_per_s
+        return (self.message_bytes + self.down_bytes_per_token * tokens) / self.downlink_bytes_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedPrefill:
+    ttft_s: float  # predicted time from the start of the prefill to the first token
+    sent_s: tuple[float, ...]  # per chunk: when the device hands it to the link
+    done_s: tuple[float, ...]  # per chunk: when the device has run the output part over its reply
+
+
+def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int, start: int = 0) -> SimulatedPrefill:
+    """Predicted timeline of sending `sizes` chunks, the first at prompt position `start`, from time 0."""
+    positions, position = [], start
+    for n in sizes:
+        positions.append(position)
+        position += n
+    count = len(sizes)
+    received = [0.0] * count  # when each reply reaches the device
+    done = [0.0] * count
+    sent = [0.0] * count
+    now = up_free = cloud_free = down_free = 0.0
+    half_rtt = costs.rtt_s / 2
+    handled = 0  # replies the device has run the output part over
+
+    def handle(i: int, at: float) -> float:
+        end = max(at, received[i]) + costs.device_output.predict(sizes[i], positions[i])
+        done[i] = end
+        return end
+
+    for i, n in enumerate(sizes):
+        if i - handled >= max_in_flight:
+            now = handle(handled, now)
+            handled += 1
+        now += costs.device_input.predict(n, positions[i])
+        sent[i] = now
+        up_free = max(now, up_free) + costs.up_s(n)
+        cloud_free = max(up_free + half_rtt, cloud_free) + costs.cloud_queue_s + costs.cloud.predict(n, positions[i])
+        down_free = max(cloud_free, down_free) + costs.down_s(n)
+        received[i] = down_free + half_rtt
+        while handled <= i and received[handled] <= now:
+            now = handle(handled, now)
+            handled += 1
+    while handled < count:
+        now = handle(handled, now)
+        handled += 1
+    return SimulatedPrefill(now + costs.final_s, tuple(sent), tuple(done))
+
+
+def prefill_lower_bound(tokens: int, costs: PipelineCosts, start: int = 0) -> float:
+    """No cut of `tokens` positions finishes sooner: the busiest resource's work over the whole prompt
+    (per-chunk fixed costs left out, as if chunks were free) plus one round trip and the final step."""
+    def work(cost: LinearCost) -> float:
+        return cost.predict(tokens, start) - cost.base_s
+
+    device = work(costs.device_input) + work(costs.device_output)
+    up = costs.up_bytes_per_token * tokens / costs.uplink_bytes_per_s
+    down = costs.down_bytes_per_token * tokens / costs.downlink_bytes_per_s
+    return max(device, up, work(costs.cloud), down) + costs.rtt_s + costs.final_s

@@ -1,0 +1,106 @@
+"""Chooses how to cut a prompt into chunks: the cut the pipeline cost model predicts to reach the first
+token soonest, among even cuts and ramps (small chunks first to fill the pipeline, then the chunk
+size that keeps the slowest stage busy, optionally small again at the end to drain it)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hat.common.prefill_pipeline import PipelineCosts, simulate_prefill
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkingConfig:
+    enabled: bool = True  # False (--no-chunking): the prompt goes whole, in pieces only past the cloud's message limit
+    fixed_size: int = 0  # --chunk-size N: every chunk N tokens; 0 = sizes chosen by the planner
+    min_chunk: int = 16  # smallest chunk the planner considers
+    max_chunks: int = 64  # most chunks the planner cuts one prompt into
+    max_in_flight: int = 8  # prompt chunks sent and not yet answered, at most
+    replan_drift: float = 0.25  # re-plan the rest of a prompt when a measured rate moves this far from the plan's
+
+    def __post_init__(self) -> None:
+        if self.fixed_size < 0:
+            raise ValueError(f"the chunk size must be positive, got {self.fixed_size}")
+        if self.fixed_size and not self.enabled:
+            raise ValueError("a fixed chunk size and no chunking contradict each other")
+        for name in ("min_chunk", "max_chunks", "max_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.replan_drift > 0:
+            raise ValueError(f"replan_drift must be positive, got {self.replan_drift}")
+
+    @property
+    def mode(self) -> str:
+        return "none" if not self.enabled else "fixed" if self.fixed_size else "adaptive"
+
+
+DEFAULT_CHUNKING = ChunkingConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPlan:
+    sizes: tuple[int, ...]  # chunk sizes in prompt order
+    predicted_s: float  # predicted time from the start of this plan to the first token
+
+
+def even_cut(tokens: int, pieces: int) -> list[int]:
+    base, extra = divmod(tokens, pieces)
+    return [base + 1] * extra + [base] * (pieces - extra)
+
+
+def fixed_cut(tokens: int, size: int) -> list[int]:
+    return [size] * (tokens // size) + ([tokens % size] if tokens % size else [])
+
+
+def ramp_cut(tokens: int, first: int, steady: int, taper: bool) -> list[int]:
+    """Chunks doubling from `first` up to `steady`, then `steady`; with `taper`, halving again at the end."""
+    head, size = [], first
+    while size < steady and sum(head) + size < tokens:
+        head.append(size)
+        size *= 2
+    tail = list(reversed(head)) if taper else []
+    middle = tokens - sum(head) - sum(tail)
+    while middle < 0 and tail:
+        middle += tail.pop(0)
+    if middle <= 0:
+        return even_cut(tokens, 1)
+    return head + even_cut(middle, max(1, round(middle / steady))) + tail
+
+
+class ChunkPlanner:
+    def __init__(self, config: ChunkingConfig = DEFAULT_CHUNKING):
+        self.config = config
+
+    def plan(self, tokens: int, costs: PipelineCosts, max_chunk: int, start: int = 0) -> ChunkPlan:
+        """Cut `tokens` prompt positions from `start` into chunks of at most `max_chunk` (the cloud's limit)."""
+        if tokens < 1:
+            raise ValueError("nothing to plan: the prompt is empty")
+        c = self.config
+        if c.mode == "none":
+            return self._evaluate(even_cut(tokens, math.ceil(tokens / max_chunk)), costs, start)
+        if c.mode == "fixed":
+            return self._evaluate(fixed_cut(tokens, min(c.fixed_size, max_chunk)), costs, start)
+        fewest = math.ceil(tokens / max_chunk)
+        most = max(fewest, min(c.max_chunks, tokens // c.min_chunk))
+        best = None
+        for pieces in sorted({fewest, most, *(round(fewest * 1.25 ** i) for i in range(40)
+                                              if fewest * 1.25 ** i <= most)}):
+            best = self._better(best, self._evaluate(even_cut(tokens, pieces), costs, start))
+        steady = max(best.sizes)
+        for target in {steady // 2, steady, steady * 2}:
+            target = min(max(target, c.min_chunk), max_chunk, tokens)
+            first = c.min_chunk
+            while first < target:
+                for taper in (False, True):
+                    sizes = ramp_cut(tokens, first, target, taper)
+                    if len(sizes) <= c.max_chunks:
+                        best = self._better(best, self._evaluate(sizes, costs, start))
+                first *= 2
+        return best
+
+    def _evaluate(self, sizes: list[int], costs: PipelineCosts, start: int) -> ChunkPlan:
+        return ChunkPlan(tuple(sizes), simulate_prefill(sizes, costs, self.config.max_in_flight, start).ttft_s)
+
+    @staticmethod
+    def _better(a: ChunkPlan | None, b: ChunkPlan) -> ChunkPlan:
+        return b if a is None or b.predicted_s < a.predicted_s else a

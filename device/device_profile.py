@@ -1,0 +1,64 @@
+"""The device's own compute costs for the chunk planner: fitted from a start-up profile, then kept
+current with the timing of every prompt chunk it runs."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from hat.common.cost_fit import CostFit, attended
+from hat.common.layers import SequenceSpan
+
+from .device_model import DeviceModel
+
+PROFILE_SHAPES = ((16, 0), (64, 0), (256, 0), (64, 256), (256, 256))  # (tokens, start) timed at start-up
+
+
+class DeviceProfile:
+    def __init__(self, window: int = 128):
+        self.input = CostFit(window)  # input part (and the draft adapter's cache) over one chunk
+        self.output = CostFit(window)  # output part over one reply
+        self.final_s = 0.0  # head and sampling of the first token (the newest measurement)
+
+    def add_input(self, tokens: int, start: int, seconds: float) -> None:
+        self.input.add(tokens, attended(tokens, start), seconds)
+
+    def add_output(self, tokens: int, start: int, seconds: float) -> None:
+        self.output.add(tokens, attended(tokens, start), seconds)
+
+    @torch.inference_mode()
+    def profile(self, model: DeviceModel, with_adapter: bool, repeats: int = 1) -> "DeviceProfile":
+        """Time the device's parts on scratch caches over a few chunk shapes (the first run of each is a warm-up)."""
+        inp, out = model.input_part, model.output_part
+        caches = (inp.new_cache(), out.new_cache(), model.adapter.new_cache() if with_adapter else None)
+        vocab = min(model.spec.vocab_size, 1000)
+        generator = torch.Generator().manual_seed(0)
+        for tokens, start in PROFILE_SHAPES:
+            if start + tokens > caches[0].max_length:
+                continue
+            ids = torch.randint(vocab, (start + tokens,), generator=generator)
+            if start:
+                self._run(model, caches, ids[:start], 0)
+            for attempt in range(repeats + 1):
+                input_s, output_s = self._run(model, caches, ids[start:], start)
+                if attempt:
+                    self.add_input(tokens, start, input_s)
+                    if out.num_layers:
+                        self.add_output(tokens, start, output_s)
+        began = time.perf_counter()
+        out.logits(torch.zeros(1, model.spec.hidden_size, dtype=out.dtype, device=out.device)).argmax()
+        self.final_s = time.perf_counter() - began
+        return self
+
+    @staticmethod
+    def _run(model: DeviceModel, caches, ids: torch.Tensor, start: int) -> tuple[float, float]:
+        input_cache, output_cache, adapter_cache = caches
+        began = time.perf_counter()
+        embeds = model.input_part.embed(ids)
+        hidden = model.input_part.forward_layers(embeds, [SequenceSpan(input_cache, start, len(ids))])
+        if adapter_cache is not None:
+            model.adapter(hidden, embeds, [SequenceSpan(adapter_cache, start, len(ids))])
+        middle = time.perf_counter()
+        if model.output_part.num_layers:
+            model.output_part.forward_layers(hidden, [SequenceSpan(output_cache, start, len(ids))])
+        return middle - began, time.perf_counter() - middle

@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Time to first token of chunked prefill over an emulated link: adaptive chunking against no chunking, every
+fixed chunk size of a sweep, and the pipeline's lower bound, for each prompt length and uplink rate.
+
+One run prints one table. Per cell (prompt length x uplink rate) the figures are medians over --repeats
+runs of held-out prompts (modes interleaved, so drift of the machine hits every mode alike):
+  adaptive  the chunk planner's cut (`ChunkingConfig()`), after one warm-up prompt on that link
+  none      the whole prompt in one message (--no-chunking)
+  best      the fastest fixed size of the sweep (--sizes), and which it was
+  bound     the pipeline's lower bound from the stage times measured in the same cell: the busiest of
+            device compute (input + output part, from the unchunked runs), uplink (bytes / rate), cloud
+            compute (from the unchunked runs' replies) and downlink, plus one round trip and the head
+Targets (issue 5): adaptive <= 1.05 x best fixed and <= 1.15 x bound in every cell; the cells that miss
+are listed. Every run's first token is checked against the unchunked run's (greedy): chunking is lossless.
+
+The link: a LinkShim process (hat.testbed.link_shim) between device and cloud, the uplink at each rate of
+--uplinks, the downlink at --downlink-ratio times it (HAT's Wi-Fi: 5-10 MB/s up, 10-15 down), --rtt-ms
+round trip. The cloud is a `hat cloud serve` subprocess; the device is this process. Both run on this
+machine's CPUs (the device's compute is this machine's, not a Jetson's); with two CPUs or more the device
+is pinned to one and the cloud and the link emulator to the others. The reference model's context is
+1024 positions: for longer prompts the benchmark runs a copy whose config allows --max-positions (the
+weights are the same; past 1024 positions the text is nonsense, the timing is not).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
+
+BEST_FIXED_TARGET, BOUND_TARGET = 1.05, 1.15
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="checkpoint folder (default: the reference model)")
+    p.add_argument("--input-layers", "-K", type=int, default=DEFAULT_INPUT_LAYERS)
+    p.add_argument("--output-layers", "-M", type=int, default=DEFAULT_OUTPUT_LAYERS)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights and hidden states (default: %(default)s)")
+    p.add_argument("--lengths", default="256,1024,2048", help="prompt lengths in tokens (default: %(default)s)")
+    p.add_argument("--uplinks", default="1,5,10,50", help="uplink rates, MB/s (default: %(default)s)")
+    p.add_argument("--downlink-ratio", type=float, default=1.5, help="downlink rate / uplink rate (default: %(default)s)")
+    p.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip propagation delay, ms (default: %(default)s)")
+    p.add_argument("--sizes", default="32,64,128,256,512,1024", help="fixed chunk sizes swept (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="prompts per cell (default: %(default)s)")
+    p.add_argument("--max-positions", type=int, default=4096,
+                   help="context of the model copy used when a prompt is longer than the model's (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads, device and cloud each")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-pin", action="store_true", help="do not pin the device to one CPU and the cloud and link emulator to another")
+    p.add_argument("--json", type=Path, help="write every cell's figures to this file")
+    return p.parse_args(argv)
+
+
+def long_context_copy(model_dir: Path, positions: int, out: Path) -> Path:
+    """A copy of the checkpoint whose config allows `positions` (same weights, same tokenizer)."""
+    out.mkdir(parents=True)
+    for item in model_dir.iterdir():
+        if item.is_file():
+            shutil.copy2(item, out / item.name)
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = positions
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def heldout_prompt(tokenizer, length: int, index: int) -> list[int]:
+    """`length` tokens of held-out text: held-out files joined, read from an offset that differs per index."""
+    from hat.common.reference_corpus import heldout_files
+
+    text = "".join(f.read() for f in heldout_files())
+    ids = tokenizer(text[index * 5003 % (len(text) // 2):])["input_ids"]
+    if len(ids) < length:
+        raise SystemExit(f"the held-out text has {len(ids)} tokens, fewer than a {length}-token prompt needs")
+    return ids[:length]
+
+
+def median(values) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def stage_bound(runs: list, up_rate: float, down_rate: float, rtt_s: float) -> float:
+    """The lower bound from the unchunked runs' measured stage times (medians over runs), in ms."""
+    device = median([sum(s.device_ms for s in r.steps if not s.decode) for r in runs])
+    cloud = median([sum(s.cloud_compute_ms for s in r.steps if not s.decode) for r in runs])
+    up = median([r.bytes_up for r in runs]) / up_rate * 1000
+    down = median([r.bytes_down for r in runs]) / down_rate * 1000
+    return max(device, cloud, up, down) + rtt_s * 1000
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from hat.common.default_model import reference_model_dir
+    from hat.common.sampling import SamplingParams
+    from hat.common.split import split_checkpoint
+    from hat.device.chunk_planner import ChunkingConfig
+    from hat.device.cloud_link import CloudLink, LinkConfig
+    from hat.device.device_model import DeviceModel
+    from hat.device.generator import SplitGenerator
+    from hat.testbed.link_shim import LinkProfile, LinkShim
+    from hat.testbed.local_cloud import local_cloud_process
+
+    torch.set_num_threads(args.threads)
+    lengths = [int(v) for v in args.lengths.split(",")]
+    uplinks = [float(v) for v in args.uplinks.split(",")]
+    sizes = [int(v) for v in args.sizes.split(",")]
+    model_dir = args.model or reference_model_dir()
+    greedy = SamplingParams()
+    cells: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="hat-bench-chunk-") as tmp:
+        context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+        if max(lengths) >= context:
+            log(f"the model's context is {context}: using a copy allowing {args.max_positions} positions")
+            model_dir = long_context_copy(model_dir, args.max_positions, Path(tmp) / "model")
+        device_dir, cloud_dir = split_checkpoint(model_dir, args.input_layers, args.output_layers, Path(tmp) / "bundle",
+                                                 args.dtype)
+        model = DeviceModel.load(device_dir)
+        model.adapter = None  # prefill only: the draft adapter's cache would add device time to every mode alike
+        prompts = {n: [heldout_prompt(model.tokenizer, n, i) for i in range(args.repeats + 1)] for n in lengths}
+        cpus = sorted(os.sched_getaffinity(0))
+        pin = not args.no_pin and len(cpus) >= 2
+        if pin:  # children inherit this: the cloud and the link emulator share the CPUs the device does not use
+            os.sched_setaffinity(0, cpus[1:])
+        with local_cloud_process(cloud_dir, args.threads) as cloud:
+            for uplink in uplinks:
+                profile = LinkProfile(uplink * 1e6, uplink * args.downlink_ratio * 1e6, args.rtt_ms / 1000)
+                with LinkShim(f"tcp://127.0.0.1:{cloud.data_port}", profile) as shim:
+                    if pin:
+                        os.sched_setaffinity(0, cpus[:1])
+                    config = LinkConfig(host="127.0.0.1", data_port=shim.port, control_port=cloud.control_port,
+                                        device_id=f"bench-chunking-{uplink:g}")
+                    with CloudLink(config) as link:
+                        link.register(model.manifest)
+                        generator = SplitGenerator(model, link)
+                        for length in lengths:
+                            cells.append(run_cell(generator, prompts[length], length, uplink, profile, sizes, greedy,
+                                                  ChunkingConfig))
+                    if pin:
+                        os.sched_setaffinity(0, cpus[1:])
+    report(args, cells)
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cells": cells}, indent=1))
+    return 0
+
+
+def run_cell(generator, prompts: list[list[int]], length: int, uplink: float, profile, sizes: list[int], greedy,
+             chunking_config) -> dict:
+    modes = {"adaptive": chunking_config(), "none": chunking_config(enabled=False)}
+    modes.update({f"fixed {s}": chunking_config(fixed_size=s) for s in sizes if s < length})
+    adaptive = modes["adaptive"]
+    generator.prefill.config = adaptive
+    generator.generate_ids(prompts[0], 1, greedy)  # warm-up: the link estimator learns this link
+    results: dict[str, list] = {name: [] for name in modes}
+    for prompt in prompts[1:]:
+        for name, config in modes.items():
+            generator.prefill.config = config
+            results[name].append(generator.generate_ids(prompt, 1, greedy))
+        reference = results["none"][-1].token_ids
+        for name in modes:
+            if results[name][-1].token_ids != reference:
+                raise SystemExit(f"{length} tokens at {uplink:g} MB/s: {name} gave a different first token")
+    ttft = {name: median([r.ttft_ms for r in runs]) for name, runs in results.items()}
+    fixed = {name: t for name, t in ttft.items() if name.startswith("fixed")}
+    best_name = min(fixed, key=fixed.get) if fixed else "none"
+    best = min(fixed.get(best_name, ttft["none"]), ttft["none"])
+    bound = stage_bound(results["none"], profile.uplink_bytes_per_s, profile.downlink_bytes_per_s, profile.rtt_s)
+    last = results["adaptive"][-1]
+    cell = {"tokens": length, "uplink_mbps": uplink, "adaptive_ms": ttft["adaptive"], "none_ms": ttft["none"],
+            "best_fixed_ms": best, "best_fixed": best_name, "bound_ms": bound, "ttft_ms": ttft,
+            "adaptive_predicted_ms": median([r.ttft_predicted_ms for r in results["adaptive"]]),
+            "adaptive_chunks": last.chunks, "replans": sum(r.replans for r in results["adaptive"]),
+            "plan_ms": median([r.plan_ms for r in results["adaptive"]])}
+    log(f"{length:>5} tokens at {uplink:>4g} MB/s: adaptive {ttft['adaptive']:.0f} ms (predicted "
+        f"{cell['adaptive_predicted_ms']:.0f}, {len(last.chunks)} chunks), none {ttft['none']:.0f}, best fixed "
+        f"{best:.0f} ({best_name}), bound {bound:.0f}")
+    return cell
+
+
+def report(args, cells: list[dict]) -> None:
+    print(f"\nTime to first token (ms, median of {args.repeats} held-out prompts), reference model "
+          f"K={args.input_layers} M={args.output_layers} {args.dtype}, downlink {args.downlink_ratio:g} x uplink, "
+          f"{args.rtt_ms:g} ms RTT")
+    header = (f"{'tokens':>7}{'MB/s':>6}{'adaptive':>10}{'predicted':>10}{'none':>8}{'best fixed':>11}{'(size)':>8}"
+              f"{'bound':>8}{'x best':>8}{'x bound':>8}{'x none':>8}{'chunks':>8}")
+    print(header)
+    print("-" * len(header))
+    misses = []
+    for c in cells:
+        vs_best, vs_bound = c["adaptive_ms"] / c["best_fixed_ms"], c["adaptive_ms"] / c["bound_ms"]
+        print(f"{c['tokens']:>7}{c['uplink_mbps']:>6g}{c['adaptive_ms']:>10.0f}{c['adaptive_predicted_ms']:>10.0f}"
+              f"{c['none_ms']:>8.0f}{c['best_fixed_ms']:>11.0f}{c['best_fixed'].replace('fixed ', ''):>8}"
+              f"{c['bound_ms']:>8.0f}{vs_best:>8.2f}{vs_bound:>8.2f}{c['adaptive_ms'] / c['none_ms']:>8.2f}"
+              f"{len(c['adaptive_chunks']):>8}")
+        if vs_best > BEST_FIXED_TARGET or vs_bound > BOUND_TARGET:
+            misses.append(f"{c['tokens']} tokens at {c['uplink_mbps']:g} MB/s: {vs_best:.2f} x best fixed, "
+                          f"{vs_bound:.2f} x bound")
+    print(f"\nTargets: adaptive <= {BEST_FIXED_TARGET} x best fixed and <= {BOUND_TARGET} x bound in every cell.")
+    print("Cells that miss: " + ("none" if not misses else "\n  " + "\n  ".join(misses)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
