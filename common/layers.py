@@ -106,7 +106,7 @@ class Attention(nn.Module):
             sl = slice(offset, offset + span.count)
             keys, values = span.cache.write(slot, span.start, k[:, sl], v[:, sl])
             # a leading batch axis: 4-D inputs reach torch's fused CPU kernels (3-D ones fall back to the math path,
-            # measured 3-8x slower); a span from position 0 is plain causal, which needs no mask at all
+            # 2.5-10x slower: scripts/bench_attention.py); a span from position 0 is plain causal: no mask needed
             causal = span.start == 0 and span.count > 1 and (self.window is None or span.count <= self.window)
             out = F.scaled_dot_product_attention(
                 q[None, :, sl], keys[None], values[None], is_causal=causal,

@@ -28,7 +28,7 @@ class _Direction:
 
     def __init__(self, prior_bytes_per_s: float, weight: float):
         self.weight = weight
-        self.bytes, self.seconds = prior_bytes_per_s * 0.01, 0.01  # the prior counts as 10 ms of traffic
+        self.bytes, self.seconds = prior_bytes_per_s, 1.0  # the prior, until the first measurement
         self.samples = 0
         self.offset_s: float | None = None  # C: receiver clock at arrival - sender clock at send, for a tiny message
         self.previous_arrival_s = float("-inf")  # in the sender's clock
@@ -54,8 +54,9 @@ class _Direction:
         self.previous_known = rate_known
         transfer = arrival - began
         if rate_known and previous_known and transfer > _MIN_SAMPLE_S:
-            self.bytes += self.weight * (size - self.bytes)
-            self.seconds += self.weight * (transfer - self.seconds)
+            weight = self.weight if self.samples else 1.0  # the first measurement replaces the prior
+            self.bytes += weight * (size - self.bytes)
+            self.seconds += weight * (transfer - self.seconds)
             self.samples += 1
 
     @property
@@ -69,23 +70,30 @@ class LinkEstimator:
         """`weight`: of the newest measurement in the moving averages."""
         self.up = _Direction(prior_uplink_bytes_per_s, weight)
         self.down = _Direction(prior_downlink_bytes_per_s, weight)
-        self.rtt_s = prior_rtt_s
-        self.weight = weight
+        self.prior_rtt_s = prior_rtt_s
 
     @property
     def estimate(self) -> LinkEstimate:
         return LinkEstimate(self.up.rate, self.down.rate, self.rtt_s)
 
     def on_open(self, reply: wire.DataMessage) -> None:
-        """The OPENED reply to a session's OPEN: fixes both directions' offsets and measures the round trip."""
+        """The OPENED reply to a session's OPEN: fixes the uplink's offset, and the downlink's when the device was
+        waiting for the reply (read late, it would overstate the latency)."""
         h = reply.header
         if not (h.arrival_us and h.sent_us and reply.received_s):
             return  # a cloud that does not stamp its replies: rates stay at their priors
-        cloud_s = (h.sent_us - h.arrival_us) / 1e6
-        rtt = max(0.0, reply.received_s - reply.request_sent_s - cloud_s)
-        self.rtt_s = rtt if self.up.offset_s is None else self.rtt_s + self.weight * (rtt - self.rtt_s)
         self.up.reset_offset(h.arrival_us / 1e6 - reply.request_sent_s)
-        self.down.reset_offset(reply.received_s - h.sent_us / 1e6)
+        if reply.punctual or self.down.offset_s is None:
+            self.down.reset_offset(reply.received_s - h.sent_us / 1e6)
+        else:  # keep the last session's offset (the clocks' offset does not change), lowered by evidence since
+            self.down.reset_offset(self.down.offset_s)
+
+    @property
+    def rtt_s(self) -> float:
+        """The two directions' offsets hold the clock offset with opposite signs: their sum is the round trip."""
+        if self.up.offset_s is None or self.down.offset_s is None:
+            return self.prior_rtt_s
+        return max(0.0, self.up.offset_s + self.down.offset_s)
 
     def on_reply(self, reply: wire.DataMessage, up_bytes: int, down_bytes: int) -> None:
         """A reply to a request of `up_bytes` (both as counted on the wire)."""

@@ -138,6 +138,15 @@ class PrefillPipeline:
             while position < total:
                 if len(in_flight) >= self.config.max_in_flight:
                     last = self._complete(in_flight.popleft(), caches, steps)
+                while in_flight and self.link.reply_ready():  # replies that came while the last chunk was computed
+                    if self._open_sequence is not None:
+                        self._take_opened()
+                    else:
+                        last = self._complete(in_flight.popleft(), caches, steps)
+                if queue and self._drifted(reference):
+                    plan, reference = self._plan(total - position, position, max_chunk, report)
+                    queue = deque(plan.sizes)
+                    report.replans += 1
                 count = min(queue.popleft() if queue else max_chunk, total - position, max_chunk)
                 began = time.perf_counter()
                 ids = torch.tensor(token_ids[position:position + count])
@@ -152,12 +161,6 @@ class PrefillPipeline:
                 self.profile.add_input(count, position, input_s)
                 report.chunks.append(count)
                 position += count
-                while in_flight and self.link.reply_ready():
-                    last = self._complete(in_flight.popleft(), caches, steps)
-                if queue and position < total and self._drifted(reference):
-                    plan, reference = self._plan(total - position, position, max_chunk, report)
-                    queue = deque(plan.sizes)
-                    report.replans += 1
             while in_flight:
                 last = self._complete(in_flight.popleft(), caches, steps)
         finally:
@@ -167,12 +170,15 @@ class PrefillPipeline:
                 self.link.forget(self._open_sequence)
         return last, report
 
+    def _take_opened(self) -> None:
+        """The OPENED reply, which comes before any chunk's: a refused OPEN is the error to report."""
+        sequence, self._open_sequence = self._open_sequence, None
+        self.estimator.on_open(self.link.receive(sequence))
+
     def _complete(self, chunk: _Chunk, caches: DeviceCaches, steps: list[StepTiming]) -> torch.Tensor:
         """Wait for a chunk's reply and run the output part over it; returns the middle output of its last position."""
-        if self._open_sequence is not None:  # the OPENED reply comes first: a refused OPEN is the error to report
-            opened = self.link.receive(self._open_sequence)
-            self._open_sequence = None
-            self.estimator.on_open(opened)
+        if self._open_sequence is not None:
+            self._take_opened()
         reply = self.link.receive(chunk.sequence)
         self.estimator.on_reply(reply, chunk.up_bytes, _reply_bytes(reply))
         header = reply.header

@@ -22,8 +22,9 @@ class Cluster:
     control_port: int
 
     def link_config(self, **overrides) -> LinkConfig:
-        return LinkConfig(host="127.0.0.1", data_port=self.data_port, control_port=self.control_port,
-                          **{"reply_timeout_s": 20.0, **overrides})
+        fields = {"host": "127.0.0.1", "data_port": self.data_port, "control_port": self.control_port,
+                  "reply_timeout_s": 20.0}
+        return LinkConfig(**{**fields, **overrides})
 
     @contextmanager
     def generator(self, model: DeviceModel | None = None, **link_overrides):
