@@ -86,12 +86,13 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
 
 
 def prefill_lower_bound(tokens: int, costs: PipelineCosts, start: int = 0) -> float:
-    """No cut of `tokens` positions finishes sooner: the busiest resource's work over the whole prompt
-    (per-chunk fixed costs left out, as if chunks were free) plus one round trip and the final step."""
+    """No cut of `tokens` positions finishes sooner: the busiest resource's work over the whole prompt (per-chunk
+    fixed costs left out, as if chunks were free), plus one round trip for the link and the cloud (the device
+    can work on other chunks while the last one travels), plus the final step."""
     def work(cost: LinearCost) -> float:
         return cost.predict(tokens, start) - cost.base_s
 
     device = work(costs.device_input) + work(costs.device_output)
     up = costs.up_bytes_per_token * tokens / costs.uplink_bytes_per_s
     down = costs.down_bytes_per_token * tokens / costs.downlink_bytes_per_s
-    return max(device, up, work(costs.cloud), down) + costs.rtt_s + costs.final_s
+    return max(device, max(up, work(costs.cloud), down) + costs.rtt_s) + costs.final_s

@@ -60,11 +60,11 @@ def ramp_cut(tokens: int, first: int, steady: int, taper: bool) -> list[int]:
         size *= 2
     tail = list(reversed(head)) if taper else []
     middle = tokens - sum(head) - sum(tail)
-    while middle < 0 and tail:
+    while middle <= 0 and tail:
         middle += tail.pop(0)
     if middle <= 0:
-        return even_cut(tokens, 1)
-    return head + even_cut(middle, max(1, round(middle / steady))) + tail
+        return even_cut(tokens, math.ceil(tokens / steady))
+    return head + even_cut(middle, math.ceil(middle / steady)) + tail
 
 
 class ChunkPlanner:
@@ -82,10 +82,14 @@ class ChunkPlanner:
             return self._evaluate(fixed_cut(tokens, min(c.fixed_size, max_chunk)), costs, start)
         fewest = math.ceil(tokens / max_chunk)
         most = max(fewest, min(c.max_chunks, tokens // c.min_chunk))
-        best = None
-        for pieces in sorted({fewest, most, *(round(fewest * 1.25 ** i) for i in range(40)
-                                              if fewest * 1.25 ** i <= most)}):
-            best = self._better(best, self._evaluate(even_cut(tokens, pieces), costs, start))
+        grid = sorted({fewest, most, *(round(fewest * 1.25 ** i) for i in range(40) if fewest * 1.25 ** i <= most)})
+        even = {k: self._evaluate(even_cut(tokens, k), costs, start) for k in grid}
+        coarse = min(even, key=lambda k: even[k].predicted_s)
+        at = grid.index(coarse)  # then every piece count between the best one's grid neighbours
+        for k in range(grid[max(0, at - 1)], grid[min(len(grid) - 1, at + 1)] + 1):
+            if k not in even:
+                even[k] = self._evaluate(even_cut(tokens, k), costs, start)
+        best = min(even.values(), key=lambda plan: plan.predicted_s)
         steady = max(best.sizes)
         for target in {steady // 2, steady, steady * 2}:
             target = min(max(target, c.min_chunk), max_chunk, tokens)
@@ -93,7 +97,7 @@ class ChunkPlanner:
             while first < target:
                 for taper in (False, True):
                     sizes = ramp_cut(tokens, first, target, taper)
-                    if len(sizes) <= c.max_chunks:
+                    if len(sizes) <= max(c.max_chunks, fewest) and max(sizes) <= max_chunk:
                         best = self._better(best, self._evaluate(sizes, costs, start))
                 first *= 2
         return best

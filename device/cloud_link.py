@@ -113,8 +113,9 @@ class CloudLink:
         """Send an OPEN without waiting (FORWARDs sent after it are taken after it); returns its sequence number."""
         return self._send(wire.make_header(pb.OPEN, session_id, device_id=self.device_id))
 
-    def close_session(self, session_id: str, timeout_s: float = 5.0) -> None:
-        self._request(wire.make_header(pb.CLOSE, session_id), timeout_s=min(timeout_s, self.config.reply_timeout_s))
+    def close_session(self, session_id: str, timeout_s: float = 5.0) -> wire.DataMessage:
+        return self._request(wire.make_header(pb.CLOSE, session_id),
+                             timeout_s=min(timeout_s, self.config.reply_timeout_s))
 
     def forward(self, session_id: str, start: int, hidden: torch.Tensor, return_last: int = 0) -> wire.DataMessage:
         """Send positions [start, start + len(hidden)); the RESULT holds the middle part's output for the last

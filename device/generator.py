@@ -255,6 +255,6 @@ class SplitGenerator:
 
     def _close_quietly(self, session_id: str) -> None:
         try:
-            self.link.close_session(session_id)
+            self.link_estimator.on_close(self.link.close_session(session_id))
         except Exception:  # the cloud may be gone; its idle expiry frees the session then
             pass

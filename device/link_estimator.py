@@ -77,15 +77,23 @@ class LinkEstimator:
         return LinkEstimate(self.up.rate, self.down.rate, self.rtt_s)
 
     def on_open(self, reply: wire.DataMessage) -> None:
-        """The OPENED reply to a session's OPEN: fixes the uplink's offset, and the downlink's when the device was
-        waiting for the reply (read late, it would overstate the latency)."""
+        """The OPENED reply to a session's OPEN (a tiny message): sets both directions' offsets afresh, the
+        downlink's only if the device was waiting for the reply (read late, it would overstate the latency and
+        make every later downlink transfer look short); otherwise the downlink keeps its last offset."""
+        self._fix_offsets(reply)
+
+    def on_close(self, reply: wire.DataMessage) -> None:
+        """The CLOSED reply ending a generation: tiny, and waited for, so a clean measure of both offsets."""
+        self._fix_offsets(reply)
+
+    def _fix_offsets(self, reply: wire.DataMessage) -> None:
         h = reply.header
         if not (h.arrival_us and h.sent_us and reply.received_s):
             return  # a cloud that does not stamp its replies: rates stay at their priors
         self.up.reset_offset(h.arrival_us / 1e6 - reply.request_sent_s)
-        if reply.punctual or self.down.offset_s is None:
+        if reply.punctual:
             self.down.reset_offset(reply.received_s - h.sent_us / 1e6)
-        else:  # keep the last session's offset (the clocks' offset does not change), lowered by evidence since
+        else:
             self.down.reset_offset(self.down.offset_s)
 
     @property
