@@ -1,0 +1,44 @@
+"""The cloud's cost as this device sees it, for the chunk planner."""
+from __future__ import annotations
+
+from hat.common.cost_fit import CostFit, LinearCost, attended
+
+from .cloud_link import CloudLink
+
+_CLOUD_WEIGHT = 0.3  # weight of the newest chunk in the moving ratio of measured to predicted cloud time
+
+
+class CloudCostTracker:
+    """The cloud's cost as this device sees it: the cloud's published predictor times a moving ratio of the
+    compute times replies report to what the predictor said, or, without a predictor, a fit of those times."""
+
+    def __init__(self, link: CloudLink):
+        self._link = link
+        self.ratio = 1.0
+        self._own_fit = CostFit(128)
+
+    def refresh(self) -> None:
+        """Take the newest predictor fetched and ask for a fresh one in the background."""
+        self._link.refresh_latency()
+
+    def published(self) -> tuple[LinearCost, float] | None:
+        reply = self._link.cloud_latency
+        if reply is None or not (reply.per_token_us or reply.base_us):
+            return None
+        return (LinearCost(reply.base_us / 1e6, reply.per_token_us / 1e6, reply.per_token_context_ns / 1e9),
+                reply.queue_us / 1e6)
+
+    def cost(self) -> tuple[LinearCost, float]:
+        published = self.published()
+        if published is None:
+            return self._own_fit.cost, 0.0
+        cost, queue_s = published
+        return cost.scaled(self.ratio), queue_s
+
+    def observe(self, tokens: int, start: int, compute_s: float, batch_sessions: int) -> None:
+        self._own_fit.add(tokens, attended(tokens, start), compute_s)
+        published = self.published()
+        if published is not None and batch_sessions:
+            predicted = published[0].predict(tokens, start)
+            if predicted > 0:
+                self.ratio += _CLOUD_WEIGHT * (compute_s / predicted - self.ratio)
