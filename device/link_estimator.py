@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from hat.common import wire
 
-_MIN_SAMPLE_S = 2e-4  # a transfer measured shorter than this is timer noise, not a rate
+_MIN_SAMPLE_S = 2e-4  # a transfer measured shorter than this counts as this long (timer noise): a fast link
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +53,10 @@ class _Direction:
         self.previous_arrival_s = max(arrival, self.previous_arrival_s)
         self.previous_known = rate_known
         transfer = arrival - began
-        if rate_known and previous_known and transfer > _MIN_SAMPLE_S:
+        if rate_known and previous_known:
             weight = self.weight if self.samples else 1.0  # the first measurement replaces the prior
             self.bytes += weight * (size - self.bytes)
-            self.seconds += weight * (transfer - self.seconds)
+            self.seconds += weight * (max(transfer, _MIN_SAMPLE_S) - self.seconds)
             self.samples += 1
 
     @property

@@ -106,7 +106,7 @@ class PrefillPipeline:
                         self._take_opened()
                     else:
                         last = self._complete(in_flight.popleft(), caches, steps)
-                if queue and self._drifted(reference):
+                if queue and self.config.mode == "adaptive" and self._drifted(reference):
                     plan, reference = self._plan(total - position, position, max_chunk, report)
                     queue = deque(plan.sizes)
                     report.replans += 1
