@@ -312,4 +312,5 @@ def test_demo(launched):
     assert f"prompt: {PROMPT!r}" in out
     summary = [line for line in out.splitlines() if "first token" in line]
     assert len(summary) == 1, out
-    assert re.search(r"\[\d+ tokens \((length|stop)\) from a \d+-token prompt: first token \d+ ms", summary[0])
+    assert re.search(r"\[\d+ tokens \((length|stop)\) from a \d+-token prompt in \d+ chunks? \((adaptive|fixed|none)"
+                     r"(, \d+ re-plans)?\): first token \d+ ms \(predicted \d+\)", summary[0]), summary[0]
