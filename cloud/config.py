@@ -16,10 +16,14 @@ class CloudConfig:
     max_batch_tokens: int = 8192  # tokens of all sessions run in one forward of the middle part
     poll_interval_s: float = 0.05  # longest wait for traffic before housekeeping (expiry) runs
     grpc_workers: int = 4  # threads serving the control plane
+    kv_budget_bytes: int = 2 << 30  # middle-layer KV memory all sessions may hold; an OPEN beyond it waits (OVERLOADED)
+    kv_block_tokens: int = 16  # positions per block of KV accounting
+    overload_retry_ms: int = 250  # the retry hint sent with an OVERLOADED refusal
+    drain_timeout_s: float = 30.0  # at shutdown, how long running sessions may take to finish
     profile_on_start: bool = True  # time a few forwards at start-up to seed the latency predictor devices plan with
 
     def __post_init__(self):
         for name in ("session_idle_timeout_s", "max_sessions", "max_tokens_per_message", "max_batch_tokens",
-                     "poll_interval_s", "grpc_workers"):
+                     "poll_interval_s", "grpc_workers", "kv_budget_bytes", "kv_block_tokens", "overload_retry_ms"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -52,6 +52,7 @@ class DataServer:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (arrival_us, frames) from the socket thread
         self._outbox_address = f"inproc://hat-replies-{id(self)}-{next(_inproc_ids)}"
         self._outbox: zmq.Socket | None = None  # the engine's end of the reply path
+        self.draining = False  # set at shutdown: new sessions are refused, running ones go on
 
     def pending_work(self) -> tuple[int, float]:
         """Tokens and query-key pairs of the FORWARDs waiting for a batch (read from another thread: a snapshot)."""
@@ -124,7 +125,9 @@ class DataServer:
                 if not self.registry.is_registered(header.device_id):
                     raise WireError(pb.NOT_REGISTERED, f"device {header.device_id!r} has not registered with the "
                                                         "control plane")
-                self.store.open(header.session_id, header.device_id, owner)
+                if self.draining:
+                    raise WireError(pb.OVERLOADED, "the cloud is shutting down and takes no new sessions")
+                self.store.open(header.session_id, header.device_id, owner, header.max_positions)
                 self._reply(owner, wire.make_header(pb.OPENED, header.session_id, header.sequence,
                                                     arrival_us=arrival_us))
             elif header.kind == pb.CLOSE:
@@ -192,4 +195,4 @@ class DataServer:
         self.stats.errors += 1
         log.info("refused %s from session %r: %s", pb.ErrorCode.Name(exc.code),
                  request.session_id if request else "?", exc)
-        self._reply(owner, wire.error_header(request, exc.code, str(exc)))
+        self._reply(owner, wire.error_header(request, exc.code, str(exc), exc.retry_after_ms))

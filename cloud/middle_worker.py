@@ -54,7 +54,8 @@ class MiddleWorker:
                                              f"cache of {cache.length} positions (a duplicate or out-of-order chunk)")
         end = header.start + job.hidden.shape[0]
         if end > cache.max_length:
-            raise WireError(pb.CONTEXT_EXCEEDED, f"positions up to {end} exceed the model's context of {cache.max_length}")
+            raise WireError(pb.CONTEXT_EXCEEDED, f"positions up to {end} exceed the session's {cache.max_length} positions "
+                                                 "(the max_positions of its OPEN, at most the model's context)")
 
     def run(self, jobs: list[ForwardJob]) -> list[torch.Tensor | WireError]:
         """One output per job: the middle part's hidden states of the positions the job asked back."""

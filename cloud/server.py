@@ -14,6 +14,7 @@ from .config import CloudConfig
 from .control_service import ControlService
 from .data_server import DataServer
 from .device_registry import DeviceRegistry
+from .kv_budget import KVBudget
 from .latency_model import CloudLatencyModel
 from .middle_worker import MiddleWorker, load_middle_part
 from .session_store import SessionStore
@@ -30,7 +31,9 @@ class CloudServer:
         self.config = config
         part, self.manifest = load_middle_part(config.bundle, config.device)
         self.stats = CloudStats()
-        self.store = SessionStore(part, config.max_sessions, config.session_idle_timeout_s)
+        self.budget = KVBudget(part.kv_bytes_per_position, config.kv_budget_bytes, config.kv_block_tokens,
+                               config.overload_retry_ms)
+        self.store = SessionStore(part, config.max_sessions, config.session_idle_timeout_s, self.budget)
         self.registry = DeviceRegistry(self.manifest)
         self.worker = MiddleWorker(part)
         self.latency = CloudLatencyModel()

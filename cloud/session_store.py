@@ -10,6 +10,8 @@ from hat.common.model_part import ModelPart
 from hat.common.proto import hat_pb2 as pb
 from hat.common.wire import WireError
 
+from .kv_budget import KVBudget
+
 
 @dataclass(slots=True)
 class CloudSession:
@@ -21,8 +23,10 @@ class CloudSession:
 
 
 class SessionStore:
-    def __init__(self, part: ModelPart, max_sessions: int, idle_timeout_s: float, clock=time.monotonic):
+    def __init__(self, part: ModelPart, max_sessions: int, idle_timeout_s: float, budget: KVBudget,
+                 clock=time.monotonic):
         self._part = part
+        self.budget = budget
         self._max_sessions = max_sessions
         self._idle_timeout_s = idle_timeout_s
         self._clock = clock
@@ -30,17 +34,23 @@ class SessionStore:
         self._lock = threading.Lock()
         self.expired_total = 0
 
-    def open(self, session_id: str, device_id: str, owner: bytes) -> CloudSession:
-        """Create the session with an empty cache (re-opening one's own session starts it afresh)."""
+    def open(self, session_id: str, device_id: str, owner: bytes, max_positions: int = 0) -> CloudSession:
+        """Create the session with an empty cache for up to `max_positions` (0 = the context), its KV blocks
+        reserved (re-opening one's own session starts it afresh)."""
         if not session_id:
             raise WireError(pb.MALFORMED, "OPEN needs a session id")
+        context = self._part.spec.max_context
+        positions = min(max_positions, context) if max_positions else context
         with self._lock:
             existing = self._sessions.get(session_id)
             if existing is not None and existing.owner != owner:
                 raise WireError(pb.SESSION_EXISTS, f"session {session_id!r} belongs to another connection")
             if existing is None and len(self._sessions) >= self._max_sessions:
-                raise WireError(pb.OVERLOADED, f"the cloud holds its limit of {self._max_sessions} sessions; retry later")
-            session = CloudSession(session_id, device_id, owner, self._part.new_cache(), self._clock())
+                raise WireError(pb.OVERLOADED, f"the cloud holds its limit of {self._max_sessions} sessions; retry later",
+                                retry_after_ms=self.budget.retry_after_ms)
+            self.budget.reserve(session_id, positions)
+            session = CloudSession(session_id, device_id, owner, self._part.new_cache(positions, preallocate=True),
+                                   self._clock())
             self._sessions[session_id] = session
             return session
 
@@ -56,6 +66,7 @@ class SessionStore:
         self.get(session_id, owner)
         with self._lock:
             del self._sessions[session_id]
+            self.budget.release(session_id)
 
     def expire_idle(self) -> list[str]:
         deadline = self._clock() - self._idle_timeout_s
@@ -63,6 +74,7 @@ class SessionStore:
             gone = [sid for sid, s in self._sessions.items() if s.last_active < deadline]
             for sid in gone:
                 del self._sessions[sid]
+                self.budget.release(sid)
             self.expired_total += len(gone)
         return gone
 

@@ -91,10 +91,17 @@ class ModelPart(nn.Module):
     def num_layers(self) -> int:
         return self.last - self.first
 
-    def new_cache(self, max_length: int | None = None) -> KVCache:
+    def new_cache(self, max_length: int | None = None, preallocate: bool = False) -> KVCache:
+        """A cache for up to `max_length` positions (default: the context); `preallocate`: all of it now."""
         spec = self.spec
-        return KVCache(self.num_layers, spec.num_kv_heads, spec.head_dim, self.dtype,
-                       spec.max_context if max_length is None else max_length, device=self.device)
+        max_length = spec.max_context if max_length is None else max_length
+        return KVCache(self.num_layers, spec.num_kv_heads, spec.head_dim, self.dtype, max_length, device=self.device,
+                       initial_capacity=max_length if preallocate else 64)
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        spec = self.spec
+        return self.num_layers * spec.num_kv_heads * spec.head_dim * 2 * self.dtype.itemsize
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(token_ids.to(self.device))

@@ -27,10 +27,11 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 class WireError(ValueError):
     """A message that cannot be accepted; `code` is the ErrorCode to answer with."""
 
-    def __init__(self, code: int, message: str, header: "pb.DataHeader | None" = None):
+    def __init__(self, code: int, message: str, header: "pb.DataHeader | None" = None, retry_after_ms: int = 0):
         super().__init__(message)
         self.code = code
         self.header = header  # the parsed header when the fault lies past it, so a reply can echo its sequence
+        self.retry_after_ms = retry_after_ms  # OVERLOADED: when a retry may succeed (0 = it will not)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +128,9 @@ def _decode_tensor(header: pb.DataHeader, buffer, limits: WireLimits) -> torch.T
     return torch.frombuffer(buffer, dtype=dtype).view(shape[0], shape[1])
 
 
-def error_header(request: pb.DataHeader | None, code: int, message: str) -> pb.DataHeader:
+def error_header(request: pb.DataHeader | None, code: int, message: str, retry_after_ms: int = 0) -> pb.DataHeader:
     """An ERROR reply echoing what can be echoed of the request."""
     session = request.session_id[:MAX_ID_CHARS] if request is not None else ""
     sequence = request.sequence if request is not None else 0
-    return make_header(pb.ERROR, session, sequence, error_code=code, error_message=message[:1000])
+    return make_header(pb.ERROR, session, sequence, error_code=code, error_message=message[:1000],
+                       retry_after_ms=retry_after_ms)

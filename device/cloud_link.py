@@ -26,9 +26,10 @@ from hat.common.proto import hat_pb2_grpc
 class CloudError(RuntimeError):
     """The cloud refused a request; `code` is the wire ErrorCode (or None for control-plane refusals)."""
 
-    def __init__(self, message: str, code: int | None = None):
+    def __init__(self, message: str, code: int | None = None, retry_after_s: float = 0.0):
         super().__init__(message)
         self.code = code
+        self.retry_after_s = retry_after_s  # OVERLOADED: when the cloud says a retry may succeed (0 = it will not)
 
 
 class CloudTimeoutError(CloudError):
@@ -42,6 +43,7 @@ class LinkConfig:
     control_port: int = 5556  # cloud's gRPC control-plane port
     device_id: str = ""  # this device's id; empty = derived from the host name
     reply_timeout_s: float = 60.0  # longest wait for one data-plane reply
+    admission_timeout_s: float = 30.0  # longest wait for a busy cloud (OVERLOADED) to take a new session
     control_timeout_s: float = 10.0  # longest wait for one control-plane call (includes connecting)
 
     def resolved_device_id(self) -> str:
@@ -105,13 +107,15 @@ class CloudLink:
     def stats(self) -> pb.StatsReply:
         return self._control.Stats(pb.StatsRequest(), timeout=self.config.control_timeout_s)
 
-    def open_session(self, session_id: str) -> wire.DataMessage:
+    def open_session(self, session_id: str, max_positions: int = 0) -> wire.DataMessage:
         """Open (or re-open, empty) a session; the OPENED reply's times measure the round trip."""
-        return self.receive(self.send_open(session_id))
+        return self.receive(self.send_open(session_id, max_positions))
 
-    def send_open(self, session_id: str) -> int:
-        """Send an OPEN without waiting (FORWARDs sent after it are taken after it); returns its sequence number."""
-        return self._send(wire.make_header(pb.OPEN, session_id, device_id=self.device_id))
+    def send_open(self, session_id: str, max_positions: int = 0) -> int:
+        """Send an OPEN without waiting (FORWARDs sent after it are taken after it); returns its sequence number.
+        `max_positions`: the most positions the session will hold (the cloud reserves KV memory for them;
+        0 = the whole context)."""
+        return self._send(wire.make_header(pb.OPEN, session_id, device_id=self.device_id, max_positions=max_positions))
 
     def close_session(self, session_id: str, timeout_s: float = 5.0) -> wire.DataMessage:
         return self._request(wire.make_header(pb.CLOSE, session_id),
@@ -169,7 +173,8 @@ class CloudLink:
     def _checked(reply: wire.DataMessage) -> wire.DataMessage:
         if reply.header.kind == pb.ERROR:
             code = reply.header.error_code
-            raise CloudError(f"cloud error {pb.ErrorCode.Name(code)}: {reply.header.error_message}", code)
+            raise CloudError(f"cloud error {pb.ErrorCode.Name(code)}: {reply.header.error_message}", code,
+                             reply.header.retry_after_ms / 1000)
         return reply
 
     def _send(self, header: pb.DataHeader, tensor: torch.Tensor | None = None) -> int:

@@ -45,8 +45,10 @@ class _Generation:
     session_id: str  # the cloud session
     tokens: list[int]  # prompt and every generated token, in order
     caches: DeviceCaches  # the device parts' caches
+    max_positions: int  # the most positions the cloud's session will hold (prompt + token budget)
     steps: list[StepTiming] = field(default_factory=list)  # per cloud round
     recoveries: int = 0  # history re-sends so far
+    admission_waits: int = 0  # times the cloud was full and the device waited before opening
 
 
 class SplitGenerator:
@@ -94,7 +96,8 @@ class SplitGenerator:
         model = self.model
         caches = DeviceCaches(model.input_part.new_cache(), model.output_part.new_cache(),
                               model.adapter.new_cache() if self.speculation else None)
-        g = _Generation(secrets.token_hex(6), list(prompt_ids), caches)  # 48 random bits: ids stay short on the wire
+        # 48 random bits: ids stay short on the wire
+        g = _Generation(secrets.token_hex(6), list(prompt_ids), caches, len(prompt_ids) + budget)
         generated: list[int] = []
         token_times: list[float] = []
         finish = "length"
@@ -143,19 +146,28 @@ class SplitGenerator:
             tbt_ms=[(b - a) * 1000 for a, b in zip(token_times, token_times[1:])],
             bytes_up=self.link.bytes_up - up0, bytes_down=self.link.bytes_down - down0,
             speculative=self.speculation is not None, recoveries=g.recoveries, steps=g.steps,
-            chunking=self.prefill.config.mode, chunks=prefill.chunks, ttft_predicted_ms=(prefill_began - started + prefill.predicted_s) * 1000,
-            replans=prefill.replans, plan_ms=prefill.plan_ms)
+            chunking=self.prefill.config.mode, chunks=prefill.chunks,
+            ttft_predicted_ms=(prefill_began - started + prefill.predicted_s) * 1000, replans=prefill.replans,
+            plan_ms=prefill.plan_ms, admission_waits=g.admission_waits)
 
     def _prefill(self, g: _Generation) -> tuple[torch.Tensor, PrefillReport]:
         """Open the session and run the prompt through the pipelined prefill (the first chunk goes out without
         waiting for the OPENED reply: the cloud takes a connection's messages in order); the logits of the last
         position. If the cloud loses the session meanwhile, the session is re-opened and the prefill starts over."""
+        deadline = time.monotonic() + self.link.config.admission_timeout_s
         while True:
             try:
                 middle, report = self.prefill.run(g.session_id, g.tokens, g.caches, self.max_message_tokens, g.steps,
-                                                  self.link.send_open(g.session_id))
+                                                  self.link.send_open(g.session_id, g.max_positions))
                 break
             except CloudError as exc:
+                if exc.code == pb.OVERLOADED and exc.retry_after_s:  # the cloud is full: wait as it says, bounded
+                    if time.monotonic() + exc.retry_after_s > deadline:
+                        raise CloudError(f"{exc} (still refused after waiting "
+                                         f"{self.link.config.admission_timeout_s:g} s)", exc.code) from None
+                    time.sleep(exc.retry_after_s)
+                    g.admission_waits += 1
+                    continue
                 if exc.code not in RECOVERABLE or g.recoveries >= MAX_RECOVERIES:
                     raise
             g.recoveries += 1
@@ -245,7 +257,7 @@ class SplitGenerator:
     def _resend_history(self, g: _Generation, end: int) -> None:
         """Open the session afresh and rebuild its cloud cache from positions [0, end) of the device's own tokens.
         The input part runs into a scratch cache, so the device's caches (drafts included) are untouched."""
-        self.link.open_session(g.session_id)
+        self.link.open_session(g.session_id, g.max_positions)
         part = self.model.input_part
         scratch = part.new_cache()
         for start in range(0, end, self.max_message_tokens):

@@ -37,6 +37,7 @@ class GenerationResult:
     ttft_predicted_ms: float = 0.0  # ttft_ms as the chunk plan predicted it (the time before the prefill as measured)
     replans: int = 0  # times the rest of the prompt was re-planned because a measured rate drifted
     plan_ms: float = 0.0  # time spent planning chunks (inside ttft_ms)
+    admission_waits: int = 0  # times the cloud was full (KV memory, sessions) and the device waited to open
     steps: list[StepTiming] = field(default_factory=list)  # per round, for benchmarks (not in to_json)
 
     @property

@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\that.proto\x12\x03hat\"\xa1\x03\n\nDataHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x1e\n\x04kind\x18\x02 \x01(\x0e\x32\x10.hat.MessageKind\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\r\n\x05start\x18\x05 \x01(\x04\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x19\n\x05\x64type\x18\x07 \x01(\x0e\x32\n.hat.DType\x12\r\n\x05shape\x18\x08 \x03(\r\x12\x13\n\x0breturn_last\x18\t \x01(\r\x12\x11\n\tdevice_id\x18\n \x01(\t\x12\"\n\nerror_code\x18\x0b \x01(\x0e\x32\x0e.hat.ErrorCode\x12\x15\n\rerror_message\x18\x0c \x01(\t\x12\x14\n\x0c\x63\x61\x63he_length\x18\r \x01(\x04\x12\x12\n\ncompute_us\x18\x0e \x01(\x04\x12\x16\n\x0e\x62\x61tch_sessions\x18\x0f \x01(\r\x12\x13\n\x0b\x61ppend_only\x18\x10 \x01(\x08\x12\x12\n\narrival_us\x18\x11 \x01(\x04\x12\x0f\n\x07sent_us\x18\x12 \x01(\x04\x12\x10\n\x08queue_us\x18\x13 \x01(\x04\"H\n\x0c\x43\x61pabilities\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x15\n\rcompute_dtype\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\"\xa3\x01\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cinput_layers\x18\x04 \x01(\r\x12\x15\n\routput_layers\x18\x05 \x01(\r\x12\'\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32\x11.hat.Capabilities\"\xb0\x01\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x63loud_dtype\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x1e\n\x16max_tokens_per_message\x18\x06 \x01(\r\x12\x1e\n\x16session_idle_timeout_s\x18\x07 \x01(\x01\"\x0f\n\rHealthRequest\"A\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x10\n\x08sessions\x18\x03 \x01(\r\"\x0e\n\x0cStatsRequest\"\xc9\x01\n\nStatsReply\x12\x10\n\x08sessions\x18\x01 \x01(\r\x12\x1a\n\x12registered_devices\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x66orward_batches\x18\x04 \x01(\x04\x12\x16\n\x0e\x66orward_tokens\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x18\n\x10\x65xpired_sessions\x18\x07 \x01(\x04\x12\x1a\n\x12max_batch_sessions\x18\x08 \x01(\x04\"\x10\n\x0eLatencyRequest\"v\n\x0cLatencyReply\x12\x0f\n\x07\x62\x61se_us\x18\x01 \x01(\x01\x12\x14\n\x0cper_token_us\x18\x02 \x01(\x01\x12\x1c\n\x14per_token_context_ns\x18\x03 \x01(\x01\x12\x10\n\x08queue_us\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\r*t\n\x0bMessageKind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04OPEN\x10\x01\x12\x0b\n\x07\x46ORWARD\x10\x02\x12\t\n\x05\x43LOSE\x10\x03\x12\n\n\x06OPENED\x10\x04\x12\n\n\x06RESULT\x10\x05\x12\t\n\x05\x45RROR\x10\x06\x12\n\n\x06\x43LOSED\x10\x07*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03*\xc4\x01\n\tErrorCode\x12\x15\n\x11\x45RROR_UNSPECIFIED\x10\x00\x12\r\n\tMALFORMED\x10\x01\x12\x13\n\x0fUNKNOWN_SESSION\x10\x02\x12\x10\n\x0c\x42\x41\x44_POSITION\x10\x03\x12\x0e\n\nBAD_TENSOR\x10\x04\x12\x14\n\x10\x43ONTEXT_EXCEEDED\x10\x05\x12\x12\n\x0eNOT_REGISTERED\x10\x06\x12\x12\n\x0eSESSION_EXISTS\x10\x07\x12\x0e\n\nOVERLOADED\x10\x08\x12\x0c\n\x08INTERNAL\x10\t2\xd2\x01\n\nHatControl\x12\x34\n\x08Register\x12\x14.hat.RegisterRequest\x1a\x12.hat.RegisterReply\x12.\n\x06Health\x12\x12.hat.HealthRequest\x1a\x10.hat.HealthReply\x12+\n\x05Stats\x12\x11.hat.StatsRequest\x1a\x0f.hat.StatsReply\x12\x31\n\x07Latency\x12\x13.hat.LatencyRequest\x1a\x11.hat.LatencyReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\that.proto\x12\x03hat\"\xd0\x03\n\nDataHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x1e\n\x04kind\x18\x02 \x01(\x0e\x32\x10.hat.MessageKind\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\r\n\x05start\x18\x05 \x01(\x04\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x19\n\x05\x64type\x18\x07 \x01(\x0e\x32\n.hat.DType\x12\r\n\x05shape\x18\x08 \x03(\r\x12\x13\n\x0breturn_last\x18\t \x01(\r\x12\x11\n\tdevice_id\x18\n \x01(\t\x12\"\n\nerror_code\x18\x0b \x01(\x0e\x32\x0e.hat.ErrorCode\x12\x15\n\rerror_message\x18\x0c \x01(\t\x12\x14\n\x0c\x63\x61\x63he_length\x18\r \x01(\x04\x12\x12\n\ncompute_us\x18\x0e \x01(\x04\x12\x16\n\x0e\x62\x61tch_sessions\x18\x0f \x01(\r\x12\x13\n\x0b\x61ppend_only\x18\x10 \x01(\x08\x12\x12\n\narrival_us\x18\x11 \x01(\x04\x12\x0f\n\x07sent_us\x18\x12 \x01(\x04\x12\x10\n\x08queue_us\x18\x13 \x01(\x04\x12\x15\n\rmax_positions\x18\x14 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x15 \x01(\r\"H\n\x0c\x43\x61pabilities\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x15\n\rcompute_dtype\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\"\xa3\x01\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cinput_layers\x18\x04 \x01(\r\x12\x15\n\routput_layers\x18\x05 \x01(\r\x12\'\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32\x11.hat.Capabilities\"\xb0\x01\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x63loud_dtype\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x1e\n\x16max_tokens_per_message\x18\x06 \x01(\r\x12\x1e\n\x16session_idle_timeout_s\x18\x07 \x01(\x01\"\x0f\n\rHealthRequest\"A\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x10\n\x08sessions\x18\x03 \x01(\r\"\x0e\n\x0cStatsRequest\"\xc9\x01\n\nStatsReply\x12\x10\n\x08sessions\x18\x01 \x01(\r\x12\x1a\n\x12registered_devices\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x66orward_batches\x18\x04 \x01(\x04\x12\x16\n\x0e\x66orward_tokens\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x18\n\x10\x65xpired_sessions\x18\x07 \x01(\x04\x12\x1a\n\x12max_batch_sessions\x18\x08 \x01(\x04\"\x10\n\x0eLatencyRequest\"v\n\x0cLatencyReply\x12\x0f\n\x07\x62\x61se_us\x18\x01 \x01(\x01\x12\x14\n\x0cper_token_us\x18\x02 \x01(\x01\x12\x1c\n\x14per_token_context_ns\x18\x03 \x01(\x01\x12\x10\n\x08queue_us\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\r*t\n\x0bMessageKind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04OPEN\x10\x01\x12\x0b\n\x07\x46ORWARD\x10\x02\x12\t\n\x05\x43LOSE\x10\x03\x12\n\n\x06OPENED\x10\x04\x12\n\n\x06RESULT\x10\x05\x12\t\n\x05\x45RROR\x10\x06\x12\n\n\x06\x43LOSED\x10\x07*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03*\xc4\x01\n\tErrorCode\x12\x15\n\x11\x45RROR_UNSPECIFIED\x10\x00\x12\r\n\tMALFORMED\x10\x01\x12\x13\n\x0fUNKNOWN_SESSION\x10\x02\x12\x10\n\x0c\x42\x41\x44_POSITION\x10\x03\x12\x0e\n\nBAD_TENSOR\x10\x04\x12\x14\n\x10\x43ONTEXT_EXCEEDED\x10\x05\x12\x12\n\x0eNOT_REGISTERED\x10\x06\x12\x12\n\x0eSESSION_EXISTS\x10\x07\x12\x0e\n\nOVERLOADED\x10\x08\x12\x0c\n\x08INTERNAL\x10\t2\xd2\x01\n\nHatControl\x12\x34\n\x08Register\x12\x14.hat.RegisterRequest\x1a\x12.hat.RegisterReply\x12.\n\x06Health\x12\x12.hat.HealthRequest\x1a\x10.hat.HealthReply\x12+\n\x05Stats\x12\x11.hat.StatsRequest\x1a\x0f.hat.StatsReply\x12\x31\n\x07Latency\x12\x13.hat.LatencyRequest\x1a\x11.hat.LatencyReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGEKIND']._serialized_start=1299
-  _globals['_MESSAGEKIND']._serialized_end=1415
-  _globals['_DTYPE']._serialized_start=1417
-  _globals['_DTYPE']._serialized_end=1487
-  _globals['_ERRORCODE']._serialized_start=1490
-  _globals['_ERRORCODE']._serialized_end=1686
+  _globals['_MESSAGEKIND']._serialized_start=1346
+  _globals['_MESSAGEKIND']._serialized_end=1462
+  _globals['_DTYPE']._serialized_start=1464
+  _globals['_DTYPE']._serialized_end=1534
+  _globals['_ERRORCODE']._serialized_start=1537
+  _globals['_ERRORCODE']._serialized_end=1733
   _globals['_DATAHEADER']._serialized_start=19
-  _globals['_DATAHEADER']._serialized_end=436
-  _globals['_CAPABILITIES']._serialized_start=438
-  _globals['_CAPABILITIES']._serialized_end=510
-  _globals['_REGISTERREQUEST']._serialized_start=513
-  _globals['_REGISTERREQUEST']._serialized_end=676
-  _globals['_REGISTERREPLY']._serialized_start=679
-  _globals['_REGISTERREPLY']._serialized_end=855
-  _globals['_HEALTHREQUEST']._serialized_start=857
-  _globals['_HEALTHREQUEST']._serialized_end=872
-  _globals['_HEALTHREPLY']._serialized_start=874
-  _globals['_HEALTHREPLY']._serialized_end=939
-  _globals['_STATSREQUEST']._serialized_start=941
-  _globals['_STATSREQUEST']._serialized_end=955
-  _globals['_STATSREPLY']._serialized_start=958
-  _globals['_STATSREPLY']._serialized_end=1159
-  _globals['_LATENCYREQUEST']._serialized_start=1161
-  _globals['_LATENCYREQUEST']._serialized_end=1177
-  _globals['_LATENCYREPLY']._serialized_start=1179
-  _globals['_LATENCYREPLY']._serialized_end=1297
-  _globals['_HATCONTROL']._serialized_start=1689
-  _globals['_HATCONTROL']._serialized_end=1899
+  _globals['_DATAHEADER']._serialized_end=483
+  _globals['_CAPABILITIES']._serialized_start=485
+  _globals['_CAPABILITIES']._serialized_end=557
+  _globals['_REGISTERREQUEST']._serialized_start=560
+  _globals['_REGISTERREQUEST']._serialized_end=723
+  _globals['_REGISTERREPLY']._serialized_start=726
+  _globals['_REGISTERREPLY']._serialized_end=902
+  _globals['_HEALTHREQUEST']._serialized_start=904
+  _globals['_HEALTHREQUEST']._serialized_end=919
+  _globals['_HEALTHREPLY']._serialized_start=921
+  _globals['_HEALTHREPLY']._serialized_end=986
+  _globals['_STATSREQUEST']._serialized_start=988
+  _globals['_STATSREQUEST']._serialized_end=1002
+  _globals['_STATSREPLY']._serialized_start=1005
+  _globals['_STATSREPLY']._serialized_end=1206
+  _globals['_LATENCYREQUEST']._serialized_start=1208
+  _globals['_LATENCYREQUEST']._serialized_end=1224
+  _globals['_LATENCYREPLY']._serialized_start=1226
+  _globals['_LATENCYREPLY']._serialized_end=1344
+  _globals['_HATCONTROL']._serialized_start=1736
+  _globals['_HATCONTROL']._serialized_end=1946
 # @@protoc_insertion_point(module_scope)

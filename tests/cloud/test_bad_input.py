@@ -169,7 +169,7 @@ class Hostile:
         add("start beyond the cache", 0, lambda n: forward_frames(own, n, ok, start=10**6), pb.BAD_POSITION,
             "start position 1000000 is beyond the session's cache")
         add("past the context", 0, lambda n: forward_frames(own, n, torch.randn(CONTEXT + 1, h)),
-            pb.CONTEXT_EXCEEDED, f"positions up to {CONTEXT + 1} exceed the model's context of {CONTEXT}")
+            pb.CONTEXT_EXCEEDED, f"positions up to {CONTEXT + 1} exceed the session's {CONTEXT} positions")
         add("unregistered device", 0,
             lambda n: [header_bytes(pb.OPEN, f"{self.tag}-x", n, device_id="never-registered")],
             pb.NOT_REGISTERED, "device 'never-registered' has not registered")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from hat.cloud.kv_budget import KVBudget
 from hat.cloud.middle_worker import ForwardJob, MiddleWorker, load_middle_part
 from hat.cloud.session_store import SessionStore
 from hat.common.checkpoint import load_tensors
@@ -31,7 +32,7 @@ def test_ragged_batch_matches_transformers(family, tiny_checkpoint, tmp_path):
     _, cloud_dir = split_checkpoint(model_dir, K, M, tmp_path / "bundle")
     part, _ = load_middle_part(cloud_dir)
     worker = MiddleWorker(part)
-    store = SessionStore(part, max_sessions=8, idle_timeout_s=60)
+    store = SessionStore(part, max_sessions=8, idle_timeout_s=60, budget=KVBudget(part.kv_bytes_per_position, 1 << 30))
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     torch.manual_seed(0)
     prompts = [torch.randint(3, 300, (n,)) for n in (5, 17, 30)]

@@ -21,7 +21,7 @@ PROMPT = "Zebulon Quixote-Marchetti wired 4817 florins to Vandermeer Hollowbrook
 NEW_TOKENS = 20
 HEADER_LIMIT = 128  # bytes
 ALLOWED_FIELDS = {"version", "kind", "session_id", "sequence", "start", "num_tokens", "dtype", "shape", "return_last",
-                  "device_id", "append_only"}
+                  "device_id", "append_only", "max_positions"}
 
 
 class RecordingSocket:
@@ -151,8 +151,9 @@ def test_headers_are_small_and_hold_no_token_ids(recorded):
         session = session or header.session_id
         assert header.session_id == session
         if header.kind == pb.OPEN:
-            assert present == {"version", "kind", "session_id", "sequence", "device_id"}
+            assert present == {"version", "kind", "session_id", "sequence", "device_id", "max_positions"}
             assert header.device_id == gen.link.device_id and len(message) == 1
+            assert header.max_positions == len(prompt_ids) + NEW_TOKENS  # lengths the hidden states show anyway
         elif header.kind == pb.CLOSE:
             assert present == {"version", "kind", "session_id", "sequence"} and len(message) == 1
         else:
