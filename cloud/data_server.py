@@ -3,9 +3,9 @@
 Two threads. The socket thread owns the ROUTER: it stamps each message with its arrival time (so a
 device can measure its uplink from the cloud's clock even while a forward runs) and queues it, and
 it sends the replies the engine hands it over an inproc socket. The engine thread takes what has
-arrived, answers control-like messages at once, and runs every session's pending FORWARD in one
-batched forward of the middle part (one FORWARD per session per batch, up to the token budget; the
-rest wait for the next turn). A bad message is answered with an ERROR to its sender alone. Every
+arrived, answers control-like messages at once, and runs a batch the scheduler forms from the pending
+FORWARDs (one per session, decode rounds before prompt chunks, up to the token budget) in one forward
+of the middle part; the rest wait for the next turn. A bad message is answered with an ERROR to its sender alone. Every
 reply carries the arrival time of its request and its own send time on the cloud's monotonic clock.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .config import CloudConfig
 from .device_registry import DeviceRegistry
 from .latency_model import CloudLatencyModel
 from .middle_worker import ForwardJob, MiddleWorker
+from .scheduler import form_batch
 from .session_store import SessionStore
 from .stats import CloudStats
 
@@ -147,13 +148,9 @@ class DataServer:
             self._reply_error(owner, header or exc.header, exc)
 
     def _run_batch(self) -> None:
-        jobs, sessions, tokens, deferred = [], set(), 0, deque()
-        while self._pending:
-            job = self._pending.popleft()
-            count = job.hidden.shape[0]
-            if job.header.session_id in sessions or (jobs and tokens + count > self.config.max_batch_tokens):
-                deferred.append(job)
-                continue
+        chosen, self._pending = form_batch(self._pending, self.config.max_batch_tokens)
+        jobs = []
+        for job in chosen:
             try:
                 job.session = self.store.get(job.header.session_id, job.owner)  # closed or expired while queued?
                 self.worker.check(job)
@@ -161,11 +158,9 @@ class DataServer:
                 self._reply_error(job.owner, job.header, exc)
                 continue
             jobs.append(job)
-            sessions.add(job.header.session_id)
-            tokens += count
-        self._pending = deferred
         if not jobs:
             return
+        tokens = sum(job.hidden.shape[0] for job in jobs)
         began_us = now_us()
         began = time.perf_counter()
         results = self.worker.run(jobs)
