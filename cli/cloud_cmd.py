@@ -18,6 +18,11 @@ def add_parser(commands) -> None:
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is freed")
     p.add_argument("--max-sessions", type=int, default=1024, help="sessions held at once")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--kv-budget-gb", type=float, default=2.0,
+                   help="KV memory all sessions may hold, GiB; new sessions wait beyond it (default: %(default)s)")
+    p.add_argument("--metrics", default="", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running sessions may take to finish before the server stops")
     p.set_defaults(run=run_serve)
 
 
@@ -27,18 +32,22 @@ def run_serve(args) -> int:
 
     set_threads(args.threads)
     config = CloudConfig(bundle=args.bundle, data_address=args.data, control_address=args.control, device=args.device,
-                         session_idle_timeout_s=args.idle_timeout, max_sessions=args.max_sessions)
+                         session_idle_timeout_s=args.idle_timeout, max_sessions=args.max_sessions,
+                         kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)), metrics_address=args.metrics,
+                         drain_timeout_s=args.drain_timeout)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server = CloudServer(config).start()
     first, last = server.manifest.middle_layers
     # one line a supervisor (or `hat demo`) can wait for
-    print(f"ready data={server.data_address} control={server.control_address} layers=[{first},{last})", flush=True)
+    metrics = f" metrics=http://{server.metrics_address}/metrics" if server.metrics_address else ""
+    print(f"ready data={server.data_address} control={server.control_address} layers=[{first},{last}){metrics}",
+          flush=True)
     try:
         while not stop.wait(0.5):
             pass
     finally:
-        server.stop()
+        server.stop(drain_s=config.drain_timeout_s)
         print("stopped", flush=True)
     return 0

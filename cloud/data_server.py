@@ -27,6 +27,7 @@ from hat.common.wire import WireError, WireLimits
 from .config import CloudConfig
 from .device_registry import DeviceRegistry
 from .latency_model import CloudLatencyModel
+from .metrics import CloudMetrics
 from .middle_worker import ForwardJob, MiddleWorker
 from .scheduler import form_batch
 from .session_store import SessionStore
@@ -44,9 +45,10 @@ def now_us() -> int:
 
 class DataServer:
     def __init__(self, config: CloudConfig, socket: zmq.Socket, store: SessionStore, registry: DeviceRegistry,
-                 worker: MiddleWorker, stats: CloudStats, latency: CloudLatencyModel):
+                 worker: MiddleWorker, stats: CloudStats, latency: CloudLatencyModel, metrics: CloudMetrics):
         self.config, self.socket, self.store, self.registry, self.worker, self.stats, self.latency = (
             config, socket, store, registry, worker, stats, latency)
+        self.metrics = metrics
         # bytes of the largest FORWARD in the widest dtype; the token count is checked on its own as well
         self.limits = WireLimits(max_tensor_bytes=config.max_tokens_per_message * worker.part.spec.hidden_size * 4)
         self._pending: deque[ForwardJob] = deque()
@@ -167,6 +169,7 @@ class DataServer:
         compute_s = time.perf_counter() - began
         compute_us = int(compute_s * 1e6)
         self.latency.add_batch([(job.hidden.shape[0], int(job.header.start)) for job in jobs], compute_s)
+        self._record_batch(jobs, tokens, compute_s, began_us)
         self.stats.forward_batches += 1
         self.stats.forward_tokens += tokens
         self.stats.max_batch_sessions = max(self.stats.max_batch_sessions, len(jobs))
@@ -181,6 +184,28 @@ class DataServer:
                                       batch_sessions=len(jobs), arrival_us=job.arrival_us,
                                       queue_us=max(0, began_us - job.arrival_us))
             self._reply(owner=job.owner, header=header, tensor=result)
+            self._record_reply(job)
+
+    def _record_batch(self, jobs: list[ForwardJob], tokens: int, compute_s: float, began_us: int) -> None:
+        m = self.metrics
+        m.observe("hat_batch_sessions", len(jobs))
+        m.observe("hat_batch_tokens", tokens)
+        m.observe("hat_forward_seconds", compute_s)
+        for job in jobs:
+            m.observe("hat_queue_seconds", max(0, began_us - job.arrival_us) / 1e6)
+            m.add_tokens("prefill" if job.header.append_only else "decode", job.hidden.shape[0])
+
+    def _record_reply(self, job: ForwardJob) -> None:
+        """The cloud's view of a session's time to first token and time between rounds."""
+        session, now = job.session, time.monotonic()
+        if job.header.append_only:
+            session.prompt_reply_s = now
+            return
+        if not session.round_reply_s and session.prompt_reply_s:  # the first round: the prompt was complete
+            self.metrics.observe("hat_prefill_seconds", session.prompt_reply_s - session.opened_s)
+        elif session.round_reply_s:
+            self.metrics.observe("hat_round_interval_seconds", now - session.round_reply_s)
+        session.round_reply_s = now
 
     def _reply(self, owner: bytes, header: pb.DataHeader, tensor=None) -> None:
         header.sent_us = now_us()
@@ -188,6 +213,7 @@ class DataServer:
 
     def _reply_error(self, owner: bytes, request: pb.DataHeader | None, exc: WireError) -> None:
         self.stats.errors += 1
+        self.metrics.add_error(pb.ErrorCode.Name(exc.code))
         log.info("refused %s from session %r: %s", pb.ErrorCode.Name(exc.code),
                  request.session_id if request else "?", exc)
         self._reply(owner, wire.error_header(request, exc.code, str(exc), exc.retry_after_ms))

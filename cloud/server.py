@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -16,6 +17,7 @@ from .data_server import DataServer
 from .device_registry import DeviceRegistry
 from .kv_budget import KVBudget
 from .latency_model import CloudLatencyModel
+from .metrics import CloudMetrics, MetricsServer
 from .middle_worker import MiddleWorker, load_middle_part
 from .session_store import SessionStore
 from .stats import CloudStats
@@ -41,11 +43,14 @@ class CloudServer:
             self.latency.profile(part)
         self.control = ControlService(config, self.manifest, part.spec.max_context, self.registry, self.store,
                                       self.stats, self.latency)
+        self.metrics = CloudMetrics()
+        self._metrics_server: MetricsServer | None = None
+        self._data: DataServer | None = None
         self._context = zmq.Context()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._grpc: grpc.Server | None = None
-        self.data_address = self.control_address = ""
+        self.data_address = self.control_address = self.metrics_address = ""
 
     def start(self) -> "CloudServer":
         socket = self._context.socket(zmq.ROUTER)
@@ -59,8 +64,14 @@ class CloudServer:
             raise OSError(f"cannot bind the control plane to {self.config.control_address}")
         self.control_address = f"{self.config.control_address.rsplit(':', 1)[0]}:{port}"
         self._grpc.start()
-        data = DataServer(self.config, socket, self.store, self.registry, self.worker, self.stats, self.latency)
+        data = DataServer(self.config, socket, self.store, self.registry, self.worker, self.stats, self.latency,
+                          self.metrics)
+        self._data = data
         self.control.pending_work = data.pending_work
+        self._register_metrics(data)
+        if self.config.metrics_address:
+            self._metrics_server = MetricsServer(self.metrics, self.config.metrics_address).start()
+            self.metrics_address = self._metrics_server.address
         self._thread = threading.Thread(target=self._serve, args=(data, socket), name="hat-data-plane", daemon=True)
         self._thread.start()
         m = self.manifest
@@ -74,9 +85,40 @@ class CloudServer:
         finally:
             socket.close(linger=0)
 
-    def stop(self, grace_s: float = 2.0) -> None:
-        """Stop taking work, finish the turn in progress, release both planes."""
+    def _register_metrics(self, data: DataServer) -> None:
+        m, budget, stats = self.metrics, self.budget, self.stats
+        m.gauges.update({
+            "hat_sessions": ("sessions held", lambda: len(self.store)),
+            "hat_pending_forwards": ("FORWARDs waiting for a batch", lambda: len(data._pending)),
+            "hat_kv_blocks_used": ("KV blocks reserved by sessions", lambda: budget.used_blocks),
+            "hat_kv_blocks_total": ("KV blocks in the budget", lambda: budget.total_blocks),
+            "hat_kv_block_bytes": ("bytes of one KV block", lambda: budget.block_bytes),
+            "hat_draining": ("1 while shutting down (no new sessions)", lambda: float(data.draining)),
+        })
+        m.counters.update({
+            "hat_forward_batches_total": ("forwards of the middle part", lambda: stats.forward_batches),
+            "hat_admission_refusals_total": ("OPENs refused for want of KV memory", lambda: budget.refusals),
+            "hat_expired_sessions_total": ("sessions freed after idling", lambda: self.store.expired_total),
+        })
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new sessions and wait up to `timeout_s` for the running ones to close; True if they all did."""
         self.control.draining = True
+        if self._data is not None:
+            self._data.draining = True
+        deadline = time.monotonic() + timeout_s
+        while len(self.store) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not len(self.store)
+
+    def stop(self, grace_s: float = 2.0, drain_s: float = 0.0) -> None:
+        """Stop taking work (after draining running sessions for up to `drain_s`), finish the turn in progress,
+        release both planes."""
+        if drain_s > 0 and not self.drain(drain_s):
+            log.warning("stopping with %d sessions still open after draining for %.0f s", len(self.store), drain_s)
+        self.control.draining = True
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=grace_s + 5)

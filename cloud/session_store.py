@@ -20,6 +20,9 @@ class CloudSession:
     owner: bytes  # ZeroMQ routing id of the connection that opened it; only it may use the session
     cache: KVCache  # middle-layer keys and values
     last_active: float  # monotonic time of the last message
+    opened_s: float = 0.0  # monotonic time it was opened
+    prompt_reply_s: float = 0.0  # when its latest prompt chunk's reply went out
+    round_reply_s: float = 0.0  # when its latest decode or verification reply went out (0 = none yet)
 
 
 class SessionStore:
@@ -49,8 +52,9 @@ class SessionStore:
                 raise WireError(pb.OVERLOADED, f"the cloud holds its limit of {self._max_sessions} sessions; retry later",
                                 retry_after_ms=self.budget.retry_after_ms)
             self.budget.reserve(session_id, positions)
+            now = self._clock()
             session = CloudSession(session_id, device_id, owner, self._part.new_cache(positions, preallocate=True),
-                                   self._clock())
+                                   now, opened_s=now)
             self._sessions[session_id] = session
             return session
 
