@@ -41,7 +41,9 @@ class ControlService(hat_pb2_grpc.HatControlServicer):
         return pb.StatsReply(sessions=len(self.store), registered_devices=len(self.registry),
                              kv_cache_bytes=self.store.kv_bytes(), forward_batches=s.forward_batches,
                              forward_tokens=s.forward_tokens, errors=s.errors,
-                             expired_sessions=self.store.expired_total, max_batch_sessions=s.max_batch_sessions)
+                             expired_sessions=self.store.expired_total, max_batch_sessions=s.max_batch_sessions,
+                             kv_blocks_used=self.store.budget.used_blocks, kv_blocks_total=self.store.budget.total_blocks,
+                             admission_refusals=self.store.budget.refusals)
 
     def Latency(self, request, context):
         return self.latency.reply(*self.pending_work())
