@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from . import cloud_cmd, demo_cmd, generate_cmd, split_cmd, train_adapter_cmd
+from . import cloud_cmd, demo_cmd, generate_cmd, log_format, split_cmd, train_adapter_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hat", description="Device-cloud split LLM inference (HAT design).")
     parser.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="json: one JSON object per line, with fields such as session, device and code")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     split_cmd.add_parser(commands)
     cloud_cmd.add_parser(commands)
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_format.configure(args.log_level, args.log_format)
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:

@@ -104,7 +104,8 @@ class DataServer:
             if time.monotonic() - last_housekeeping > _HOUSEKEEPING_INTERVAL_S:
                 last_housekeeping = time.monotonic()
                 for session_id in self.store.expire_idle():
-                    log.info("session %s expired after %.0f s idle", session_id, self.config.session_idle_timeout_s)
+                    log.info("session %s expired after %.0f s idle", session_id, self.config.session_idle_timeout_s,
+                             extra={"session": session_id, "event": "expired"})
 
     def _take(self, block: bool) -> None:
         try:
@@ -214,6 +215,8 @@ class DataServer:
     def _reply_error(self, owner: bytes, request: pb.DataHeader | None, exc: WireError) -> None:
         self.stats.errors += 1
         self.metrics.add_error(pb.ErrorCode.Name(exc.code))
-        log.info("refused %s from session %r: %s", pb.ErrorCode.Name(exc.code),
-                 request.session_id if request else "?", exc)
+        code = pb.ErrorCode.Name(exc.code)
+        session = request.session_id if request else "?"
+        log.info("refused %s from session %r: %s", code, session, exc,
+                 extra={"session": session, "code": code, "event": "refused"})
         self._reply(owner, wire.error_header(request, exc.code, str(exc), exc.retry_after_ms))

@@ -28,11 +28,13 @@ class DeviceRegistry:
                              input_layers=request.input_layers, output_layers=request.output_layers,
                              cloud=self._manifest)
         except BundleMismatchError as exc:
-            log.warning("refused device %s: %s", request.device_id, exc)
+            log.warning("refused device %s: %s", request.device_id, exc,
+                        extra={"device": request.device_id, "event": "device_refused"})
             return str(exc)
         with self._lock:
             self._devices[request.device_id] = request
-        log.info("registered device %s (%s)", request.device_id, request.capabilities.platform or "unknown platform")
+        log.info("registered device %s (%s)", request.device_id, request.capabilities.platform or "unknown platform",
+                 extra={"device": request.device_id, "event": "registered"})
         return None
 
     def is_registered(self, device_id: str) -> bool:
