@@ -19,6 +19,10 @@ def add_parser(commands) -> None:
     add_chunking_args(p)
     p.add_argument("--device-id", default="", help="this device's id (default: host name and process id)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any one cloud reply")
+    p.add_argument("--ttft-slo-ms", type=int, default=0, help="time-to-first-token target told to the cloud (0: its default)")
+    p.add_argument("--tbt-slo-ms", type=int, default=0,
+                   help="time-between-rounds target told to the cloud, which keeps batches with this device's rounds "
+                        "within it (0: its default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.set_defaults(run=run)
@@ -85,7 +89,8 @@ def run(args) -> int:
     set_threads(args.threads)
     sampling = SamplingParams(args.temperature, args.top_p, args.seed)
     link_config = LinkConfig(host=args.cloud, data_port=args.data_port, control_port=args.control_port,
-                             device_id=args.device_id, reply_timeout_s=args.timeout)
+                             device_id=args.device_id, reply_timeout_s=args.timeout, ttft_slo_ms=args.ttft_slo_ms,
+                             tbt_slo_ms=args.tbt_slo_ms)
     result = generate_once(args.bundle, link_config, args.prompt, args.max_new_tokens, sampling, stream=not args.json,
                            speculation_args=args)
     if args.json:

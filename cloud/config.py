@@ -20,6 +20,8 @@ class CloudConfig:
     kv_block_tokens: int = 16  # positions per block of KV accounting
     overload_retry_ms: int = 250  # the retry hint sent with an OVERLOADED refusal
     drain_timeout_s: float = 30.0  # at shutdown, how long running sessions may take to finish
+    default_ttft_slo_ms: int = 2000  # a request's time-to-first-token target when its OPEN names none
+    default_tbt_slo_ms: int = 200  # a request's time-between-rounds target when its OPEN names none
     metrics_address: str = ""  # HOST:PORT of the Prometheus /metrics endpoint (port 0 = any free); empty = none
     profile_on_start: bool = True  # time a few forwards at start-up to seed the latency predictor devices plan with
 

@@ -131,7 +131,10 @@ class DataServer:
                                                         "control plane")
                 if self.draining:
                     raise WireError(pb.OVERLOADED, "the cloud is shutting down and takes no new sessions")
-                self.store.open(header.session_id, header.device_id, owner, header.max_positions)
+                c = self.config
+                self.store.open(header.session_id, header.device_id, owner, header.max_positions,
+                                (header.ttft_slo_ms or c.default_ttft_slo_ms) / 1000,
+                                (header.tbt_slo_ms or c.default_tbt_slo_ms) / 1000)
                 self._reply(owner, wire.make_header(pb.OPENED, header.session_id, header.sequence,
                                                     arrival_us=arrival_us))
             elif header.kind == pb.CLOSE:
@@ -151,7 +154,7 @@ class DataServer:
             self._reply_error(owner, header or exc.header, exc)
 
     def _run_batch(self) -> None:
-        chosen, self._pending = form_batch(self._pending, self.config.max_batch_tokens)
+        chosen, self._pending = form_batch(self._pending, self.config.max_batch_tokens, self.latency.cost)
         jobs = []
         for job in chosen:
             try:
@@ -203,9 +206,15 @@ class DataServer:
             session.prompt_reply_s = now
             return
         if not session.round_reply_s and session.prompt_reply_s:  # the first round: the prompt was complete
-            self.metrics.observe("hat_prefill_seconds", session.prompt_reply_s - session.opened_s)
+            prefill_s = session.prompt_reply_s - session.opened_s
+            self.metrics.observe("hat_prefill_seconds", prefill_s)
+            if session.ttft_slo_s and prefill_s > session.ttft_slo_s:
+                self.metrics.add_slo_miss("ttft")
         elif session.round_reply_s:
-            self.metrics.observe("hat_round_interval_seconds", now - session.round_reply_s)
+            interval = now - session.round_reply_s
+            self.metrics.observe("hat_round_interval_seconds", interval)
+            if session.tbt_slo_s and interval > session.tbt_slo_s:
+                self.metrics.add_slo_miss("tbt")
         session.round_reply_s = now
 
     def _reply(self, owner: bytes, header: pb.DataHeader, tensor=None) -> None:

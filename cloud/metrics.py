@@ -52,6 +52,7 @@ class CloudMetrics:
         self.histograms = {name: Histogram(buckets) for name, (_, buckets) in HISTOGRAMS.items()}
         self.tokens = {"prefill": 0, "decode": 0}  # middle-part tokens by kind of FORWARD
         self.errors: dict[str, int] = {}  # ERROR replies by code
+        self.slo_misses = {"ttft": 0, "tbt": 0}  # cloud-side prefills and round intervals over their session's target
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}  # name: (help, read when scraped)
         self.counters: dict[str, tuple[str, Callable[[], float]]] = {}  # name: (help, read when scraped)
 
@@ -67,6 +68,10 @@ class CloudMetrics:
         with self._lock:
             self.errors[code] = self.errors.get(code, 0) + 1
 
+    def add_slo_miss(self, kind: str) -> None:
+        with self._lock:
+            self.slo_misses[kind] += 1
+
     def render(self) -> str:
         lines = []
         for name, (help_text, read) in self.gauges.items():
@@ -78,6 +83,9 @@ class CloudMetrics:
             lines += [f'hat_tokens_total{{kind="{kind}"}} {count}' for kind, count in self.tokens.items()]
             lines += ["# HELP hat_errors_total ERROR replies by code", "# TYPE hat_errors_total counter"]
             lines += [f'hat_errors_total{{code="{code}"}} {count}' for code, count in sorted(self.errors.items())]
+            lines += ["# HELP hat_slo_misses_total cloud-side prefills (ttft) and round intervals (tbt) over their "
+                      "session's target", "# TYPE hat_slo_misses_total counter"]
+            lines += [f'hat_slo_misses_total{{kind="{kind}"}} {count}' for kind, count in self.slo_misses.items()]
             for name, histogram in self.histograms.items():
                 lines += [f"# HELP {name} {HISTOGRAMS[name][0]}", f"# TYPE {name} histogram", *histogram.lines(name)]
         return "\n".join(lines) + "\n"

@@ -3,17 +3,29 @@
 Only each session's oldest pending FORWARD is eligible, so a session's messages run in order, one per
 batch. The oldest eligible one always goes in (nothing starves); then decode and verification rounds
 (few tokens, and a device is waiting on each for its next token) before prompt chunks, each group
-oldest first, while the batch stays within the token budget.
+oldest first, while the batch stays within the token budget. SLO-aware: when the batch holds decode
+rounds, a prompt chunk joins only if the latency predictor says the forward still ends within the
+tightest time-between-rounds target of those rounds' sessions (a long prompt must not stall others'
+decoding); without decode rounds prompt chunks fill the token budget.
 """
 from __future__ import annotations
 
 from collections import deque
 
+from hat.common.cost_fit import LinearCost, attended
+
 from .middle_worker import ForwardJob
 
 
-def form_batch(pending: deque[ForwardJob], max_tokens: int) -> tuple[list[ForwardJob], deque[ForwardJob]]:
-    """The next batch and what stays pending (in its order)."""
+def predicted_s(cost: LinearCost, jobs: list[ForwardJob]) -> float:
+    """The latency predictor's time for one forward over `jobs`."""
+    return (cost.base_s + cost.per_token_s * sum(j.hidden.shape[0] for j in jobs)
+            + cost.per_attended_s * sum(attended(j.hidden.shape[0], int(j.header.start)) for j in jobs))
+
+
+def form_batch(pending: deque[ForwardJob], max_tokens: int,
+               cost: LinearCost | None = None) -> tuple[list[ForwardJob], deque[ForwardJob]]:
+    """The next batch and what stays pending (in its order). `cost`: the latency predictor (None: no SLO check)."""
     heads, seen = [], set()
     for job in pending:
         session = job.header.session_id
@@ -25,8 +37,13 @@ def form_batch(pending: deque[ForwardJob], max_tokens: int) -> tuple[list[Forwar
     chosen, tokens = [heads[0]], heads[0].hidden.shape[0]
     for job in sorted(heads[1:], key=lambda j: j.header.append_only):  # stable: decode rounds first, then chunks
         count = job.hidden.shape[0]
-        if tokens + count <= max_tokens:
-            chosen.append(job)
-            tokens += count
+        if tokens + count > max_tokens:
+            continue
+        if job.header.append_only and cost is not None:
+            targets = [j.session.tbt_slo_s for j in chosen if not j.header.append_only and j.session.tbt_slo_s]
+            if targets and predicted_s(cost, chosen + [job]) > min(targets):
+                continue
+        chosen.append(job)
+        tokens += count
     taken = {id(job) for job in chosen}
     return chosen, deque(job for job in pending if id(job) not in taken)

@@ -44,6 +44,8 @@ class LinkConfig:
     device_id: str = ""  # this device's id; empty = derived from the host name
     reply_timeout_s: float = 60.0  # longest wait for one data-plane reply
     admission_timeout_s: float = 30.0  # longest wait for a busy cloud (OVERLOADED) to take a new session
+    ttft_slo_ms: int = 0  # this device's time-to-first-token target, sent with each OPEN (0 = the cloud's default)
+    tbt_slo_ms: int = 0  # its time-between-rounds target: the cloud keeps batches with its rounds within it
     control_timeout_s: float = 10.0  # longest wait for one control-plane call (includes connecting)
 
     def resolved_device_id(self) -> str:
@@ -115,7 +117,8 @@ class CloudLink:
         """Send an OPEN without waiting (FORWARDs sent after it are taken after it); returns its sequence number.
         `max_positions`: the most positions the session will hold (the cloud reserves KV memory for them;
         0 = the whole context)."""
-        return self._send(wire.make_header(pb.OPEN, session_id, device_id=self.device_id, max_positions=max_positions))
+        return self._send(wire.make_header(pb.OPEN, session_id, device_id=self.device_id, max_positions=max_positions,
+                                           ttft_slo_ms=self.config.ttft_slo_ms, tbt_slo_ms=self.config.tbt_slo_ms))
 
     def close_session(self, session_id: str, timeout_s: float = 5.0) -> wire.DataMessage:
         return self._request(wire.make_header(pb.CLOSE, session_id),

@@ -21,7 +21,7 @@ PROMPT = "Zebulon Quixote-Marchetti wired 4817 florins to Vandermeer Hollowbrook
 NEW_TOKENS = 20
 HEADER_LIMIT = 128  # bytes
 ALLOWED_FIELDS = {"version", "kind", "session_id", "sequence", "start", "num_tokens", "dtype", "shape", "return_last",
-                  "device_id", "append_only", "max_positions"}
+                  "device_id", "append_only", "max_positions", "ttft_slo_ms", "tbt_slo_ms"}
 
 
 class RecordingSocket:
