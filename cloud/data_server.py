@@ -134,7 +134,8 @@ class DataServer:
                 c = self.config
                 self.store.open(header.session_id, header.device_id, owner, header.max_positions,
                                 (header.ttft_slo_ms or c.default_ttft_slo_ms) / 1000,
-                                (header.tbt_slo_ms or c.default_tbt_slo_ms) / 1000)
+                                (header.tbt_slo_ms or c.default_tbt_slo_ms) / 1000,
+                                arrival_us / 1e6 if arrival_us else None)  # now_us is time.monotonic's clock
                 self._reply(owner, wire.make_header(pb.OPENED, header.session_id, header.sequence,
                                                     arrival_us=arrival_us))
             elif header.kind == pb.CLOSE:

@@ -75,9 +75,9 @@ class CloudMetrics:
     def render(self) -> str:
         lines = []
         for name, (help_text, read) in self.gauges.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read():g}"]
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_number(read())}"]
         for name, (help_text, read) in self.counters.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {read():g}"]
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {_number(read())}"]
         with self._lock:
             lines += ["# HELP hat_tokens_total middle-part tokens by kind of FORWARD", "# TYPE hat_tokens_total counter"]
             lines += [f'hat_tokens_total{{kind="{kind}"}} {count}' for kind, count in self.tokens.items()]
@@ -89,6 +89,11 @@ class CloudMetrics:
             for name, histogram in self.histograms.items():
                 lines += [f"# HELP {name} {HISTOGRAMS[name][0]}", f"# TYPE {name} histogram", *histogram.lines(name)]
         return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """Exact for whole numbers (a counter past 10**6 must not lose digits), full precision otherwise."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 class MetricsServer:

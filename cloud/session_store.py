@@ -20,7 +20,7 @@ class CloudSession:
     owner: bytes  # ZeroMQ routing id of the connection that opened it; only it may use the session
     cache: KVCache  # middle-layer keys and values
     last_active: float  # monotonic time of the last message
-    opened_s: float = 0.0  # monotonic time it was opened
+    opened_s: float = 0.0  # monotonic time its OPEN arrived
     prompt_reply_s: float = 0.0  # when its latest prompt chunk's reply went out
     round_reply_s: float = 0.0  # when its latest decode or verification reply went out (0 = none yet)
     ttft_slo_s: float = 0.0  # the request's time-to-first-token target
@@ -40,7 +40,7 @@ class SessionStore:
         self.expired_total = 0
 
     def open(self, session_id: str, device_id: str, owner: bytes, max_positions: int = 0, ttft_slo_s: float = 0.0,
-             tbt_slo_s: float = 0.0) -> CloudSession:
+             tbt_slo_s: float = 0.0, arrived_s: float | None = None) -> CloudSession:
         """Create the session with an empty cache for up to `max_positions` (0 = the context), its KV blocks
         reserved (re-opening one's own session starts it afresh)."""
         if not session_id:
@@ -57,7 +57,8 @@ class SessionStore:
             self.budget.reserve(session_id, positions)
             now = self._clock()
             session = CloudSession(session_id, device_id, owner, self._part.new_cache(positions, preallocate=True),
-                                   now, opened_s=now, ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s)
+                                   now, opened_s=now if arrived_s is None else arrived_s, ttft_slo_s=ttft_slo_s,
+                                   tbt_slo_s=tbt_slo_s)
             self._sessions[session_id] = session
             return session
 

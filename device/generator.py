@@ -161,18 +161,36 @@ class SplitGenerator:
                                                   self.link.send_open(g.session_id, g.max_positions))
                 break
             except CloudError as exc:
-                if exc.code == pb.OVERLOADED and exc.retry_after_s:  # the cloud is full: wait as it says, bounded
-                    if time.monotonic() + exc.retry_after_s > deadline:
-                        raise CloudError(f"{exc} (still refused after waiting "
-                                         f"{self.link.config.admission_timeout_s:g} s)", exc.code) from None
-                    time.sleep(exc.retry_after_s)
-                    g.admission_waits += 1
+                if self._wait_for_admission(g, exc, deadline):
                     continue
                 if exc.code not in RECOVERABLE or g.recoveries >= MAX_RECOVERIES:
                     raise
             g.recoveries += 1
         output = self.model.output_part
         return output.logits(middle.to(output.dtype))[0], report
+
+    def _wait_for_admission(self, g: _Generation, exc: CloudError, deadline: float) -> bool:
+        """On OVERLOADED with a retry hint, wait as the cloud says and return True (the caller retries); raise once
+        the wait would pass `deadline`; False for any other error."""
+        if exc.code != pb.OVERLOADED or not exc.retry_after_s:
+            return False
+        if time.monotonic() + exc.retry_after_s > deadline:
+            raise CloudError(f"{exc} (still refused after waiting {self.link.config.admission_timeout_s:g} s)",
+                             exc.code) from None
+        time.sleep(exc.retry_after_s)
+        g.admission_waits += 1
+        return True
+
+    def _open(self, g: _Generation) -> None:
+        """Open the session and wait for it, waiting for admission as the cloud says when it is full."""
+        deadline = time.monotonic() + self.link.config.admission_timeout_s
+        while True:
+            try:
+                self.link.open_session(g.session_id, g.max_positions)
+                return
+            except CloudError as exc:
+                if not self._wait_for_admission(g, exc, deadline):
+                    raise
 
     def _decode_step(self, g: _Generation, token: int) -> torch.Tensor:
         """One plain decode round: `token` (the last of g.tokens) through all three parts; its logits."""
@@ -257,7 +275,7 @@ class SplitGenerator:
     def _resend_history(self, g: _Generation, end: int) -> None:
         """Open the session afresh and rebuild its cloud cache from positions [0, end) of the device's own tokens.
         The input part runs into a scratch cache, so the device's caches (drafts included) are untouched."""
-        self.link.open_session(g.session_id, g.max_positions)
+        self._open(g)
         part = self.model.input_part
         scratch = part.new_cache()
         for start in range(0, end, self.max_message_tokens):

@@ -407,3 +407,36 @@ def test_forward_past_max_positions_is_context_exceeded(tight):
         assert info.value.code == pb.CONTEXT_EXCEEDED
         # rewriting the last position (a rollback) is still inside the reservation
         assert link.forward("ctx", 19, torch.randn(1, hidden_size)).header.cache_length == 20
+
+
+def test_recovery_reopen_waits_for_memory_like_the_first_open(tight, reference):
+    """When the cloud loses a session mid-decode while its memory is taken, the device's re-OPEN waits for memory (as
+    its first OPEN would) and the generation finishes with the same tokens."""
+    _, expected, _ = reference
+    store = tight.server.store
+    with raw_link(tight, "kv-holder-4") as holder, raw_link(tight, "kv-filler") as filler, \
+            held_sessions(holder, "hold-e"), tight.generator(admission_timeout_s=20.0) as gen:
+        original = gen.link.send_forward
+        calls = {"n": 0}
+        released = threading.Event()
+
+        def release_later():
+            time.sleep(0.5)
+            filler.close_session("filler")
+            released.set()
+
+        def send_forward(session_id, start, hidden, return_last=0, **options):
+            calls["n"] += 1
+            if calls["n"] == 6:  # in the decode: the cloud drops the session, another takes its memory
+                store.close(session_id, store._sessions[session_id].owner)
+                assert filler.open_session("filler", SESSION_POSITIONS).header.kind == pb.OPENED
+                threading.Thread(target=release_later, daemon=True).start()
+            return original(session_id, start, hidden, return_last, **options)
+
+        gen.link.send_forward = send_forward
+        try:
+            result = gen.generate(PROMPT, NEW_TOKENS)
+        finally:
+            assert released.wait(10)  # the filler's link is used by the thread until then
+    assert result.recoveries == 1
+    assert result.token_ids == expected

@@ -2,7 +2,8 @@
 
 Only each session's oldest pending FORWARD is eligible; the oldest eligible one always goes in; then
 decode rounds (append_only False) before prompt chunks (append_only True), oldest first, while the batch
-stays within the token budget; what is left stays pending in its order.
+stays within the token budget; what is left stays pending in its order. Without a latency predictor
+(`cost` None, as here) no SLO check applies: the token budget alone bounds a batch.
 """
 from __future__ import annotations
 
@@ -109,21 +110,31 @@ def queues(draw):
 @given(queues())
 def test_repeated_batches_drain_everything_in_session_order(case):
     """Forming batches until nothing is left runs every job exactly once, each session's jobs in arrival order,
-    at most one job per session per batch, the oldest pending job in every batch, and no batch over the budget
-    unless it holds a single job."""
+    only each session's oldest job in a batch, the oldest pending job in every batch, no batch over the budget
+    unless it holds a single job, no eligible job left out that would have fit, no decode round passed over for a
+    prompt chunk."""
     jobs, budget = case
     pending = deque(jobs)
     ran: dict[str, list[int]] = {}
     batches = 0
     while pending:
         oldest = pending[0]
+        heads = {}
+        for j in pending:
+            heads.setdefault(j.header.session_id, j)
         chosen, pending = form_batch(pending, budget)
         batches += 1
         assert chosen and chosen[0] is oldest
-        sessions = [j.header.session_id for j in chosen]
-        assert len(sessions) == len(set(sessions))
+        assert all(heads[j.header.session_id] is j for j in chosen)  # only each session's oldest
         tokens = sum(j.hidden.shape[0] for j in chosen)
         assert tokens <= budget or len(chosen) == 1
+        taken = {id(j) for j in chosen}
+        left_out = [j for j in heads.values() if id(j) not in taken]
+        assert all(tokens + j.hidden.shape[0] > budget for j in left_out)  # nothing eligible that fit was left out
+        if any(j.header.append_only for j in chosen[1:]):  # a chunk went in: no decode round was left out for it
+            chunk_tokens = sum(j.hidden.shape[0] for j in chosen[1:] if j.header.append_only)
+            assert all(tokens - chunk_tokens + j.hidden.shape[0] > budget
+                       for j in left_out if not j.header.append_only)
         for j in chosen:
             ran.setdefault(j.header.session_id, []).append(j.header.sequence)
         assert batches <= len(jobs)
