@@ -10,12 +10,11 @@ import time
 
 import torch
 
-from hat.common.cost_fit import CostFit, LinearCost, attended
+from hat.common.cost_fit import PROFILE_SHAPES, CostFit, LinearCost, attended
 from hat.common.layers import SequenceSpan
 from hat.common.model_part import ModelPart
 from hat.common.proto import hat_pb2 as pb
 
-PROFILE_SHAPES = ((16, 0), (64, 0), (256, 0), (64, 256), (256, 256))  # (tokens, start) forwards timed at start-up
 
 
 class CloudLatencyModel:
@@ -38,9 +37,7 @@ class CloudLatencyModel:
         """The predictor as published; queueing = the predicted time of the work waiting now."""
         with self._lock:
             cost, samples = self._fit.cost, len(self._fit)
-        queue_s = 0.0
-        if pending_tokens:
-            queue_s = cost.base_s + cost.per_token_s * pending_tokens + cost.per_attended_s * pending_attended
+        queue_s = cost.batch(pending_tokens, pending_attended) if pending_tokens else 0.0
         return pb.LatencyReply(base_us=cost.base_s * 1e6, per_token_us=cost.per_token_s * 1e6,
                                per_token_context_ns=cost.per_attended_s * 1e9, queue_us=queue_s * 1e6,
                                samples=max(0, samples - self.profiled_samples))

@@ -19,8 +19,8 @@ from .middle_worker import ForwardJob
 
 def predicted_s(cost: LinearCost, jobs: list[ForwardJob]) -> float:
     """The latency predictor's time for one forward over `jobs`."""
-    return (cost.base_s + cost.per_token_s * sum(j.hidden.shape[0] for j in jobs)
-            + cost.per_attended_s * sum(attended(j.hidden.shape[0], int(j.header.start)) for j in jobs))
+    return cost.batch(sum(j.hidden.shape[0] for j in jobs),
+                      sum(attended(j.hidden.shape[0], int(j.header.start)) for j in jobs))
 
 
 def form_batch(pending: deque[ForwardJob], max_tokens: int,

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+PROFILE_SHAPES = ((16, 0), (64, 0), (256, 0), (64, 256), (256, 256))  # (tokens, start) of start-up timings
+
+
 def attended(tokens: int, start: int) -> float:
     """Query-key pairs a causal forward of `tokens` positions after `start` cached ones computes."""
     return tokens * (start + (tokens + 1) / 2)
@@ -28,7 +31,11 @@ class LinearCost:
     per_attended_s: float  # cost of each query-key pair
 
     def predict(self, tokens: int, start: int = 0) -> float:
-        return self.base_s + self.per_token_s * tokens + self.per_attended_s * attended(tokens, start)
+        return self.batch(tokens, attended(tokens, start))
+
+    def batch(self, tokens: int, attended_pairs: float) -> float:
+        """One forward over new positions and query-key pairs summed over its sequences."""
+        return self.base_s + self.per_token_s * tokens + self.per_attended_s * attended_pairs
 
     def scaled(self, factor: float) -> "LinearCost":
         return LinearCost(self.base_s * factor, self.per_token_s * factor, self.per_attended_s * factor)

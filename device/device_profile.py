@@ -6,12 +6,11 @@ import time
 
 import torch
 
-from hat.common.cost_fit import CostFit, attended
+from hat.common.cost_fit import PROFILE_SHAPES, CostFit, attended
 from hat.common.layers import SequenceSpan
 
 from .device_model import DeviceModel
 
-PROFILE_SHAPES = ((16, 0), (64, 0), (256, 0), (64, 256), (256, 256))  # (tokens, start) timed at start-up
 
 
 class DeviceProfile:
