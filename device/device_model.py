@@ -6,11 +6,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hat.common.adapter import DraftAdapter
 from hat.common.bundle import BundleManifest, load_manifest
 from hat.common.checkpoint import load_tensors
+from hat.common.kv_cache import KVCache
+from hat.common.layers import SequenceSpan
 from hat.common.model_part import ModelPart
 from hat.common.model_spec import ModelSpec, load_model_spec
 
@@ -42,6 +45,16 @@ class DeviceModel:
             adapter.config.check_matches(manifest.source_fingerprint, k, m)
         return cls(manifest, spec, tokenizer, input_part, output_part, stop_token_ids(bundle_dir, spec, tokenizer),
                    adapter)
+
+    def run_input(self, token_ids: list[int], start: int, input_cache: KVCache,
+                  adapter_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embedding and input part over `token_ids` at positions from `start`, and the adapter when given its cache
+        (which follows the input part's); returns the input part's hidden states and the adapter's output."""
+        embeds = self.input_part.embed(torch.tensor(token_ids))
+        hidden = self.input_part.forward_layers(embeds, [SequenceSpan(input_cache, start, len(token_ids))])
+        if adapter_cache is None:
+            return hidden, None
+        return hidden, self.adapter(hidden, embeds, [SequenceSpan(adapter_cache, start, len(token_ids))])
 
 
 def stop_token_ids(bundle_dir: str | Path, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

@@ -35,7 +35,7 @@ class DeviceProfile:
         for tokens, start in PROFILE_SHAPES:
             if start + tokens > caches[0].max_length:
                 continue
-            ids = torch.randint(vocab, (start + tokens,), generator=generator)
+            ids = torch.randint(vocab, (start + tokens,), generator=generator).tolist()
             if start:
                 self._run(model, caches, ids[:start], 0)
             for attempt in range(repeats + 1):
@@ -50,13 +50,10 @@ class DeviceProfile:
         return self
 
     @staticmethod
-    def _run(model: DeviceModel, caches, ids: torch.Tensor, start: int) -> tuple[float, float]:
+    def _run(model: DeviceModel, caches, ids: list[int], start: int) -> tuple[float, float]:
         input_cache, output_cache, adapter_cache = caches
         began = time.perf_counter()
-        embeds = model.input_part.embed(ids)
-        hidden = model.input_part.forward_layers(embeds, [SequenceSpan(input_cache, start, len(ids))])
-        if adapter_cache is not None:
-            model.adapter(hidden, embeds, [SequenceSpan(adapter_cache, start, len(ids))])
+        hidden, _ = model.run_input(ids, start, input_cache, adapter_cache)
         middle = time.perf_counter()
         if model.output_part.num_layers:
             model.output_part.forward_layers(hidden, [SequenceSpan(output_cache, start, len(ids))])

@@ -90,12 +90,10 @@ class Drafter:
     def _run_input(self, draft: Draft) -> None:
         """Input part and adapter over the next token that has not been run (one position)."""
         i = len(draft.hiddens)
-        position = draft.start + i
-        part = self.model.input_part
-        embeds = part.embed(torch.tensor(draft.tokens[i:i + 1]))
-        hidden = part.forward_layers(embeds, [SequenceSpan(self.caches.input, position, 1)])
+        hidden, estimate = self.model.run_input(draft.tokens[i:i + 1], draft.start + i, self.caches.input,
+                                                self.caches.adapter)
         draft.hiddens.append(hidden)
-        draft.estimates.append(self.model.adapter(hidden, embeds, [SequenceSpan(self.caches.adapter, position, 1)]))
+        draft.estimates.append(estimate)
 
     def _run_draft_head(self, draft: Draft) -> torch.Tensor:
         """Output part over the last token's adapter estimate: the draft's logits for the position after it."""

@@ -197,8 +197,7 @@ class SplitGenerator:
         model, caches = self.model, g.caches
         position = len(g.tokens) - 1
         began = time.perf_counter()
-        embeds = model.input_part.embed(torch.tensor([token]))
-        hidden = model.input_part.forward_layers(embeds, [SequenceSpan(caches.input, position, 1)])
+        hidden, _ = model.run_input([token], position, caches.input)
         sent = time.perf_counter()
         needs_all = model.output_part.num_layers > 0
         reply = self._forward(g, position, hidden, return_last=0 if needs_all else 1)
@@ -276,11 +275,9 @@ class SplitGenerator:
         """Open the session afresh and rebuild its cloud cache from positions [0, end) of the device's own tokens.
         The input part runs into a scratch cache, so the device's caches (drafts included) are untouched."""
         self._open(g)
-        part = self.model.input_part
-        scratch = part.new_cache()
+        scratch = self.model.input_part.new_cache()
         for start in range(0, end, self.max_message_tokens):
-            chunk = g.tokens[start:min(end, start + self.max_message_tokens)]
-            hidden = part.forward_layers(part.embed(torch.tensor(chunk)), [SequenceSpan(scratch, start, len(chunk))])
+            hidden, _ = self.model.run_input(g.tokens[start:min(end, start + self.max_message_tokens)], start, scratch)
             self.link.forward(g.session_id, start, hidden, return_last=1)
 
     def _close_quietly(self, session_id: str) -> None:

@@ -112,11 +112,8 @@ class PrefillPipeline:
                     report.replans += 1
                 count = min(queue.popleft() if queue else max_chunk, total - position, max_chunk)
                 began = time.perf_counter()
-                ids = torch.tensor(token_ids[position:position + count])
-                embeds = model.input_part.embed(ids)
-                hidden = model.input_part.forward_layers(embeds, [SequenceSpan(caches.input, position, count)])
-                if caches.adapter is not None:  # the adapter's cache follows the input part's
-                    model.adapter(hidden, embeds, [SequenceSpan(caches.adapter, position, count)])
+                hidden, _ = model.run_input(token_ids[position:position + count], position, caches.input,
+                                            caches.adapter)
                 input_s = time.perf_counter() - began
                 up0 = self.link.bytes_up
                 sequence = self.link.send_forward(session_id, position, hidden, return_last, append_only=True)
