@@ -8,6 +8,7 @@ exit status and stderr end to end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -156,14 +157,21 @@ class CloudProcess:
             self.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def cloud(bundle):
+@contextlib.contextmanager
+def serving(bundle):
+    """A ready `hat cloud serve` process for `bundle` (its ports in `.ports`), killed on exit."""
     server = CloudProcess(bundle)
     try:
         server.ports = server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def cloud(bundle):
+    with serving(bundle) as server:
+        yield server
 
 
 def generate(cloud: CloudProcess, device_bundle: Path, prompt: str, *extra) -> subprocess.Popen:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from checkpoints import TOKENIZER_TEXT
-from test_cli import CloudProcess, assert_usage_error, finish, hat_main, start
+from test_cli import CloudProcess, assert_usage_error, finish, hat_main, serving, start
 from hat.cli.main import build_parser, main
 from hat.common.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, DraftAdapter
 from hat.common.checkpoint import fingerprint
@@ -109,12 +109,8 @@ def bundle(split_run) -> Path:
 
 @pytest.fixture(scope="module")
 def cloud(bundle):
-    server = CloudProcess(bundle)
-    try:
-        server.ports = server.wait_ready()
+    with serving(bundle) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def generate_args(cloud: CloudProcess, device_bundle: Path, *extra) -> list:
