@@ -112,7 +112,6 @@ def main(argv=None) -> int:
     from hat.common.default_model import reference_model_dir
     from hat.common.sampling import SamplingParams
     from hat.common.split import split_checkpoint
-    from hat.device.chunk_planner import ChunkingConfig
     from hat.device.cloud_link import CloudLink, LinkConfig
     from hat.device.device_model import DeviceModel
     from hat.device.generator import SplitGenerator
@@ -152,8 +151,7 @@ def main(argv=None) -> int:
                         link.register(model.manifest)
                         generator = SplitGenerator(model, link)
                         for length in lengths:
-                            cells.append(run_cell(generator, prompts[length], length, uplink, profile, sizes, greedy,
-                                                  ChunkingConfig))
+                            cells.append(run_cell(generator, prompts[length], length, uplink, profile, sizes, greedy))
                     if pin:
                         os.sched_setaffinity(0, cpus[1:])
     report(args, cells)
@@ -162,10 +160,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_cell(generator, prompts: list[list[int]], length: int, uplink: float, profile, sizes: list[int], greedy,
-             chunking_config) -> dict:
-    modes = {"adaptive": chunking_config(), "none": chunking_config(enabled=False)}
-    modes.update({f"fixed {s}": chunking_config(fixed_size=s) for s in sizes if s < length})
+def run_cell(generator, prompts: list[list[int]], length: int, uplink: float, profile, sizes: list[int],
+             greedy) -> dict:
+    from hat.device.chunk_planner import ChunkingConfig
+
+    modes = {"adaptive": ChunkingConfig(), "none": ChunkingConfig(enabled=False)}
+    modes.update({f"fixed {s}": ChunkingConfig(fixed_size=s) for s in sizes if s < length})
     adaptive = modes["adaptive"]
     generator.prefill.config = adaptive
     generator.generate_ids(prompts[0], 1, greedy)  # warm-up: the link estimator learns this link
