@@ -1,4 +1,10 @@
-"""`hat cloud serve --bundle BUNDLE/cloud --data tcp://HOST:PORT --control HOST:PORT`."""
+"""`hat cloud serve --bundle BUNDLE/cloud [--role all|router|prefill|decode] ...`.
+
+`all` (the default) is one process that serves devices itself. A disaggregated cloud is a `router`
+(devices connect to its --data and --control addresses; workers to its --workers address) and any
+number of `prefill` and `decode` workers, each started with --router pointing at the router's
+--workers address; they may run on other hosts.
+"""
 from __future__ import annotations
 
 import signal
@@ -6,14 +12,32 @@ import threading
 
 from .generate_cmd import set_threads
 
+REGISTER_TIMEOUT_S = 60.0  # how long a worker waits for the router to accept it at start-up
+
 
 def add_parser(commands) -> None:
     cloud = commands.add_parser("cloud", help="the cloud server")
     sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="ACTION")
     p = sub.add_parser("serve", help="serve the middle layers to devices")
     p.add_argument("--bundle", required=True, help="cloud bundle folder (BUNDLE/cloud from `hat split`)")
-    p.add_argument("--data", default="tcp://127.0.0.1:5555", help="ZeroMQ data-plane bind address (port 0 = any)")
-    p.add_argument("--control", default="127.0.0.1:5556", help="gRPC control-plane bind address HOST:PORT (port 0 = any)")
+    p.add_argument("--role", choices=("all", "router", "prefill", "decode"), default="all",
+                   help="all: one process; router: devices' entry point for prefill and decode workers "
+                        "(default: %(default)s)")
+    p.add_argument("--data", default="tcp://127.0.0.1:5555",
+                   help="all/router: ZeroMQ data-plane bind address devices connect to (port 0 = any)")
+    p.add_argument("--control", default="127.0.0.1:5556",
+                   help="all/router: gRPC control-plane bind address HOST:PORT (port 0 = any)")
+    p.add_argument("--workers", default="tcp://127.0.0.1:5557",
+                   help="router: bind address prefill and decode workers connect to (port 0 = any)")
+    p.add_argument("--router", default="", metavar="ADDRESS",
+                   help="prefill/decode: the router's --workers address, e.g. tcp://10.0.0.2:5557")
+    p.add_argument("--kv-address", default="tcp://127.0.0.1:0",
+                   help="prefill/decode: bind address for KV handoffs from peers; bind a reachable interface "
+                        "(or 0.0.0.0) when workers are on several hosts (default: %(default)s)")
+    p.add_argument("--worker-id", default="", help="prefill/decode: this worker's name (default: role-host-pid)")
+    p.add_argument("--disaggregation", choices=("auto", "always", "never"), default="auto",
+                   help="router: when a session's decoding moves from its prefill worker to a decode worker: when its "
+                        "TBT target would be missed (auto), at its first round (always), or never")
     p.add_argument("--device", default="cpu", help="torch device for the middle part (cpu, cuda, cuda:1)")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is freed")
     p.add_argument("--max-sessions", type=int, default=1024, help="sessions held at once")
@@ -27,27 +51,61 @@ def add_parser(commands) -> None:
 
 
 def run_serve(args) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.role == "router":
+        return _serve_router(args, stop)
     from hat.cloud.config import CloudConfig
     from hat.cloud.server import CloudServer
 
+    if args.role != "all" and not args.router:
+        raise SystemExit(f"hat cloud serve: error: --role {args.role} needs --router (the router's --workers address)")
     set_threads(args.threads)
     config = CloudConfig(bundle=args.bundle, data_address=args.data, control_address=args.control, device=args.device,
                          session_idle_timeout_s=args.idle_timeout, max_sessions=args.max_sessions,
                          kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)), metrics_address=args.metrics,
-                         drain_timeout_s=args.drain_timeout)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+                         drain_timeout_s=args.drain_timeout, role=args.role, router_address=args.router,
+                         kv_address=args.kv_address, worker_id=args.worker_id)
     server = CloudServer(config).start()
-    first, last = server.manifest.middle_layers
-    # one line a supervisor (or `hat demo`) can wait for
-    metrics = f" metrics=http://{server.metrics_address}/metrics" if server.metrics_address else ""
-    print(f"ready data={server.data_address} control={server.control_address} layers=[{first},{last}){metrics}",
-          flush=True)
+    try:
+        if args.role != "all":
+            server.wait_registered(REGISTER_TIMEOUT_S)
+        first, last = server.manifest.middle_layers
+        # one line a supervisor (or `hat demo`) can wait for
+        metrics = f" metrics=http://{server.metrics_address}/metrics" if server.metrics_address else ""
+        if args.role == "all":
+            print(f"ready data={server.data_address} control={server.control_address} layers=[{first},{last})"
+                  f"{metrics}", flush=True)
+        else:
+            print(f"ready role={args.role} worker={server.agent.worker_id} router={args.router} "
+                  f"kv={server.kv_address} layers=[{first},{last}){metrics}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    except RuntimeError as exc:
+        raise SystemExit(f"hat cloud serve: error: {exc}") from None
+    finally:
+        server.stop(drain_s=config.drain_timeout_s if args.role == "all" else 0.0)
+        print("stopped", flush=True)
+    return 0
+
+
+def _serve_router(args, stop: threading.Event) -> int:
+    from hat.cloud.config import RouterConfig
+    from hat.cloud.router import Router
+
+    config = RouterConfig(bundle=args.bundle, data_address=args.data, control_address=args.control,
+                          worker_address=args.workers, disaggregation=args.disaggregation,
+                          session_idle_timeout_s=args.idle_timeout, metrics_address=args.metrics,
+                          drain_timeout_s=args.drain_timeout)
+    router = Router(config).start()
+    metrics = f" metrics=http://{router.metrics_address}/metrics" if router.metrics_address else ""
+    print(f"ready data={router.data_address} control={router.control_address} workers={router.worker_address}"
+          f"{metrics}", flush=True)
     try:
         while not stop.wait(0.5):
             pass
     finally:
-        server.stop(drain_s=config.drain_timeout_s)
+        router.stop(drain_s=config.drain_timeout_s)
         print("stopped", flush=True)
     return 0

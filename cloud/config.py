@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+WORKER_ROLES = ("all", "prefill", "decode")  # roles of a process that runs the middle part
+
 
 @dataclass(frozen=True, slots=True)
 class CloudConfig:
@@ -24,9 +26,55 @@ class CloudConfig:
     default_tbt_slo_ms: int = 200  # a request's time-between-rounds target when its OPEN names none
     metrics_address: str = ""  # HOST:PORT of the Prometheus /metrics endpoint (port 0 = any free); empty = none
     profile_on_start: bool = True  # time a few forwards at start-up to seed the latency predictor devices plan with
+    role: str = "all"  # "all": one process serves devices itself; "prefill" or "decode": a worker behind a router
+    router_address: str = ""  # prefill/decode: the router's worker address (tcp://HOST:PORT) to connect and register to
+    kv_address: str = "tcp://127.0.0.1:0"  # prefill/decode: bind address where peers push KV handoffs (port 0 = any)
+    worker_id: str = ""  # prefill/decode: this worker's name at the router (empty = role-host-pid-random)
+    heartbeat_interval_s: float = 0.25  # prefill/decode: how often the worker tells the router its load
+    handoff_timeout_s: float = 10.0  # decode: longest wait for a handed-off session's KV before its FORWARDs fail
 
     def __post_init__(self):
-        for name in ("session_idle_timeout_s", "max_sessions", "max_tokens_per_message", "max_batch_tokens",
+        if self.role not in WORKER_ROLES:
+            raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
+        if self.role != "all" and not self.router_address:
+            raise ValueError(f"a {self.role} worker needs the router's worker address (router_address)")
+        for name in ("heartbeat_interval_s", "handoff_timeout_s", "session_idle_timeout_s", "max_sessions", "max_tokens_per_message", "max_batch_tokens",
                      "poll_interval_s", "grpc_workers", "kv_budget_bytes", "kv_block_tokens", "overload_retry_ms"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+DISAGGREGATION_POLICIES = ("auto", "always", "never")  # when a session's decoding moves off its prefill worker
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    bundle: str  # the cloud bundle the workers serve (the router reads its manifest and model config, no weights)
+    data_address: str = "tcp://127.0.0.1:5555"  # ZeroMQ ROUTER bind address devices connect to (port 0 = any free)
+    control_address: str = "127.0.0.1:5556"  # gRPC bind address of the control plane devices register with
+    worker_address: str = "tcp://127.0.0.1:5557"  # ZeroMQ ROUTER bind address prefill and decode workers connect to
+    # "auto": a session decodes on its prefill worker until the latency predictor says a round there would miss its
+    # TBT target, then moves to a decode worker; "always": moves at its first decode round; "never": stays
+    disaggregation: str = "auto"
+    worker_timeout_s: float = 3.0  # a worker silent this long is taken for dead; its sessions' devices re-send history
+    rebalance_margin: int = 2  # move a decode session when decode workers' session counts differ by this much
+    rebalance_interval_s: float = 1.0  # how often decode workers' loads are compared
+    move_cooldown_s: float = 5.0  # a session that moved is not moved again for this long (no ping-pong)
+    max_tokens_per_message: int = 8192  # largest FORWARD accepted, in tokens (told to devices at registration)
+    session_idle_timeout_s: float = 300.0  # a session untouched this long is forgotten (workers free its cache)
+    default_ttft_slo_ms: int = 2000  # a request's time-to-first-token target when its OPEN names none
+    default_tbt_slo_ms: int = 200  # a request's time-between-rounds target when its OPEN names none
+    overload_retry_ms: int = 250  # the retry hint sent when no worker can take a new session
+    metrics_address: str = ""  # HOST:PORT of the Prometheus /metrics endpoint (port 0 = any free); empty = none
+    poll_interval_s: float = 0.05  # longest wait for traffic before liveness and rebalancing checks run
+    grpc_workers: int = 4  # threads serving the control plane
+    drain_timeout_s: float = 30.0  # at shutdown, how long running sessions may take to finish
+
+    def __post_init__(self):
+        if self.disaggregation not in DISAGGREGATION_POLICIES:
+            raise ValueError(f"disaggregation must be one of {', '.join(DISAGGREGATION_POLICIES)}, "
+                             f"got {self.disaggregation!r}")
+        for name in ("worker_timeout_s", "rebalance_margin", "rebalance_interval_s", "max_tokens_per_message",
+                     "session_idle_timeout_s", "overload_retry_ms", "poll_interval_s", "grpc_workers"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -7,6 +7,10 @@ arrived, answers control-like messages at once, and runs a batch the scheduler f
 FORWARDs (one per session, decode rounds before prompt chunks, up to the token budget) in one forward
 of the middle part; the rest wait for the next turn. A bad message is answered with an ERROR to its sender alone. Every
 reply carries the arrival time of its request and its own send time on the cloud's monotonic clock.
+
+As a prefill or decode worker behind a router, the socket is a DEALER connected to the router (device
+messages look the same), a second socket takes KV handoffs from peer workers, and a WorkerAgent
+handles the cluster messages; FORWARDs of a session whose KV is still arriving wait in the queue.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from hat.common.cost_fit import attended
 from hat.common.proto import hat_pb2 as pb
 from hat.common.wire import WireError, WireLimits
 
+from .cluster_protocol import ClusterError, decode_cluster_header, encode_cluster
 from .config import CloudConfig
 from .device_registry import DeviceRegistry
 from .latency_model import CloudLatencyModel
@@ -32,6 +37,7 @@ from .middle_worker import ForwardJob, MiddleWorker
 from .scheduler import form_batch
 from .session_store import SessionStore
 from .stats import CloudStats
+from .worker_agent import WorkerAgent
 
 log = logging.getLogger("hat.cloud")
 _HOUSEKEEPING_INTERVAL_S = 1.0  # how often idle sessions are looked for
@@ -44,15 +50,20 @@ def now_us() -> int:
 
 
 class DataServer:
-    def __init__(self, config: CloudConfig, socket: zmq.Socket, store: SessionStore, registry: DeviceRegistry,
-                 worker: MiddleWorker, stats: CloudStats, latency: CloudLatencyModel, metrics: CloudMetrics):
+    def __init__(self, config: CloudConfig, socket: zmq.Socket, store: SessionStore, registry: DeviceRegistry | None,
+                 worker: MiddleWorker, stats: CloudStats, latency: CloudLatencyModel, metrics: CloudMetrics,
+                 agent: WorkerAgent | None = None, kv_socket: zmq.Socket | None = None):
+        """`registry` None: devices were checked upstream (a worker behind a router). `agent` and `kv_socket`: this
+        is a prefill or decode worker."""
         self.config, self.socket, self.store, self.registry, self.worker, self.stats, self.latency = (
             config, socket, store, registry, worker, stats, latency)
-        self.metrics = metrics
+        self.metrics, self.agent, self.kv_socket = metrics, agent, kv_socket
+        if agent is not None:
+            agent.pending_tokens = lambda: self.pending_work()[0]
         # bytes of the largest FORWARD in the widest dtype; the token count is checked on its own as well
         self.limits = WireLimits(max_tensor_bytes=config.max_tokens_per_message * worker.part.spec.hidden_size * 4)
         self._pending: deque[ForwardJob] = deque()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (arrival_us, frames) from the socket thread
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (arrival_us, frames, from a peer's KV socket)
         self._outbox_address = f"inproc://hat-replies-{id(self)}-{next(_inproc_ids)}"
         self._outbox: zmq.Socket | None = None  # the engine's end of the reply path
         self.draining = False  # set at shutdown: new sessions are refused, running ones go on
@@ -78,6 +89,8 @@ class DataServer:
         finally:
             stop.set()
             io.join()
+            if self.agent is not None:
+                self.agent.close()
             self._outbox.close(linger=0)
             replies.close(linger=0)
 
@@ -85,13 +98,22 @@ class DataServer:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
+        if self.kv_socket is not None:
+            poller.register(self.kv_socket, zmq.POLLIN)
         timeout_ms = self.config.poll_interval_s * 1000
+        if self.agent is not None:
+            timeout_ms = min(timeout_ms, self.config.heartbeat_interval_s * 1000)
+            self.socket.send_multipart(self.agent.announcement(pb.WORKER_REGISTER))
+        last_heartbeat = time.monotonic()
         while not stop.is_set():
             ready = dict(poller.poll(timeout=timeout_ms))
-            if self.socket in ready:
-                while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    frames = self.socket.recv_multipart(copy=False)
-                    self._inbox.put((now_us(), frames))
+            for source, from_peer in ((self.socket, False), (self.kv_socket, True)):
+                if source in ready:
+                    while source.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        self._inbox.put((now_us(), source.recv_multipart(copy=False), from_peer))
+            if self.agent is not None and time.monotonic() - last_heartbeat > self.config.heartbeat_interval_s:
+                last_heartbeat = time.monotonic()
+                self.socket.send_multipart(self.agent.announcement())
             if replies in ready:
                 while replies.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self.socket.send_multipart(replies.recv_multipart(copy=False), copy=False)
@@ -103,6 +125,8 @@ class DataServer:
             self._run_batch()
             if time.monotonic() - last_housekeeping > _HOUSEKEEPING_INTERVAL_S:
                 last_housekeeping = time.monotonic()
+                if self.agent is not None:
+                    self.agent.expire_incoming(self._fail_held, self._reply_cluster)
                 for session_id in self.store.expire_idle():
                     log.info("session %s expired after %.0f s idle", session_id, self.config.session_idle_timeout_s,
                              extra={"session": session_id, "event": "expired"})
@@ -113,8 +137,11 @@ class DataServer:
         except queue.Empty:
             return
         while True:
-            arrival_us, frames = item
-            self._handle(frames[0].bytes, frames[1:], arrival_us)
+            arrival_us, frames, from_peer = item
+            if from_peer or not frames[0].bytes:
+                self._handle_cluster(frames, from_peer)
+            else:
+                self._handle(frames[0].bytes, frames[1:], arrival_us)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -126,7 +153,7 @@ class DataServer:
             message = wire.decode(frames, self.limits)
             header = message.header
             if header.kind == pb.OPEN:
-                if not self.registry.is_registered(header.device_id):
+                if self.registry is not None and not self.registry.is_registered(header.device_id):
                     raise WireError(pb.NOT_REGISTERED, f"device {header.device_id!r} has not registered with the "
                                                         "control plane")
                 if self.draining:
@@ -154,8 +181,41 @@ class DataServer:
         except WireError as exc:
             self._reply_error(owner, header or exc.header, exc)
 
+    def _handle_cluster(self, frames: list, from_peer: bool) -> None:
+        """A KV layer from a peer, or [b"", ClusterHeader] from the router."""
+        try:
+            if self.agent is None:
+                raise ClusterError("this cloud is not a worker behind a router")
+            if from_peer:
+                self.agent.on_kv(frames, self._reply_cluster)
+            elif len(frames) != 2:
+                raise ClusterError(f"a cluster message is 2 frames, got {len(frames)}")
+            else:
+                self.agent.on_control(decode_cluster_header(frames[1]), self._reply_cluster, self._fail_held)
+        except (ClusterError, WireError) as exc:
+            self.stats.errors += 1
+            log.warning("dropped a cluster message: %s", exc, extra={"event": "cluster_error"})
+
+    def _reply_cluster(self, header: pb.ClusterHeader) -> None:
+        self._outbox.send_multipart(encode_cluster(header))
+
+    def _fail_held(self, session_id: str, error: WireError) -> None:
+        """Answer the queued FORWARDs of `session_id` with `error` and drop them."""
+        failed = [job for job in self._pending if job.header.session_id == session_id]
+        self._pending = deque(job for job in self._pending if job.header.session_id != session_id)
+        for job in failed:
+            self._reply_error(job.owner, job.header, error)
+
     def _run_batch(self) -> None:
-        chosen, self._pending = form_batch(self._pending, self.config.max_batch_tokens, self.latency.cost)
+        pending = self._pending
+        held = self.agent.held() if self.agent is not None else ()
+        if held:
+            pending = deque(job for job in pending if job.header.session_id not in held)
+        chosen, rest = form_batch(pending, self.config.max_batch_tokens, self.latency.cost)
+        if held:
+            taken = {id(job) for job in chosen}
+            rest = deque(job for job in self._pending if id(job) not in taken)
+        self._pending = rest
         jobs = []
         for job in chosen:
             try:

@@ -43,6 +43,8 @@ HISTOGRAMS = {  # name: (help, buckets)
                             LATENCY_BUCKETS_S),
     "hat_round_interval_seconds": ("between a session's consecutive decode or verification replies (the cloud's "
                                    "view of time between rounds)", LATENCY_BUCKETS_S),
+    "hat_handoff_seconds": ("a session's KV handoff, from the router's order to the target worker's ADOPTED",
+                            LATENCY_BUCKETS_S),
 }
 
 

@@ -1,4 +1,8 @@
-"""The cloud server: loads the middle part, binds the data plane (ZeroMQ) and control plane (gRPC)."""
+"""The cloud server: loads the middle part, binds the data plane (ZeroMQ) and control plane (gRPC).
+
+With role "prefill" or "decode" it is a worker behind a router (`hat.cloud.router`): its data plane
+connects to the router instead of binding, it binds a KV socket for handoffs, and the router's control
+plane serves the devices."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +25,7 @@ from .metrics import CloudMetrics, MetricsServer
 from .middle_worker import MiddleWorker, load_middle_part
 from .session_store import SessionStore
 from .stats import CloudStats
+from .worker_agent import WorkerAgent, advertised
 
 log = logging.getLogger("hat.cloud")
 
@@ -50,9 +55,29 @@ class CloudServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._grpc: grpc.Server | None = None
-        self.data_address = self.control_address = self.metrics_address = ""
+        self.data_address = self.control_address = self.metrics_address = self.kv_address = ""
+        self.agent: WorkerAgent | None = None  # set for a prefill or decode worker
 
     def start(self) -> "CloudServer":
+        if self.config.role == "all":
+            data = self._start_standalone()
+        else:
+            data = self._start_worker()
+        self._data = data
+        self.control.pending_work = data.pending_work
+        self._register_metrics(data)
+        if self.config.metrics_address:
+            self._metrics_server = MetricsServer(self.metrics, self.config.metrics_address).start()
+            self.metrics_address = self._metrics_server.address
+        self._thread = threading.Thread(target=self._serve, args=(data,), name="hat-data-plane", daemon=True)
+        self._thread.start()
+        m = self.manifest
+        log.info("serving layers [%d, %d) of %s (%s) as %s on data %s, control %s", *m.middle_layers, m.source_name,
+                 m.dtype, self.config.role, self.data_address, self.control_address or "(the router's)")
+        return self
+
+    def _start_standalone(self) -> DataServer:
+        """Bind the data plane's ROUTER and the gRPC control plane: devices talk to this process."""
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.bind(self.config.data_address)
@@ -64,26 +89,41 @@ class CloudServer:
             raise OSError(f"cannot bind the control plane to {self.config.control_address}")
         self.control_address = f"{self.config.control_address.rsplit(':', 1)[0]}:{port}"
         self._grpc.start()
-        data = DataServer(self.config, socket, self.store, self.registry, self.worker, self.stats, self.latency,
+        return DataServer(self.config, socket, self.store, self.registry, self.worker, self.stats, self.latency,
                           self.metrics)
-        self._data = data
-        self.control.pending_work = data.pending_work
-        self._register_metrics(data)
-        if self.config.metrics_address:
-            self._metrics_server = MetricsServer(self.metrics, self.config.metrics_address).start()
-            self.metrics_address = self._metrics_server.address
-        self._thread = threading.Thread(target=self._serve, args=(data, socket), name="hat-data-plane", daemon=True)
-        self._thread.start()
-        m = self.manifest
-        log.info("serving layers [%d, %d) of %s (%s) on data %s, control %s", *m.middle_layers, m.source_name, m.dtype,
-                 self.data_address, self.control_address)
-        return self
 
-    def _serve(self, data: DataServer, socket: zmq.Socket) -> None:
+    def _start_worker(self) -> DataServer:
+        """Bind the KV socket, connect to the router as a prefill or decode worker (it registers on its own)."""
+        kv_socket = self._context.socket(zmq.PULL)
+        kv_socket.setsockopt(zmq.LINGER, 0)
+        kv_socket.bind(self.config.kv_address)
+        self.kv_address = advertised(kv_socket.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.agent = WorkerAgent(self.config, self.manifest, self.store, self.latency, self.kv_address, self._context)
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTING_ID, self.agent.worker_id.encode())
+        socket.connect(self.config.router_address)
+        self.data_address = self.config.router_address
+        return DataServer(self.config, socket, self.store, None, self.worker, self.stats, self.latency, self.metrics,
+                          self.agent, kv_socket)
+
+    def wait_registered(self, timeout_s: float) -> None:
+        """Block until the router accepts this worker; RuntimeError if it refuses or does not answer in time."""
+        deadline = time.monotonic() + timeout_s
+        while self.agent.accepted is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.agent.accepted is None:
+            raise RuntimeError(f"no answer from the router at {self.config.router_address} within {timeout_s:g} s")
+        if not self.agent.accepted:
+            raise RuntimeError(f"the router refused this worker: {self.agent.refusal}")
+
+    def _serve(self, data: DataServer) -> None:
         try:
             data.serve(self._stop)
         finally:
-            socket.close(linger=0)
+            data.socket.close(linger=0)
+            if data.kv_socket is not None:
+                data.kv_socket.close(linger=0)
 
     def _register_metrics(self, data: DataServer) -> None:
         m, budget, stats = self.metrics, self.budget, self.stats

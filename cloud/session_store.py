@@ -30,7 +30,7 @@ class CloudSession:
 class SessionStore:
     def __init__(self, part: ModelPart, max_sessions: int, idle_timeout_s: float, budget: KVBudget,
                  clock=time.monotonic):
-        self._part = part
+        self.part = part
         self.budget = budget
         self._max_sessions = max_sessions
         self._idle_timeout_s = idle_timeout_s
@@ -45,7 +45,7 @@ class SessionStore:
         reserved (re-opening one's own session starts it afresh)."""
         if not session_id:
             raise WireError(pb.MALFORMED, "OPEN needs a session id")
-        context = self._part.spec.max_context
+        context = self.part.spec.max_context
         positions = min(max_positions, context) if max_positions else context
         with self._lock:
             existing = self._sessions.get(session_id)
@@ -56,7 +56,7 @@ class SessionStore:
                                 retry_after_ms=self.budget.retry_after_ms)
             self.budget.reserve(session_id, positions)
             now = self._clock()
-            session = CloudSession(session_id, device_id, owner, self._part.new_cache(positions, preallocate=True),
+            session = CloudSession(session_id, device_id, owner, self.part.new_cache(positions, preallocate=True),
                                    now, opened_s=now if arrived_s is None else arrived_s, ttft_slo_s=ttft_slo_s,
                                    tbt_slo_s=tbt_slo_s)
             self._sessions[session_id] = session
@@ -75,6 +75,21 @@ class SessionStore:
         with self._lock:
             del self._sessions[session_id]
             self.budget.release(session_id)
+
+    def peek(self, session_id: str) -> CloudSession | None:
+        """The session, whoever owns it (for the cloud's own use, never a device's request)."""
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def take(self, session_id: str) -> CloudSession | None:
+        """Remove the session and release its KV blocks; the caller keeps the session (its cache) to hand it off."""
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            self.budget.release(session_id)
+        return session
+
+    def discard(self, session_id: str) -> None:
+        self.take(session_id)
 
     def expire_idle(self) -> list[str]:
         deadline = self._clock() - self._idle_timeout_s

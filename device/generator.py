@@ -272,13 +272,14 @@ class SplitGenerator:
         return self.link.forward(g.session_id, start, hidden, return_last)
 
     def _resend_history(self, g: _Generation, end: int) -> None:
-        """Open the session afresh and rebuild its cloud cache from positions [0, end) of the device's own tokens.
-        The input part runs into a scratch cache, so the device's caches (drafts included) are untouched."""
+        """Open the session afresh and rebuild its cloud cache from positions [0, end) of the device's own tokens,
+        sent as prompt chunks (a disaggregated cloud re-prefills them on a prefill worker). The input part runs into
+        a scratch cache, so the device's caches (drafts included) are untouched."""
         self._open(g)
         scratch = self.model.input_part.new_cache()
         for start in range(0, end, self.max_message_tokens):
             hidden, _ = self.model.run_input(g.tokens[start:min(end, start + self.max_message_tokens)], start, scratch)
-            self.link.forward(g.session_id, start, hidden, return_last=1)
+            self.link.receive(self.link.send_forward(g.session_id, start, hidden, return_last=1, append_only=True))
 
     def _close_quietly(self, session_id: str) -> None:
         try:

@@ -1,11 +1,12 @@
 """A cloud server on loopback for tests: split a checkpoint, serve its cloud part, hand out device links."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from hat.cloud.config import CloudConfig
+from hat.cloud.config import CloudConfig, RouterConfig
+from hat.cloud.router import Router
 from hat.cloud.server import CloudServer
 from hat.common.split import split_checkpoint
 from hat.device.cloud_link import CloudLink, LinkConfig
@@ -15,11 +16,12 @@ from hat.device.generator import SplitGenerator
 
 @dataclass
 class Cluster:
-    server: CloudServer
+    server: CloudServer | Router  # what devices talk to: the single cloud process, or the router
     device_dir: Path
     cloud_dir: Path
     data_port: int
     control_port: int
+    workers: list[CloudServer] = field(default_factory=list)  # a disaggregated cloud's prefill and decode workers
 
     def link_config(self, **overrides) -> LinkConfig:
         fields = {"host": "127.0.0.1", "data_port": self.data_port, "control_port": self.control_port,
@@ -43,3 +45,30 @@ def running_cloud(model_dir: Path, input_layers: int, output_layers: int, work_d
     with CloudServer(config) as server:
         yield Cluster(server, device_dir, cloud_dir, int(server.data_address.rsplit(":", 1)[1]),
                       int(server.control_address.rsplit(":", 1)[1]))
+
+
+def start_worker(router: Router, cloud_dir: Path, role: str, **config_overrides) -> CloudServer:
+    """A prefill or decode worker registered with `router` (the caller stops it)."""
+    config = CloudConfig(bundle=str(cloud_dir), role=role, router_address=router.worker_address,
+                         heartbeat_interval_s=0.1, **config_overrides)
+    worker = CloudServer(config).start()
+    worker.wait_registered(20.0)
+    return worker
+
+
+@contextmanager
+def running_disaggregated(model_dir: Path, input_layers: int, output_layers: int, work_dir: Path, prefill: int = 1,
+                          decode: int = 2, router_overrides: dict | None = None, **worker_overrides):
+    """A router with `prefill` prefill and `decode` decode workers, all in this process on loopback."""
+    device_dir, cloud_dir = split_checkpoint(model_dir, input_layers, output_layers, work_dir / "bundle")
+    config = RouterConfig(bundle=str(cloud_dir), data_address="tcp://127.0.0.1:0", control_address="127.0.0.1:0",
+                          worker_address="tcp://127.0.0.1:0", worker_timeout_s=1.5, **(router_overrides or {}))
+    with Router(config) as router, ExitStack() as stack:
+        workers = []
+        for role, count in (("prefill", prefill), ("decode", decode)):
+            for _ in range(count):
+                worker = start_worker(router, cloud_dir, role, **worker_overrides)
+                stack.callback(worker.stop)
+                workers.append(worker)
+        yield Cluster(router, device_dir, cloud_dir, int(router.data_address.rsplit(":", 1)[1]),
+                      int(router.control_address.rsplit(":", 1)[1]), workers)

@@ -1,0 +1,52 @@
+"""The router's control plane: devices register, ask for health, statistics and the latency predictor.
+
+The predictor published is that of the prefill worker a new session would go to now, with its queue.
+"""
+from __future__ import annotations
+
+import time
+
+from hat.common.bundle import BundleManifest
+from hat.common.proto import hat_pb2 as pb
+from hat.common.proto import hat_pb2_grpc
+
+from .config import RouterConfig
+from .device_registry import DeviceRegistry
+from .router_policy import WorkerTable
+
+
+class RouterControl(hat_pb2_grpc.HatControlServicer):
+    def __init__(self, config: RouterConfig, manifest: BundleManifest, max_context: int, registry: DeviceRegistry,
+                 table: WorkerTable):
+        self.config, self.manifest, self.max_context, self.registry, self.table = (
+            config, manifest, max_context, registry, table)
+        self.started = time.monotonic()
+        self.draining = False
+        self.errors = lambda: 0  # ERROR replies the router sent (set by the router)
+
+    def Register(self, request, context):
+        reason = self.registry.register(request)
+        if reason is not None:
+            return pb.RegisterReply(accepted=False, reason=reason)
+        return pb.RegisterReply(accepted=True, cloud_dtype=self.manifest.dtype, hidden_size=self.manifest.hidden_size,
+                                max_context=self.max_context,
+                                max_tokens_per_message=self.config.max_tokens_per_message,
+                                session_idle_timeout_s=self.config.session_idle_timeout_s)
+
+    def Health(self, request, context):
+        status = "draining" if self.draining else ("serving" if self.table.workers else "no workers")
+        return pb.HealthReply(status=status, uptime_s=time.monotonic() - self.started,
+                              sessions=len(self.table.sessions))
+
+    def Stats(self, request, context):
+        return pb.StatsReply(sessions=len(self.table.sessions), registered_devices=len(self.registry),
+                             errors=self.errors())
+
+    def Latency(self, request, context):
+        worker = self.table.pick_prefill(0)
+        if worker is None:
+            return pb.LatencyReply()
+        reply = pb.LatencyReply()
+        reply.CopyFrom(worker.latency)
+        reply.queue_us = worker.queue_s() * 1e6
+        return reply
