@@ -39,6 +39,9 @@ def add_parser(commands) -> None:
                    help="router: when a session's decoding moves from its prefill worker to a decode worker: when its "
                         "TBT target would be missed (auto), at its first round (always), or never")
     p.add_argument("--device", default="cpu", help="torch device for the middle part (cpu, cuda, cuda:1)")
+    p.add_argument("--pipeline-stages", type=int, default=1, metavar="N",
+                   help="all: cut the middle layers over N processes (torch.distributed: gloo on CPU, NCCL on GPU; "
+                        "with cuda, stage k runs on the k-th GPU after --device: NCCL needs one GPU per stage)")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is freed")
     p.add_argument("--max-sessions", type=int, default=1024, help="sessions held at once")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -62,11 +65,15 @@ def run_serve(args) -> int:
     if args.role != "all" and not args.router:
         raise SystemExit(f"hat cloud serve: error: --role {args.role} needs --router (the router's --workers address)")
     set_threads(args.threads)
-    config = CloudConfig(bundle=args.bundle, data_address=args.data, control_address=args.control, device=args.device,
-                         session_idle_timeout_s=args.idle_timeout, max_sessions=args.max_sessions,
-                         kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)), metrics_address=args.metrics,
-                         drain_timeout_s=args.drain_timeout, role=args.role, router_address=args.router,
-                         kv_address=args.kv_address, worker_id=args.worker_id)
+    try:
+        config = CloudConfig(bundle=args.bundle, data_address=args.data, control_address=args.control, device=args.device,
+                             session_idle_timeout_s=args.idle_timeout, max_sessions=args.max_sessions,
+                             kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)), metrics_address=args.metrics,
+                             drain_timeout_s=args.drain_timeout, role=args.role, router_address=args.router,
+                             kv_address=args.kv_address, worker_id=args.worker_id,
+                             pipeline_stages=args.pipeline_stages)
+    except ValueError as exc:
+        raise SystemExit(f"hat cloud serve: error: {exc}") from None
     server = CloudServer(config).start()
     try:
         if args.role != "all":

@@ -30,6 +30,7 @@ class CloudConfig:
     router_address: str = ""  # prefill/decode: the router's worker address (tcp://HOST:PORT) to connect and register to
     kv_address: str = "tcp://127.0.0.1:0"  # prefill/decode: bind address where peers push KV handoffs (port 0 = any)
     worker_id: str = ""  # prefill/decode: this worker's name at the router (empty = role-host-pid-random)
+    pipeline_stages: int = 1  # processes the middle part's layers are cut over (torch.distributed; 1 = this one alone)
     heartbeat_interval_s: float = 0.25  # prefill/decode: how often the worker tells the router its load
     handoff_timeout_s: float = 10.0  # decode: longest wait for a handed-off session's KV before its FORWARDs fail
 
@@ -38,7 +39,10 @@ class CloudConfig:
             raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
         if self.role != "all" and not self.router_address:
             raise ValueError(f"a {self.role} worker needs the router's worker address (router_address)")
-        for name in ("heartbeat_interval_s", "handoff_timeout_s", "session_idle_timeout_s", "max_sessions", "max_tokens_per_message", "max_batch_tokens",
+        if self.pipeline_stages > 1 and self.role != "all":
+            raise ValueError("a pipeline-parallel middle part serves as role all: its KV cache lives on several "
+                             "processes and cannot be handed off")
+        for name in ("pipeline_stages", "heartbeat_interval_s", "handoff_timeout_s", "session_idle_timeout_s", "max_sessions", "max_tokens_per_message", "max_batch_tokens",
                      "poll_interval_s", "grpc_workers", "kv_budget_bytes", "kv_block_tokens", "overload_retry_ms"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -54,7 +54,7 @@ class DataServer:
                  worker: MiddleWorker, stats: CloudStats, latency: CloudLatencyModel, metrics: CloudMetrics,
                  agent: WorkerAgent | None = None, kv_socket: zmq.Socket | None = None):
         """`registry` None: devices were checked upstream (a worker behind a router). `agent` and `kv_socket`: this
-        is a prefill or decode worker."""
+        is a prefill or decode worker; its cluster messages and KV are handled on the socket thread."""
         self.config, self.socket, self.store, self.registry, self.worker, self.stats, self.latency = (
             config, socket, store, registry, worker, stats, latency)
         self.metrics, self.agent, self.kv_socket = metrics, agent, kv_socket
@@ -63,10 +63,13 @@ class DataServer:
         # bytes of the largest FORWARD in the widest dtype; the token count is checked on its own as well
         self.limits = WireLimits(max_tensor_bytes=config.max_tokens_per_message * worker.part.spec.hidden_size * 4)
         self._pending: deque[ForwardJob] = deque()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (arrival_us, frames, from a peer's KV socket)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (arrival_us, frames) of devices; None: wake up
+        self._failures: queue.SimpleQueue = queue.SimpleQueue()  # (session id, error) for held FORWARDs to fail
         self._outbox_address = f"inproc://hat-replies-{id(self)}-{next(_inproc_ids)}"
         self._outbox: zmq.Socket | None = None  # the engine's end of the reply path
         self.draining = False  # set at shutdown: new sessions are refused, running ones go on
+        self._depth = getattr(worker.part, "stages", 1)  # batches in flight at once (a pipeline's stages)
+        self._in_flight: deque = deque()  # (jobs, began_us, began, timed) submitted to the pipeline, oldest first
 
     def pending_work(self) -> tuple[int, float]:
         """Tokens and query-key pairs of the FORWARDs waiting for a batch (read from another thread: a snapshot)."""
@@ -107,10 +110,16 @@ class DataServer:
         last_heartbeat = time.monotonic()
         while not stop.is_set():
             ready = dict(poller.poll(timeout=timeout_ms))
-            for source, from_peer in ((self.socket, False), (self.kv_socket, True)):
-                if source in ready:
-                    while source.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                        self._inbox.put((now_us(), source.recv_multipart(copy=False), from_peer))
+            if self.socket in ready:
+                while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    frames = self.socket.recv_multipart(copy=False)
+                    if frames[0].bytes:
+                        self._inbox.put((now_us(), frames))
+                    else:
+                        self._handle_cluster(frames, from_peer=False)
+            if self.kv_socket in ready:
+                while self.kv_socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._handle_cluster(self.kv_socket.recv_multipart(copy=False), from_peer=True)
             if self.agent is not None and time.monotonic() - last_heartbeat > self.config.heartbeat_interval_s:
                 last_heartbeat = time.monotonic()
                 self.socket.send_multipart(self.agent.announcement())
@@ -121,7 +130,7 @@ class DataServer:
     def _engine_loop(self, stop: threading.Event) -> None:
         last_housekeeping = time.monotonic()
         while not stop.is_set():
-            self._take(block=not self._pending)
+            self._take(block=not self._pending and not self._in_flight)
             self._run_batch()
             if time.monotonic() - last_housekeeping > _HOUSEKEEPING_INTERVAL_S:
                 last_housekeeping = time.monotonic()
@@ -137,11 +146,11 @@ class DataServer:
         except queue.Empty:
             return
         while True:
-            arrival_us, frames, from_peer = item
-            if from_peer or not frames[0].bytes:
-                self._handle_cluster(frames, from_peer)
-            else:
+            if item is not None:
+                arrival_us, frames = item
                 self._handle(frames[0].bytes, frames[1:], arrival_us)
+            while not self._failures.empty():
+                self._fail_held(*self._failures.get_nowait())
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -182,21 +191,29 @@ class DataServer:
             self._reply_error(owner, header or exc.header, exc)
 
     def _handle_cluster(self, frames: list, from_peer: bool) -> None:
-        """A KV layer from a peer, or [b"", ClusterHeader] from the router."""
+        """On the socket thread, so a handoff never waits for a forward: a KV layer from a peer, or
+        [b"", ClusterHeader] from the router. The engine is woken after (a held session may be ready)."""
         try:
             if self.agent is None:
                 raise ClusterError("this cloud is not a worker behind a router")
             if from_peer:
-                self.agent.on_kv(frames, self._reply_cluster)
+                self.agent.on_kv(frames, self._send_cluster)
             elif len(frames) != 2:
                 raise ClusterError(f"a cluster message is 2 frames, got {len(frames)}")
             else:
-                self.agent.on_control(decode_cluster_header(frames[1]), self._reply_cluster, self._fail_held)
+                self.agent.on_control(decode_cluster_header(frames[1]), self._send_cluster,
+                                      lambda session_id, error: self._failures.put((session_id, error)))
         except (ClusterError, WireError) as exc:
             self.stats.errors += 1
             log.warning("dropped a cluster message: %s", exc, extra={"event": "cluster_error"})
+        self._inbox.put(None)
+
+    def _send_cluster(self, header: pb.ClusterHeader) -> None:
+        """To the router, from the socket thread."""
+        self.socket.send_multipart(encode_cluster(header))
 
     def _reply_cluster(self, header: pb.ClusterHeader) -> None:
+        """To the router, from the engine thread."""
         self._outbox.send_multipart(encode_cluster(header))
 
     def _fail_held(self, session_id: str, error: WireError) -> None:
@@ -207,6 +224,38 @@ class DataServer:
             self._reply_error(job.owner, job.header, error)
 
     def _run_batch(self) -> None:
+        """Form and run the next batch. With a pipeline-parallel middle part, up to `stages` batches are in flight
+        (a session's next prompt chunk may enter stage 0 while its previous one is on a later stage); the oldest is
+        collected once the pipeline is full or no new batch could be formed."""
+        jobs = self._next_batch()
+        if self._depth == 1:
+            if jobs:
+                began_us, began = now_us(), time.perf_counter()
+                self._finish(jobs, self.worker.run(jobs), began_us, time.perf_counter() - began, timed=True)
+            return
+        if jobs:
+            began_us, began = now_us(), time.perf_counter()
+            timed = not self._in_flight  # an empty pipeline: the batch's time is its own (the predictor learns it)
+            try:
+                self.worker.submit(jobs)
+                self._in_flight.append((jobs, began_us, began, timed))
+            except Exception:  # refused by stage 0: finish what is in flight, then run each job alone
+                self._drain_pipeline()
+                self._finish(jobs, self.worker.run(jobs), began_us, time.perf_counter() - began, timed=False)
+        if self._in_flight and (len(self._in_flight) >= self._depth or not jobs):
+            self._collect_oldest()
+
+    def _collect_oldest(self) -> None:
+        jobs, began_us, began, timed = self._in_flight.popleft()
+        results = self.worker.collect(jobs)
+        self._finish(jobs, results, began_us, time.perf_counter() - began, timed)
+
+    def _drain_pipeline(self) -> None:
+        while self._in_flight:
+            self._collect_oldest()
+
+    def _next_batch(self) -> list[ForwardJob]:
+        """The scheduler's next batch of pending FORWARDs (held sessions' wait), each checked against its session."""
         pending = self._pending
         held = self.agent.held() if self.agent is not None else ()
         if held:
@@ -225,15 +274,14 @@ class DataServer:
                 self._reply_error(job.owner, job.header, exc)
                 continue
             jobs.append(job)
-        if not jobs:
-            return
+        return jobs
+
+    def _finish(self, jobs: list[ForwardJob], results: list, began_us: int, compute_s: float, timed: bool) -> None:
+        """Reply to each job of a batch that ran; `timed`: its time is a sample for the latency predictor."""
         tokens = sum(job.hidden.shape[0] for job in jobs)
-        began_us = now_us()
-        began = time.perf_counter()
-        results = self.worker.run(jobs)
-        compute_s = time.perf_counter() - began
         compute_us = int(compute_s * 1e6)
-        self.latency.add_batch([(job.hidden.shape[0], int(job.header.start)) for job in jobs], compute_s)
+        if timed:
+            self.latency.add_batch([(job.hidden.shape[0], int(job.header.start)) for job in jobs], compute_s)
         self._record_batch(jobs, tokens, compute_s, began_us)
         self.stats.forward_batches += 1
         self.stats.forward_tokens += tokens

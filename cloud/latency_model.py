@@ -22,6 +22,7 @@ class CloudLatencyModel:
         self._fit = CostFit(window)
         self._lock = threading.Lock()  # the data plane adds, the control plane reads
         self.profiled_samples = 0  # timings from the start-up profile (the rest come from served batches)
+        self.stages = 1  # processes the middle part is pipelined over (published for the devices' planners)
 
     def add_batch(self, spans: list[tuple[int, int]], seconds: float) -> None:
         """One forward over sequences of (tokens, start)."""
@@ -40,7 +41,7 @@ class CloudLatencyModel:
         queue_s = cost.batch(pending_tokens, pending_attended) if pending_tokens else 0.0
         return pb.LatencyReply(base_us=cost.base_s * 1e6, per_token_us=cost.per_token_s * 1e6,
                                per_token_context_ns=cost.per_attended_s * 1e9, queue_us=queue_s * 1e6,
-                               samples=max(0, samples - self.profiled_samples))
+                               samples=max(0, samples - self.profiled_samples), pipeline_stages=self.stages)
 
     @torch.inference_mode()
     def profile(self, part: ModelPart, repeats: int = 2) -> None:

@@ -68,14 +68,37 @@ class MiddleWorker:
             return [result for job in jobs for result in self.run([job])]
 
     @torch.inference_mode()
-    def _forward(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
+    def submit(self, jobs: list[ForwardJob]) -> None:
+        """Start a batch on a pipeline-parallel part (its stage 0 runs now; `collect` returns it, in order)."""
+        self.part.submit(*self._inputs(jobs))
+
+    def collect(self, jobs: list[ForwardJob]) -> list[torch.Tensor | WireError]:
+        """The oldest submitted batch's outputs, which must be `jobs`; a batch a later stage failed is INTERNAL for
+        each of its jobs."""
+        try:
+            out = self.part.collect().cpu()
+        except Exception:
+            log.exception("a pipelined forward failed for %d sessions", len(jobs))
+            return [WireError(pb.INTERNAL, "the cloud failed to run this request")] * len(jobs)
+        return self._split(jobs, out)
+
+    @staticmethod
+    def _inputs(jobs: list[ForwardJob]) -> tuple[torch.Tensor, list[SequenceSpan]]:
         spans = [SequenceSpan(job.session.cache, int(job.header.start), job.hidden.shape[0]) for job in jobs]
-        hidden = torch.cat([job.hidden for job in jobs]) if len(jobs) > 1 else jobs[0].hidden
-        out = self.part.forward_layers(hidden, spans).cpu()
+        return (torch.cat([job.hidden for job in jobs]) if len(jobs) > 1 else jobs[0].hidden), spans
+
+    @staticmethod
+    def _split(jobs: list[ForwardJob], out: torch.Tensor) -> list[torch.Tensor]:
+        """Each job's rows of a batch's output: the last `return_last` of its positions (0 = all)."""
         results, offset = [], 0
-        for job, span in zip(jobs, spans):
-            keep = job.header.return_last or span.count
-            keep = min(keep, span.count)
-            results.append(out[offset + span.count - keep: offset + span.count])
-            offset += span.count
+        for job in jobs:
+            count = job.hidden.shape[0]
+            keep = min(job.header.return_last or count, count)
+            results.append(out[offset + count - keep: offset + count])
+            offset += count
         return results
+
+    @torch.inference_mode()
+    def _forward(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
+        hidden, spans = self._inputs(jobs)
+        return self._split(jobs, self.part.forward_layers(hidden, spans).cpu())

@@ -11,6 +11,7 @@ import time
 from concurrent import futures
 
 import grpc
+import torch
 import zmq
 
 from hat.common.proto import hat_pb2_grpc
@@ -23,6 +24,7 @@ from .kv_budget import KVBudget
 from .latency_model import CloudLatencyModel
 from .metrics import CloudMetrics, MetricsServer
 from .middle_worker import MiddleWorker, load_middle_part
+from .pipeline_stages import PipelineConfig, load_pipelined_middle_part
 from .session_store import SessionStore
 from .stats import CloudStats
 from .worker_agent import WorkerAgent, advertised
@@ -36,7 +38,12 @@ class CloudServer:
 
     def __init__(self, config: CloudConfig):
         self.config = config
-        part, self.manifest = load_middle_part(config.bundle, config.device)
+        if config.pipeline_stages > 1:
+            part, self.manifest = load_pipelined_middle_part(config.bundle, config.device, config.pipeline_stages,
+                                                             PipelineConfig(threads=torch.get_num_threads()))
+        else:
+            part, self.manifest = load_middle_part(config.bundle, config.device)
+        self.part = part
         self.stats = CloudStats()
         self.budget = KVBudget(part.kv_bytes_per_position, config.kv_budget_bytes, config.kv_block_tokens,
                                config.overload_retry_ms)
@@ -44,6 +51,7 @@ class CloudServer:
         self.registry = DeviceRegistry(self.manifest)
         self.worker = MiddleWorker(part)
         self.latency = CloudLatencyModel()
+        self.latency.stages = getattr(part, "stages", 1)
         if config.profile_on_start:
             self.latency.profile(part)
         self.control = ControlService(config, self.manifest, part.spec.max_context, self.registry, self.store,
@@ -164,6 +172,8 @@ class CloudServer:
             self._thread.join(timeout=grace_s + 5)
         if self._grpc is not None:
             self._grpc.stop(grace_s).wait()
+        if hasattr(self.part, "close"):  # the stage processes of a pipeline-parallel middle part
+            self.part.close()
         self._context.term()
 
     def __enter__(self) -> "CloudServer":

@@ -91,6 +91,15 @@ class SessionStore:
     def discard(self, session_id: str) -> None:
         self.take(session_id)
 
+    def clear(self) -> list[str]:
+        """Drop every session; their ids."""
+        with self._lock:
+            gone = list(self._sessions)
+            for session_id in gone:
+                self.budget.release(session_id)
+            self._sessions.clear()
+        return gone
+
     def expire_idle(self) -> list[str]:
         deadline = self._clock() - self._idle_timeout_s
         with self._lock:

@@ -9,12 +9,16 @@ Cluster messages are [b"", ClusterHeader]. The agent
 - on ADOPT opens the session (reserving its KV blocks) and holds its FORWARDs until every layer has
   arrived (KV may arrive before the ADOPT: it waits); a handoff that does not complete within
   `handoff_timeout_s` fails the held FORWARDs with UNKNOWN_SESSION, so the device re-sends its history.
+Cluster messages and KV are handled on the data plane's socket thread (a handoff never waits behind a
+forward: the router sends HANDOFF only when the session has nothing in flight, and the engine leaves
+an incoming session's cache alone while it is held); the engine thread reads `held()` and expires.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket as socketlib
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -60,6 +64,7 @@ class WorkerAgent:
         self.kv_address = kv_address  # as advertised to peers
         self.worker_id = config.worker_id or f"{config.role}-{socketlib.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
         self.incoming: dict[str, IncomingSession] = {}
+        self._lock = threading.RLock()  # `incoming` is touched by the socket thread and read by the engine
         self.accepted: bool | None = None  # the router's answer to the registration (None = none yet)
         self.refusal = ""
         self.pending_tokens = lambda: 0  # tokens waiting in the data plane (set by the data server)
@@ -70,7 +75,8 @@ class WorkerAgent:
 
     def held(self) -> set[str]:
         """Sessions whose FORWARDs must wait: their KV is not in place yet."""
-        return set(self.incoming)
+        with self._lock:
+            return set(self.incoming)
 
     def announcement(self, kind: int = pb.HEARTBEAT) -> list:
         """A REGISTER or HEARTBEAT (built on the socket thread from a snapshot of the load)."""
@@ -85,9 +91,17 @@ class WorkerAgent:
     def on_control(self, header: pb.ClusterHeader, reply_cluster, fail_held) -> None:
         """A cluster message from the router. `reply_cluster(header)` sends one back; `fail_held(session_id, error)`
         answers the session's held FORWARDs with an error."""
+        with self._lock:
+            self._on_control(header, reply_cluster, fail_held)
+
+    def _on_control(self, header: pb.ClusterHeader, reply_cluster, fail_held) -> None:
         kind, meta = header.kind, header.session
-        if kind == pb.WORKER_ACCEPTED:
+        if kind == pb.WORKER_ACCEPTED:  # a fresh start at the router: it routes none of this worker's sessions
             self.accepted = True
+            self.incoming.clear()
+            for session_id in self.store.clear():
+                fail_held(session_id, WireError(pb.UNKNOWN_SESSION, "the router lost track of this worker's "
+                                                                    "sessions; re-send the history"))
         elif kind == pb.WORKER_REFUSED:
             self.accepted, self.refusal = False, header.reason
             log.error("the router refused this worker: %s", header.reason, extra={"event": "worker_refused"})
@@ -115,10 +129,14 @@ class WorkerAgent:
             return
         early, entry.early = entry.early, []
         for frames in early:
-            self.on_kv(frames, reply_cluster)
+            self._on_kv(frames, reply_cluster)
 
     def on_kv(self, frames: list, reply_cluster) -> None:
         """One KV layer from a peer worker."""
+        with self._lock:
+            self._on_kv(frames, reply_cluster)
+
+    def _on_kv(self, frames: list, reply_cluster) -> None:
         header, keys, values = decode_kv_layer(frames, self._kv_layout, self.store.part.dtype)
         session_id = header.session.session_id
         entry = self.incoming.setdefault(session_id, IncomingSession(time.monotonic()))
@@ -161,6 +179,10 @@ class WorkerAgent:
         self.handoffs_out += 1
 
     def expire_incoming(self, fail_held, reply_cluster) -> None:
+        with self._lock:
+            self._expire_incoming(fail_held, reply_cluster)
+
+    def _expire_incoming(self, fail_held, reply_cluster) -> None:
         deadline = time.monotonic() - self.config.handoff_timeout_s
         for session_id, entry in list(self.incoming.items()):
             if entry.since < deadline:

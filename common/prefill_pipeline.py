@@ -1,7 +1,8 @@
 """The cost model of a pipelined prefill, and its simulation for a given cut of the prompt into chunks.
 
 Five stages, each a FIFO: the device's input part, the uplink, the cloud's middle part, the downlink,
-and the device's output part. The device is one processor for both of its parts and follows the
+and the device's output part. A pipeline-parallel cloud is `cloud_stages` FIFOs in a row, each taking
+an even share of a chunk's middle-part time: chunk i + 1 enters stage 0 as chunk i moves on. The device is one processor for both of its parts and follows the
 executor's (`hat.device.prefill`) policy exactly: it computes and sends the chunks in order; after each
 send it runs the output part over every reply that has arrived; it waits for the oldest reply when
 `max_in_flight` chunks are out; once all are sent it takes the remaining replies in order. The time to
@@ -30,6 +31,7 @@ class PipelineCosts:
     down_bytes_per_token: float  # bytes returned per position (0 when only the last position comes back)
     message_bytes: float = 64.0  # bytes of a message besides its tensor (header)
     final_s: float = 0.0  # head and sampling of the first token after the last chunk
+    cloud_stages: int = 1  # stages of the cloud's pipeline-parallel middle part (as it publishes)
 
     def up_s(self, tokens: int) -> float:
         return (self.message_bytes + self.up_bytes_per_token * tokens) / self.uplink_bytes_per_s
@@ -57,7 +59,8 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
     received = [0.0] * count  # when each reply reaches the device
     done = [0.0] * count
     sent = [0.0] * count
-    now = up_free = cloud_free = down_free = 0.0
+    now = up_free = down_free = 0.0
+    stage_free = [0.0] * costs.cloud_stages
     half_rtt = costs.rtt_s / 2
     handled = 0  # replies the device has run the output part over
 
@@ -73,8 +76,11 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
         now += costs.device_input.predict(n, positions[i])
         sent[i] = now
         up_free = max(now, up_free) + costs.up_s(n)
-        cloud_free = max(up_free + half_rtt, cloud_free) + costs.cloud_queue_s + costs.cloud.predict(n, positions[i])
-        down_free = max(cloud_free, down_free) + costs.down_s(n)
+        at = max(up_free + half_rtt, stage_free[0]) + costs.cloud_queue_s
+        share = costs.cloud.predict(n, positions[i]) / costs.cloud_stages
+        for k in range(costs.cloud_stages):
+            at = stage_free[k] = max(at, stage_free[k]) + share
+        down_free = max(at, down_free) + costs.down_s(n)
         received[i] = down_free + half_rtt
         while handled <= i and received[handled] <= now:
             now = handle(handled, now)
@@ -87,7 +93,7 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
 
 def prefill_lower_bound(tokens: int, costs: PipelineCosts, start: int = 0) -> float:
     """No cut of `tokens` positions finishes sooner: the busiest resource's work over the whole prompt (per-chunk
-    fixed costs left out, as if chunks were free), plus one round trip for the link and the cloud (the device
+    fixed costs left out, as if chunks were free; a pipelined cloud's busiest stage), plus one round trip for the link and the cloud (the device
     can work on other chunks while the last one travels), plus the final step."""
     def work(cost: LinearCost) -> float:
         return cost.predict(tokens, start) - cost.base_s
@@ -95,4 +101,5 @@ def prefill_lower_bound(tokens: int, costs: PipelineCosts, start: int = 0) -> fl
     device = work(costs.device_input) + work(costs.device_output)
     up = costs.up_bytes_per_token * tokens / costs.uplink_bytes_per_s
     down = costs.down_bytes_per_token * tokens / costs.downlink_bytes_per_s
-    return max(device, max(up, work(costs.cloud), down) + costs.rtt_s) + costs.final_s
+    cloud = work(costs.cloud) / costs.cloud_stages  # the busiest stage's share
+    return max(device, max(up, cloud, down) + costs.rtt_s) + costs.final_s

@@ -35,6 +35,11 @@ class CloudCostTracker:
         cost, queue_s = published
         return cost.scaled(self.ratio), queue_s
 
+    def stages(self) -> int:
+        """The stages of the cloud's pipeline-parallel middle part, as it publishes them (1 when it does not)."""
+        reply = self._link.cloud_latency
+        return max(1, reply.pipeline_stages) if reply is not None else 1
+
     def observe(self, tokens: int, start: int, compute_s: float, batch_sessions: int) -> None:
         self._own_fit.add(tokens, attended(tokens, start), compute_s)
         published = self.published()

@@ -65,7 +65,8 @@ class PrefillPipeline:
                              cloud=cloud, cloud_queue_s=queue_s, uplink_bytes_per_s=link.uplink_bytes_per_s,
                              downlink_bytes_per_s=link.downlink_bytes_per_s, rtt_s=link.rtt_s,
                              up_bytes_per_token=self.up_bytes_per_token, down_bytes_per_token=self.down_bytes_per_token,
-                             message_bytes=_HEADER_BYTES, final_s=self.profile.final_s)
+                             message_bytes=_HEADER_BYTES, final_s=self.profile.final_s,
+                             cloud_stages=self.cloud.stages())
 
     def _plan(self, tokens: int, start: int, max_chunk: int, report: PrefillReport) -> tuple[ChunkPlan, tuple]:
         began = time.perf_counter()

@@ -11,9 +11,7 @@ ratio at batch 16. --device cuda runs it on a GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,52 +30,22 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=20, help="timed forwards per batch size")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
-    from hat.cloud.kv_budget import KVBudget
-    from hat.cloud.middle_worker import ForwardJob, MiddleWorker, load_middle_part
-    from hat.cloud.session_store import SessionStore
     from hat.common.default_model import reference_model_dir
-    from hat.common.proto import hat_pb2 as pb
     from hat.common.split import split_checkpoint
-    from hat.common.wire import make_header
+    from hat.testbed.batching import measure_batching
 
     torch.set_num_threads(args.threads)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = tuple(int(b) for b in args.batches.split(","))
     with tempfile.TemporaryDirectory(prefix="hat-bench-batch-") as tmp:
         _, cloud_dir = split_checkpoint(args.model or reference_model_dir(), DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS,
                                         Path(tmp) / "bundle", args.dtype)
-        part, _ = load_middle_part(cloud_dir, args.device)
-    worker = MiddleWorker(part)
-    store = SessionStore(part, max(batches), 3600, KVBudget(part.kv_bytes_per_position, 1 << 40))
-    hidden_size = part.spec.hidden_size
-    sessions = [store.open(f"s{i}", "bench", b"bench", args.context_tokens + args.round_tokens)
-                for i in range(max(batches))]
-    generator = torch.Generator().manual_seed(0)
-    for i, session in enumerate(sessions):  # fill each cache with a prompt
-        hidden = torch.randn(args.context_tokens, hidden_size, generator=generator).to(part.dtype)
-        worker.run([ForwardJob(b"bench", make_header(pb.FORWARD, f"s{i}", start=0), hidden, session)])
-    rounds = [torch.randn(args.round_tokens, hidden_size, generator=generator).to(part.dtype) for _ in sessions]
-
-    def forward(size: int) -> float:
-        jobs = [ForwardJob(b"bench", make_header(pb.FORWARD, f"s{i}", start=args.context_tokens, return_last=1),
-                           rounds[i], sessions[i]) for i in range(size)]
-        began = time.perf_counter()
-        worker.run(jobs)
-        if part.device.type == "cuda":
-            torch.cuda.synchronize(part.device)
-        return time.perf_counter() - began
-
-    print(f"middle part of {args.model or 'the reference model'} ({part.num_layers} layers, {args.dtype}, "
-          f"{args.device}, {args.threads} thread(s)); {args.context_tokens} cached positions per session, "
-          f"{args.round_tokens} new per round; median of {args.rounds} forwards")
+        rows = measure_batching(cloud_dir, args.device, batches, args.context_tokens, args.round_tokens, args.rounds)
+    print(f"middle part of {args.model or 'the reference model'} ({args.dtype}, {args.device}, {args.threads} "
+          f"thread(s)); {args.context_tokens} cached positions per session, {args.round_tokens} new per round; "
+          f"median of {args.rounds} forwards")
     print(f"{'batch':>6}{'ms/forward':>12}{'tokens/s':>11}{'x batch 1':>11}")
-    base = None
-    for size in batches:
-        for _ in range(3):
-            forward(size)  # warm-up
-        seconds = statistics.median(forward(size) for _ in range(args.rounds))
-        rate = size * args.round_tokens / seconds
-        base = base or rate
-        print(f"{size:>6}{seconds * 1000:>12.2f}{rate:>11.0f}{rate / base:>11.2f}")
+    for row in rows:
+        print(f"{row.sessions:>6}{row.seconds * 1000:>12.2f}{row.tokens_per_s:>11.0f}{row.gain:>11.2f}")
     return 0
 
 

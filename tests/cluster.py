@@ -62,7 +62,7 @@ def running_disaggregated(model_dir: Path, input_layers: int, output_layers: int
     """A router with `prefill` prefill and `decode` decode workers, all in this process on loopback."""
     device_dir, cloud_dir = split_checkpoint(model_dir, input_layers, output_layers, work_dir / "bundle")
     config = RouterConfig(bundle=str(cloud_dir), data_address="tcp://127.0.0.1:0", control_address="127.0.0.1:0",
-                          worker_address="tcp://127.0.0.1:0", worker_timeout_s=1.5, **(router_overrides or {}))
+                          worker_address="tcp://127.0.0.1:0", **(router_overrides or {}))
     with Router(config) as router, ExitStack() as stack:
         workers = []
         for role, count in (("prefill", prefill), ("decode", decode)):

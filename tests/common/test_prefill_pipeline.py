@@ -41,7 +41,11 @@ class _EventSimulation:
         self.stages = [
             ("server", lambda i: costs.up_s(sizes[i])),
             ("delay", half),
-            ("server", lambda i: costs.cloud_queue_s + costs.cloud.predict(sizes[i], self.positions[i])),
+            # a pipelined cloud: one server per stage, each an even share; the queue wait is stage 0's
+            ("server", lambda i: costs.cloud_queue_s + costs.cloud.predict(sizes[i], self.positions[i])
+             / costs.cloud_stages),
+            *[("server", lambda i: costs.cloud.predict(sizes[i], self.positions[i]) / costs.cloud_stages)
+              for _ in range(costs.cloud_stages - 1)],
             ("server", lambda i: costs.down_s(sizes[i])),
             ("delay", half),
         ]
@@ -154,6 +158,7 @@ def random_costs(rng: random.Random) -> PipelineCosts:
         down_bytes_per_token=rng.choice([0, 1024, 4096]),
         message_bytes=rng.uniform(16, 256),
         final_s=rng.uniform(0, 0.01),
+        cloud_stages=rng.choice([1, 1, 2, 3, 4]),
     )
 
 

@@ -2,6 +2,7 @@
 the "none", "fixed" and "adaptive" modes checked against the pipeline cost model they optimise."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -263,3 +264,18 @@ def test_planning_2048_tokens_is_fast():
             planner.plan(2048, costs, max_chunk=4096)
             best = min(best, time.perf_counter() - began)
         assert best < 0.02
+
+
+def test_a_pipelined_cloud_gets_more_chunks_and_a_sooner_first_token():
+    """With the cloud the bottleneck (fast link, light device, costly middle part), a cloud of 4 pipeline stages
+    overlaps consecutive chunks: the planner cuts the prompt finer than for 1 stage and predicts a sooner first
+    token, never later than 1 stage's plan would take on the pipelined cloud."""
+    light = LinearCost(2e-4, 2e-6, 0.0)
+    costs = dataclasses.replace(TYPICAL, device_input=light, device_output=light, cloud=LinearCost(1e-3, 2e-4, 1e-9), uplink_bytes_per_s=1e9, downlink_bytes_per_s=1e9,
+                                rtt_s=0.002)
+    piped = dataclasses.replace(costs, cloud_stages=4)
+    planner = ChunkPlanner(ChunkingConfig())
+    single, four = planner.plan(2048, costs, 8192), planner.plan(2048, piped, 8192)
+    assert len(four.sizes) > len(single.sizes)
+    assert four.predicted_s < 0.6 * single.predicted_s
+    assert four.predicted_s <= ttft(single.sizes, piped, ChunkingConfig().max_in_flight) + 1e-12
