@@ -48,14 +48,14 @@ def decode_cluster_header(frame) -> pb.ClusterHeader:
     return header
 
 
-def encode_kv_layer(meta: pb.SessionMeta, cache: KVCache, layer: int) -> list:
+def encode_kv_layer(meta: pb.SessionMeta, cache: KVCache, layer: int, handoff_id: int = 0) -> list:
     """Frames carrying layer `layer` of `cache` (its valid positions); the tensors are contiguous copies of the
     cache's strided slices, sent without a further copy."""
     length = cache.length
     keys = cache.keys[layer, :, :length].contiguous().cpu()
     values = cache.values[layer, :, :length].contiguous().cpu()
     header = cluster_header(pb.KV_LAYER, session=meta, layer=layer, num_layers=cache.num_layers, length=length,
-                            dtype=TORCH_TO_WIRE[keys.dtype], shape=list(keys.shape))
+                            dtype=TORCH_TO_WIRE[keys.dtype], shape=list(keys.shape), handoff_id=handoff_id)
     return [header.SerializeToString(), keys.reshape(-1).view(torch.uint8).numpy(),
             values.reshape(-1).view(torch.uint8).numpy()]
 

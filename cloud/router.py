@@ -10,6 +10,7 @@ sessions, so their devices re-open and re-send their history to live workers.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -72,6 +73,7 @@ class Router:
         self.metrics = CloudMetrics()
         self._register_metrics()
         self._inflight: dict[tuple[bytes, int], InFlight] = {}
+        self._handoff_ids = itertools.count(1)
         self._context = zmq.Context()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -189,9 +191,10 @@ class Router:
     def _hand_off(self, session: RoutedSession, target: WorkerInfo) -> None:
         """ADOPT to the target first (it then holds the session's FORWARDs), then HANDOFF to the source."""
         source = session.worker
-        meta = session.meta
-        self._send_cluster(target.identity, cluster_header(pb.ADOPT, session=meta))
-        self._send_cluster(source, cluster_header(pb.HANDOFF, session=meta, kv_address=target.kv_address))
+        meta, handoff_id = session.meta, next(self._handoff_ids)
+        self._send_cluster(target.identity, cluster_header(pb.ADOPT, session=meta, handoff_id=handoff_id))
+        self._send_cluster(source, cluster_header(pb.HANDOFF, session=meta, kv_address=target.kv_address,
+                                                  handoff_id=handoff_id))
         self.table.assign(session, target)
         session.handoff_began = session.moved_s = time.monotonic()
         log.info("session %s moves to %s", meta.session_id, target.name,
@@ -241,7 +244,8 @@ class Router:
             session = self.table.sessions.get(flight.header.session_id)
             if session is not None:
                 session.inflight -= 1
-                if header.kind == pb.CLOSED:
+                refused = header.kind == pb.ERROR and flight.header.kind == pb.OPEN
+                if header.kind == pb.CLOSED or refused:  # gone, or never opened (the worker was full)
                     self.table.forget(flight.header.session_id)
         self._devices.send_multipart(frames[1:], copy=False)
 
@@ -249,7 +253,7 @@ class Router:
         if header.kind in (pb.WORKER_REGISTER, pb.HEARTBEAT):
             self._on_heartbeat(identity, header)
         elif header.kind == pb.ADOPTED:
-            self._on_adopted(header)
+            self._on_adopted(identity, header)
         else:
             raise ClusterError(f"the router does not take {pb.ClusterKind.Name(header.kind)} from a worker")
 
@@ -279,10 +283,10 @@ class Router:
                     f"{m.middle_layers[1]}) of {m.source_fingerprint[:12]}")
         return ""
 
-    def _on_adopted(self, header: pb.ClusterHeader) -> None:
+    def _on_adopted(self, identity: bytes, header: pb.ClusterHeader) -> None:
         session = self.table.sessions.get(header.session.session_id)
-        if session is None:
-            return
+        if session is None or session.worker != identity or not session.handoff_began:
+            return  # not the handoff under way (a stale or stray message)
         c = self.counters
         if header.ok:
             seconds = time.monotonic() - session.handoff_began

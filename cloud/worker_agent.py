@@ -42,6 +42,7 @@ class IncomingSession:
     """A session whose KV is on its way to this worker."""
     since: float  # monotonic time the ADOPT (or its first KV layer) arrived
     meta: pb.SessionMeta | None = None  # from the ADOPT; None while only KV has come
+    handoff_id: int = 0  # the ADOPT's handoff; KV layers of any other are refused
     layers: set[int] = field(default_factory=set)  # layers written so far
     early: list = field(default_factory=list)  # KV messages that came before the ADOPT
     kv_bytes: int = 0  # bytes received
@@ -106,18 +107,18 @@ class WorkerAgent:
             self.accepted, self.refusal = False, header.reason
             log.error("the router refused this worker: %s", header.reason, extra={"event": "worker_refused"})
         elif kind == pb.ADOPT:
-            self._adopt(meta, reply_cluster, fail_held)
+            self._adopt(meta, header.handoff_id, reply_cluster, fail_held)
         elif kind == pb.HANDOFF:
-            self._hand_off(meta.session_id, header.kv_address)
+            self._hand_off(meta.session_id, header.kv_address, header.handoff_id)
         elif kind == pb.DROP:
             self.incoming.pop(meta.session_id, None)
             self.store.discard(meta.session_id)
         else:
             raise ClusterError(f"a worker does not take {pb.ClusterKind.Name(kind)} from the router")
 
-    def _adopt(self, meta: pb.SessionMeta, reply_cluster, fail_held) -> None:
+    def _adopt(self, meta: pb.SessionMeta, handoff_id: int, reply_cluster, fail_held) -> None:
         entry = self.incoming.setdefault(meta.session_id, IncomingSession(time.monotonic()))
-        entry.meta = meta
+        entry.meta, entry.handoff_id = meta, handoff_id
         try:
             self.store.open(meta.session_id, meta.device_id, meta.owner, meta.max_positions, meta.ttft_slo_ms / 1000,
                             meta.tbt_slo_ms / 1000)
@@ -129,7 +130,10 @@ class WorkerAgent:
             return
         early, entry.early = entry.early, []
         for frames in early:
-            self._on_kv(frames, reply_cluster)
+            try:
+                self._on_kv(frames, reply_cluster)
+            except ClusterError as exc:  # e.g. a late layer of an earlier handoff: the right ones still count
+                log.warning("dropped an early KV layer: %s", exc, extra={"event": "cluster_error"})
 
     def on_kv(self, frames: list, reply_cluster) -> None:
         """One KV layer from a peer worker."""
@@ -139,10 +143,15 @@ class WorkerAgent:
     def _on_kv(self, frames: list, reply_cluster) -> None:
         header, keys, values = decode_kv_layer(frames, self._kv_layout, self.store.part.dtype)
         session_id = header.session.session_id
+        if session_id not in self.incoming and self.store.peek(session_id) is not None:
+            raise ClusterError(f"KV for session {session_id!r}, which this worker holds and is not adopting")
         entry = self.incoming.setdefault(session_id, IncomingSession(time.monotonic()))
         if entry.meta is None:
             entry.early.append(frames)
             return
+        if header.handoff_id != entry.handoff_id:
+            raise ClusterError(f"KV of handoff {header.handoff_id} for session {session_id!r}, which is adopting "
+                               f"handoff {entry.handoff_id}")
         session = self.store.peek(session_id)
         cache = session.cache if session is not None else None
         if cache is None or header.length > cache.max_length:
@@ -161,7 +170,7 @@ class WorkerAgent:
             reply_cluster(cluster_header(pb.ADOPTED, session=entry.meta, ok=True, kv_bytes=entry.kv_bytes,
                                          length=header.length))
 
-    def _hand_off(self, session_id: str, target: str) -> None:
+    def _hand_off(self, session_id: str, target: str, handoff_id: int) -> None:
         session: CloudSession | None = self.store.take(session_id)
         if session is None:  # expired or closed meanwhile: the target times out and the device re-sends
             log.warning("handoff of unknown session %s", session_id, extra={"session": session_id, "event": "handoff"})
@@ -175,7 +184,7 @@ class WorkerAgent:
                               max_positions=session.cache.max_length, ttft_slo_ms=int(session.ttft_slo_s * 1000),
                               tbt_slo_ms=int(session.tbt_slo_s * 1000))
         for layer in range(session.cache.num_layers):
-            peer.send_multipart(encode_kv_layer(meta, session.cache, layer), copy=False)
+            peer.send_multipart(encode_kv_layer(meta, session.cache, layer, handoff_id), copy=False)
         self.handoffs_out += 1
 
     def expire_incoming(self, fail_held, reply_cluster) -> None:
@@ -187,11 +196,12 @@ class WorkerAgent:
         for session_id, entry in list(self.incoming.items()):
             if entry.since < deadline:
                 del self.incoming[session_id]
+                if entry.meta is None:  # stray KV that no ADOPT claimed: nothing was opened for it
+                    continue
                 self.store.discard(session_id)
                 log.warning("handoff of session %s did not complete in %.0f s", session_id,
                             self.config.handoff_timeout_s, extra={"session": session_id, "event": "handoff_failed"})
-                if entry.meta is not None:
-                    reply_cluster(cluster_header(pb.ADOPTED, session=entry.meta, ok=False, reason="timed out"))
+                reply_cluster(cluster_header(pb.ADOPTED, session=entry.meta, ok=False, reason="timed out"))
                 fail_held(session_id, WireError(pb.UNKNOWN_SESSION, "the session's KV did not reach this worker; "
                                                                     "re-send the history"))
 

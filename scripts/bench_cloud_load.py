@@ -8,6 +8,7 @@ Modes (--modes):
             decode worker at its first round
   auto      the same cluster; a session moves only when the prefill worker's predictor says a round would miss
             its time-between-rounds target
+  pipe2     one process whose middle part is a 2-stage pipeline (torch.distributed), 1 thread per stage
 Every mode replays the same seeded workload (`hat.testbed.load_requests`): --requests arrivals at each rate of
 --rates (requests/s), prompts of --prompt-tokens, --rounds verification rounds of 4 positions (3 kept), 5 ms of
 emulated device compute per round, SLO targets --ttft-slo-ms and --tbt-slo-ms sent with each OPEN.
@@ -33,8 +34,9 @@ import torch
 
 from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
 
-MODES = {  # name: (disaggregation policy or None for one process, torch threads per process)
-    "all": (None, 1), "all-2t": (None, 2), "always": ("always", 1), "auto": ("auto", 1)}
+MODES = {  # name: (disaggregation policy or None for one process, torch threads per process, pipeline stages)
+    "all": (None, 1, 1), "all-2t": (None, 2, 1), "always": ("always", 1, 1), "auto": ("auto", 1, 1),
+    "pipe2": (None, 1, 2)}
 
 
 def log(message: str) -> None:
@@ -46,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="checkpoint folder (default: the reference model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cpu", help="torch device of the cloud's middle part (cpu, cuda)")
-    p.add_argument("--modes", default="all,all-2t,always,auto", help=f"of {', '.join(MODES)} (default: %(default)s)")
+    p.add_argument("--modes", default="all,all-2t,always,auto,pipe2", help=f"of {', '.join(MODES)} (default: %(default)s)")
     p.add_argument("--rates", default="2,4", help="arrival rates, requests/s (default: %(default)s)")
     p.add_argument("--requests", type=int, default=24, help="arrivals per mode and rate (default: %(default)s)")
     p.add_argument("--prompt-tokens", default="64,512", help="prompt length range, tokens (default: %(default)s)")
@@ -133,10 +135,11 @@ def main(argv=None) -> int:
         for rate in (float(r) for r in args.rates.split(",")):
             workload = poisson_workload(args.requests, rate, args.seed, (low, high), rounds)
             for mode in modes:
-                policy, threads = MODES[mode]
+                policy, threads, stages = MODES[mode]
                 worker_args = ("--device", args.device)
                 if policy is None:
-                    cloud_context = local_cloud_process(cloud_dir, threads, (*worker_args, "--metrics", "127.0.0.1:0"))
+                    cloud_context = local_cloud_process(cloud_dir, threads, (
+                        *worker_args, "--metrics", "127.0.0.1:0", "--pipeline-stages", str(stages)))
                 else:
                     cloud_context = local_disaggregated_cloud(cloud_dir, 1, 1, policy, threads, worker_args)
                 log(f"{mode} at {rate:g} requests/s: {len(workload)} requests")

@@ -8,81 +8,35 @@ with OVERLOADED "shutting down" while running sessions go on, and completes once
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from contextlib import ExitStack
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
-from checkpoints import TOKENIZER_TEXT
 from cluster import running_cloud
+from eight_devices import (FAMILY, K, M, NEW_TOKENS, PROMPT_LENGTHS, SPECULATION, registered_link,
+                           run_concurrently)
 from hat.cloud.config import CloudConfig
 from hat.cloud.server import CloudServer
-from hat.common.bundle import load_manifest
 from hat.common.proto import hat_pb2 as pb
 from hat.common.proto import hat_pb2_grpc
 from hat.common.split import split_checkpoint
-from hat.device.cloud_link import CloudError, CloudLink, LinkConfig
-from hat.device.device_model import DeviceModel
-from hat.device.speculation import SpeculationConfig
+from hat.device.cloud_link import CloudError
 
-_DEVICE_TESTS = str(Path(__file__).resolve().parents[1] / "device")
-if _DEVICE_TESTS not in sys.path:
-    sys.path.insert(0, _DEVICE_TESTS)
-
-from test_speculative import device_with_adapter  # noqa: E402
-
-FAMILY, K, M = "llama_tied_bias", 2, 1
-PROMPT_LENGTHS = [5, 12, 19, 27, 35, 44, 52, 60]  # one per device
-NEW_TOKENS = 16
-SPECULATION = SpeculationConfig(threshold=0.0, max_draft=4)
-JOIN_TIMEOUT_S = 60.0
 
 # the cloud and eight devices share this machine's cores: one torch thread for all
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_checkpoint, tmp_path_factory, one_torch_thread):
-    """A cloud and eight device models (with a random draft adapter), each device's prompt ids."""
-    model_dir = tiny_checkpoint(FAMILY)
-    work = tmp_path_factory.mktemp("concurrent")
-    first = device_with_adapter(model_dir, K, M, work)
-    models = [first] + [DeviceModel.load(work / "spec-bundle" / "device") for _ in PROMPT_LENGTHS[1:]]
-    assert all(m.adapter is not None for m in models)
-    all_ids = first.tokenizer(TOKENIZER_TEXT)["input_ids"]
-    prompts = [all_ids[7 * i:7 * i + n] for i, n in enumerate(PROMPT_LENGTHS)]
-    assert [len(p) for p in prompts] == PROMPT_LENGTHS
-    with running_cloud(model_dir, K, M, work / "cloud") as cluster:
+def setup(eight_devices, tiny_checkpoint, tmp_path_factory, one_torch_thread):
+    """A cloud, and the eight device models and prompts."""
+    models, prompts = eight_devices
+    with running_cloud(tiny_checkpoint(FAMILY), K, M, tmp_path_factory.mktemp("concurrent") / "cloud") as cluster:
         yield cluster, models, prompts
-
-
-def run_concurrently(gens, prompts) -> list:
-    """Every generator on its own thread, released together; the results (or the exception raised) in order."""
-    results: list = [None] * len(gens)
-    barrier = threading.Barrier(len(gens))
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait(30)
-            results[i] = gens[i].generate_ids(prompts[i], NEW_TOKENS)
-        except BaseException as exc:  # surfaced in the main thread
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(gens))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(JOIN_TIMEOUT_S)
-    assert not any(t.is_alive() for t in threads), "a device did not finish"
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results
 
 
 @pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
@@ -160,14 +114,6 @@ def test_results_report_sessions_sharing_a_forward(setup):
 def health(ports) -> pb.HealthReply:
     with grpc.insecure_channel(f"127.0.0.1:{ports[1]}") as channel:
         return hat_pb2_grpc.HatControlStub(channel).Health(pb.HealthRequest(), timeout=10)
-
-
-def registered_link(cluster_or_ports, device_dir, device_id: str) -> CloudLink:
-    data_port, control_port = cluster_or_ports
-    link = CloudLink(LinkConfig(host="127.0.0.1", data_port=data_port, control_port=control_port,
-                                device_id=device_id, reply_timeout_s=10.0, admission_timeout_s=5.0))
-    link.register(load_manifest(device_dir, part="device"))
-    return link
 
 
 def test_drain_refuses_new_sessions_and_waits_for_running_ones(tiny_checkpoint, tmp_path):

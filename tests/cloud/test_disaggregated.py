@@ -13,35 +13,14 @@ from contextlib import ExitStack
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from cluster import running_cloud, running_disaggregated, start_worker
 from hat.cloud.config import RouterConfig
 from hat.common.proto import hat_pb2 as pb
 from hat.device.cloud_link import CloudError
-from hat.device.speculation import SpeculationConfig
-from test_concurrent_devices import FAMILY, K, M, NEW_TOKENS, registered_link, run_concurrently, setup  # noqa: F401
+from eight_devices import FAMILY, K, M, SPECULATION, registered_link, run_concurrently
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-SPECULATION = SpeculationConfig(threshold=0.0, max_draft=4)
-
-
-def reference_tokens(model_dir, prompts, new_tokens: int) -> list[list[int]]:
-    """transformers' greedy continuation of each prompt (stopping at its end-of-sequence token as devices do)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            full = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
-                                  eos_token_id=model.config.eos_token_id)[0, len(ids):].tolist()
-            out.append(full)
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(setup, tiny_checkpoint):  # noqa: F811 (the shared fixture)
-    _, _, prompts = setup
-    return reference_tokens(tiny_checkpoint(FAMILY), prompts, NEW_TOKENS)
 
 
 def assert_clean(cluster) -> None:
@@ -54,11 +33,11 @@ def assert_clean(cluster) -> None:
 
 
 @pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
-def test_eight_devices_prefill_on_one_worker_and_decode_on_others(setup, reference, tiny_checkpoint, tmp_path,
+def test_eight_devices_prefill_on_one_worker_and_decode_on_others(eight_devices, reference, tiny_checkpoint, tmp_path,
                                                                   speculative):
     """Policy "always": every session prefills on the prefill worker, its KV goes to a decode worker at its first
     round; eight devices at once get transformers' greedy tokens; both decode workers served sessions."""
-    _, models, prompts = setup
+    models, prompts = eight_devices
     with running_disaggregated(tiny_checkpoint(FAMILY), K, M, tmp_path, prefill=1, decode=2,
                                router_overrides={"disaggregation": "always"}, profile_on_start=False) as cluster:
         with ExitStack() as stack:
@@ -82,11 +61,11 @@ def test_eight_devices_prefill_on_one_worker_and_decode_on_others(setup, referen
 
 
 @pytest.mark.parametrize("policy", ["never", "auto"])
-def test_sessions_stay_on_the_prefill_worker_while_its_rounds_meet_their_target(setup, reference, tiny_checkpoint,
+def test_sessions_stay_on_the_prefill_worker_while_its_rounds_meet_their_target(eight_devices, reference, tiny_checkpoint,
                                                                                 tmp_path, policy):
     """"never", and "auto" with a target the prefill worker easily meets (10 s): no handoff; the decode workers
     idle; outputs exact."""
-    _, models, prompts = setup
+    models, prompts = eight_devices
     with running_disaggregated(tiny_checkpoint(FAMILY), K, M, tmp_path, prefill=1, decode=1,
                                router_overrides={"disaggregation": policy}) as cluster:
         with ExitStack() as stack:
@@ -99,12 +78,12 @@ def test_sessions_stay_on_the_prefill_worker_while_its_rounds_meet_their_target(
         assert_clean(cluster)
 
 
-def test_a_decode_worker_stopped_mid_run_costs_only_a_re_prefill(setup, reference, tiny_checkpoint, tmp_path):
+def test_a_decode_worker_stopped_mid_run_costs_only_a_re_prefill(eight_devices, reference, tiny_checkpoint, tmp_path):
     """Eight devices decode on two decode workers; one is stopped while its sessions are mid-generation. The router
     answers their requests in flight with UNKNOWN_SESSION; each device re-opens, re-sends its history as prompt
     chunks (re-prefilled on the prefill worker, handed to the surviving decode worker) and ends with exactly
     transformers' tokens."""
-    _, models, prompts = setup
+    models, prompts = eight_devices
     with running_disaggregated(tiny_checkpoint(FAMILY), K, M, tmp_path, prefill=1, decode=2,
                                router_overrides={"disaggregation": "always"}, profile_on_start=False) as cluster:
         with ExitStack() as stack:

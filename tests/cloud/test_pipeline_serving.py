@@ -10,8 +10,7 @@ import pytest
 
 from cluster import running_cloud
 from hat.cloud.config import CloudConfig
-from test_concurrent_devices import FAMILY, K, M, run_concurrently, setup  # noqa: F401
-from test_disaggregated import SPECULATION, reference  # noqa: F401
+from eight_devices import FAMILY, K, M, SPECULATION, run_concurrently
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,8 +24,8 @@ def pipelined(tiny_checkpoint, tmp_path_factory, one_torch_thread):
 
 
 @pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
-def test_eight_devices_on_a_two_stage_pipeline(setup, reference, pipelined, speculative):  # noqa: F811
-    _, models, prompts = setup
+def test_eight_devices_on_a_two_stage_pipeline(eight_devices, reference, pipelined, speculative):
+    models, prompts = eight_devices
     part = pipelined.server.part
     assert part.stages == 2 and len(part.pids) == 1
     assert part.kv_bytes_per_position == 3 * 4 * 16 * 2 * 4  # all 3 middle layers, not stage 0's alone
