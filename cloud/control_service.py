@@ -24,13 +24,8 @@ class ControlService(hat_pb2_grpc.HatControlServicer):
         self.draining = False
 
     def Register(self, request, context):
-        reason = self.registry.register(request)
-        if reason is not None:
-            return pb.RegisterReply(accepted=False, reason=reason)
-        return pb.RegisterReply(accepted=True, cloud_dtype=self.manifest.dtype, hidden_size=self.manifest.hidden_size,
-                                max_context=self.max_context,
-                                max_tokens_per_message=self.config.max_tokens_per_message,
-                                session_idle_timeout_s=self.config.session_idle_timeout_s)
+        c = self.config
+        return self.registry.reply(request, self.max_context, c.max_tokens_per_message, c.session_idle_timeout_s)
 
     def Health(self, request, context):
         return pb.HealthReply(status="draining" if self.draining else "serving",

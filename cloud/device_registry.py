@@ -37,6 +37,16 @@ class DeviceRegistry:
                  extra={"device": request.device_id, "event": "registered"})
         return None
 
+    def reply(self, request: pb.RegisterRequest, max_context: int, max_tokens_per_message: int,
+              session_idle_timeout_s: float) -> pb.RegisterReply:
+        """Register the device and answer it: refused with the reason, or accepted with the cloud's facts."""
+        reason = self.register(request)
+        if reason is not None:
+            return pb.RegisterReply(accepted=False, reason=reason)
+        return pb.RegisterReply(accepted=True, cloud_dtype=self._manifest.dtype, hidden_size=self._manifest.hidden_size,
+                                max_context=max_context, max_tokens_per_message=max_tokens_per_message,
+                                session_idle_timeout_s=session_idle_timeout_s)
+
     def is_registered(self, device_id: str) -> bool:
         with self._lock:
             return device_id in self._devices

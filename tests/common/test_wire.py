@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzzing import mutate
 from hat.common import wire
 from hat.common.proto import hat_pb2 as pb
 from hat.common.wire import WIRE_VERSION, WireError, WireLimits
@@ -295,31 +296,7 @@ VALID = _valid_messages()
 
 @st.composite
 def mutated(draw):
-    frames = [bytearray(f) for f in draw(st.sampled_from(VALID))]
-    for _ in range(draw(st.integers(1, 6))):
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "append", "drop", "dup", "swap"]))
-        index = draw(st.integers(0, len(frames) - 1)) if frames else 0
-        frame = frames[index] if frames else bytearray()
-        pos = draw(st.integers(0, max(len(frame) - 1, 0)))
-        if op == "flip" and frame:
-            frame[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set" and frame:
-            frame[pos] = draw(st.integers(0, 255))
-        elif op == "insert":
-            frame[pos:pos] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete" and frame:
-            del frame[pos: pos + draw(st.integers(1, 8))]
-        elif op == "truncate":
-            del frame[pos:]
-        elif op == "append":
-            frame.extend(draw(st.binary(min_size=1, max_size=16)))
-        elif op == "drop" and frames:
-            del frames[index]
-        elif op == "dup" and frames:
-            frames.insert(index, bytearray(frame))
-        elif op == "swap" and len(frames) == 2:
-            frames.reverse()
-    return [bytes(f) for f in frames]
+    return mutate(draw, draw(st.sampled_from(VALID)))
 
 
 @FUZZ
