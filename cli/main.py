@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cloud_cmd, demo_cmd, generate_cmd, log_format, split_cmd, train_adapter_cmd
+from . import cloud_cmd, demo_cmd, generate_cmd, log_format, split_cmd, testbed_cmd, train_adapter_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_parser(commands)
     demo_cmd.add_parser(commands)
     train_adapter_cmd.add_parser(commands)
+    testbed_cmd.add_parser(commands)
     return parser
 
 

@@ -206,7 +206,7 @@ class SplitGenerator:
         if needs_all:
             middle = model.output_part.forward_layers(middle, [SequenceSpan(caches.output, position, 1)])
         step_ms = (time.perf_counter() - began) * 1000
-        g.steps.append(StepTiming(1, step_ms - round_ms, round_ms, reply.header.compute_us / 1000, True))
+        g.steps.append(StepTiming(1, step_ms - round_ms, round_ms, reply.header.compute_us / 1000, True, sent_s=sent))
         return model.output_part.logits(middle[-1:].to(model.output_part.dtype))[0]
 
     def _speculative_round(self, g: _Generation, drafter: Drafter, pending: int, carried: Draft | None,
@@ -253,7 +253,7 @@ class SplitGenerator:
             tokens=n + 1, device_ms=(time.perf_counter() - received) * 1000, round_ms=round_s * 1000,
             cloud_compute_ms=reply.header.compute_us / 1000, decode=True, drafted=n, accepted=accepted,
             draft_ms=(sent - began) * 1000, predrafted=len(ahead.tokens) if ahead else 0,
-            predraft_reused=len(ahead.tokens) if keep_ahead else 0))
+            predraft_reused=len(ahead.tokens) if keep_ahead else 0, sent_s=sent))
         return new, ahead if keep_ahead else None
 
     def _forward(self, g: _Generation, start: int, hidden: torch.Tensor, return_last: int = 0):

@@ -153,7 +153,8 @@ class PrefillPipeline:
             output_s = time.perf_counter() - began
             self.profile.add_output(chunk.count, chunk.start, output_s)
         steps.append(StepTiming(chunk.count, (chunk.input_s + output_s) * 1000,
-                                (reply.received_s - reply.request_sent_s) * 1000, header.compute_us / 1000))
+                                (reply.received_s - reply.request_sent_s) * 1000, header.compute_us / 1000,
+                                sent_s=reply.request_sent_s))
         return middle[-1:]
 
 

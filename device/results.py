@@ -18,6 +18,7 @@ class StepTiming:
     draft_ms: float = 0.0  # drafting before the send (drafting while the round was in flight is not in it)
     predrafted: int = 0  # tokens drafted while this round was in flight
     predraft_reused: int = 0  # of those, kept for the next round
+    sent_s: float = 0.0  # the device's perf_counter when the round's request went out (for timelines)
 
 
 @dataclass(slots=True)

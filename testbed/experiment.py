@@ -1,0 +1,154 @@
+"""`hat testbed run SCENARIO.yaml`: every system of a scenario on the same workload, one after the other.
+
+Per system: a fresh `hat cloud serve` process; one LinkShim process per device group (every device
+through it gets a link of its own with the group's profile); one process per emulated device
+(`emulated_device.device_main`), each warmed up, then all released at once. Requests go to devices
+round-robin and start at their arrival time or when their device is free. A progress bar counts
+completed requests; the results, plots and summary are written by `report.write_report`.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import queue
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from .emulated_device import DeviceJob, device_main
+from .link_shim import LinkShim
+from .local_cloud import local_cloud_process
+from .records import ExperimentRecord
+from .scenario import Scenario
+from .systems import ABLATION_LABELS, SYSTEMS
+from .workloads import SHAPES, WorkloadRequest, build_workload
+
+READY_TIMEOUT_S = 300.0  # longest wait for every device to load, register and warm up
+REQUEST_TIMEOUT_S = 600.0  # a system's run may last the arrivals' span plus this long
+
+
+def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True) -> Path:
+    """Run every system of `scenario`; returns the folder holding results, plots and summary."""
+    from transformers import AutoTokenizer
+
+    from hat.common.default_model import reference_model_dir
+    from hat.common.model_spec import load_model_spec
+    from hat.common.split import split_checkpoint
+
+    from .report import write_report
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = reference_model_dir() if scenario.model == "reference" else Path(scenario.model)
+    with tempfile.TemporaryDirectory(prefix="hat-testbed-") as tmp:
+        device_dir, cloud_dir = split_checkpoint(model_dir, scenario.input_layers, scenario.output_layers,
+                                                 Path(tmp) / "bundle", scenario.dtype)
+        w = scenario.workload
+        context = load_model_spec(cloud_dir).max_context
+        max_prompt = w.max_prompt_tokens or context - w.max_new_tokens - 1
+        tokenizer = AutoTokenizer.from_pretrained(str(device_dir), local_files_only=True)
+        requests, workload = build_workload(tokenizer, SHAPES[w.shape], w.requests, w.rate, w.seed, w.max_new_tokens,
+                                            max_prompt)
+        notes = [f"workload: {w.shape}-shaped prompts from the held-out corpus, {workload.line()}",
+                 *_emulation_notes(scenario)]
+        records = {}
+        bar = _progress(len(scenario.systems) * len(requests), progress)
+        for name in scenario.systems:
+            bar.set_description(name)
+            records[name] = run_system(scenario, name, requests, device_dir, cloud_dir, Path(tmp), bar)
+        bar.close()
+    paper, ablation = dict(scenario.paper), None
+    if scenario.ablation:  # name the steps: "+chunking (chunked)"
+        names = {s: f"{ABLATION_LABELS[s]} ({s})" if s in ABLATION_LABELS else s for s in scenario.systems}
+        records = {names[s]: r for s, r in records.items()}
+        paper = {names.get(s, s): figures for s, figures in paper.items()}
+        ablation = [names[s] for s in scenario.systems]
+    return write_report(out_dir, scenario.name, records, scenario.ttft_slo_ms, scenario.tbt_slo_ms, notes,
+                        ablation=ablation, paper=paper or None)
+
+
+def _emulation_notes(scenario: Scenario) -> list[str]:
+    notes = []
+    for group in scenario.devices:
+        link = group.link
+        modes = ", ".join(f"{mode} from {t:g} s" for t, mode in group.power)
+        notes.append(f"{group.count} x {group.device_class}: compute = this machine's CPU x"
+                     f"{group.schedule().device.slowdown:g} (sleep-padded after each forward), power modes {modes}; "
+                     f"link {link.up_MBps:g} MB/s up, {link.down_MBps:g} MB/s down, {link.rtt_ms:g} ms RTT"
+                     f"{f', jitter {link.jitter_ms:g} ms' if link.jitter_ms else ''} (user-space LinkShim)")
+    notes.append("the cloud runs on this machine's CPU; device and cloud processes share its cores")
+    return notes
+
+
+def run_system(scenario: Scenario, name: str, requests: list[WorkloadRequest], device_dir: Path, cloud_dir: Path,
+               work: Path, bar) -> list[ExperimentRecord]:
+    """One system over the workload: cloud, links, devices; the records in workload order."""
+    system = SYSTEMS[name]
+    count = scenario.device_count
+    context = multiprocessing.get_context("spawn")
+    ready, go, start_at = context.Queue(), context.Event(), context.Value("d", 0.0)
+    mean_prompt = round(statistics.fmean(len(r.prompt_ids) for r in requests))
+    result_paths = [work / f"{name}-device{i}.jsonl" for i in range(count)]
+    processes = []
+    with local_cloud_process(cloud_dir, scenario.cloud_threads) as cloud:
+        shims = [LinkShim(f"tcp://127.0.0.1:{cloud.data_port}", group.link.profile(seed=g)).start()
+                 for g, group in enumerate(scenario.devices)]
+        try:
+            index = 0
+            for g, group in enumerate(scenario.devices):
+                for _ in range(group.count):
+                    mine = tuple((i, r.arrival_s, r.prompt_ids, r.max_new_tokens)
+                                 for i, r in enumerate(requests) if i % count == index)
+                    job = DeviceJob(index, str(device_dir), group.schedule(), system, shims[g].port, cloud.control_port,
+                                    mine, mean_prompt, str(result_paths[index]), scenario.device_threads)
+                    process = context.Process(target=device_main, args=(job, ready, go, start_at), daemon=True)
+                    process.start()
+                    processes.append(process)
+                    index += 1
+            _wait_ready(ready, processes)
+            start_at.value = time.time()
+            go.set()
+            deadline = time.monotonic() + requests[-1].arrival_s + REQUEST_TIMEOUT_S
+            done = 0
+            while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+                time.sleep(0.5)
+                done = _count_lines(result_paths, bar, done)
+            _count_lines(result_paths, bar, done)
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+            for shim in shims:
+                shim.stop()
+    found = {r.request: r for path in result_paths if path.exists()
+             for r in (ExperimentRecord.from_json(json.loads(line)) for line in path.read_text().splitlines())}
+    return [found.get(i) or ExperimentRecord(name, i, i % count, "", r.arrival_s, 0.0, 0.0, len(r.prompt_ids), 0,
+                                             float("nan"), float("nan"), error="never ran (device failed or timed out)")
+            for i, r in enumerate(requests)]
+
+
+def _wait_ready(ready, processes) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    pending = len(processes)
+    while pending:
+        try:
+            ready.get(timeout=1.0)
+            pending -= 1
+        except queue.Empty:
+            dead = [p for p in processes if not p.is_alive()]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"{len(dead)} emulated devices died while starting (see their output above)"
+                                   if dead else f"emulated devices not ready within {READY_TIMEOUT_S:g} s")
+
+
+def _count_lines(paths: list[Path], bar, done: int) -> int:
+    now = sum(len(p.read_text().splitlines()) for p in paths if p.exists())
+    bar.update(now - done)
+    return now
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="request", disable=not enabled, dynamic_ncols=True)

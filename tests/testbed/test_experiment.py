@@ -1,0 +1,82 @@
+"""`hat testbed run` end to end on a tiny model: emulated devices (two classes, a power-mode change) behind
+emulated links, two systems on the same workload; every request's tokens equal transformers' greedy output
+(so the systems agree), and results, plots and summary are written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hat.testbed.workloads import SPECBENCH, build_workload
+
+SCENARIO = {
+    "name": "tiny", "split": {"input_layers": 2, "output_layers": 1},
+    "devices": [
+        {"count": 1, "class": "jetson-agx-orin", "power": [[0, "MAXN"]],
+         "link": {"up_MBps": 20, "down_MBps": 30, "rtt_ms": 10}},
+        {"count": 1, "class": "jetson-agx-xavier", "power": [[0, "MAXN"], [1, "15W"]],
+         "link": {"up_MBps": 5, "down_MBps": 10, "rtt_ms": 20}},
+    ],
+    "workload": {"shape": "specbench", "requests": 4, "rate": 4.0, "max_new_tokens": 8, "seed": 5,
+                 "max_prompt_tokens": 120},
+    "systems": ["u-shape", "u-sarathi"],
+    "slo": {"ttft_ms": 5000, "tbt_ms": 1000},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_checkpoint, tmp_path_factory):
+    model_dir = tiny_checkpoint("llama3")
+    work = tmp_path_factory.mktemp("testbed")
+    scenario = work / "tiny.yaml"
+    scenario.write_text(yaml.safe_dump({**SCENARIO, "model": str(model_dir)}))
+    out = work / "out"
+    done = subprocess.run([sys.executable, "-m", "hat.cli.main", "testbed", "run", str(scenario), "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return model_dir, out, done.stdout
+
+
+def test_every_request_gets_transformers_greedy_tokens_in_every_system(run):
+    model_dir, out, _ = run
+    results = json.loads((out / "results.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    w = SCENARIO["workload"]
+    requests, _ = build_workload(tokenizer, SPECBENCH, w["requests"], w["rate"], w["seed"], w["max_new_tokens"],
+                                 w["max_prompt_tokens"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        want = [model.generate(torch.tensor([r.prompt_ids]), max_new_tokens=w["max_new_tokens"], do_sample=False,
+                               eos_token_id=model.config.eos_token_id)[0, len(r.prompt_ids):].tolist()
+                for r in requests]
+    for system in SCENARIO["systems"]:
+        records = sorted(results["records"][system], key=lambda r: r["request"])
+        assert [r["error"] for r in records] == [""] * len(requests)
+        assert [r["output_ids"] for r in records] == want, system
+        assert [r["prompt_tokens"] for r in records] == [len(r.prompt_ids) for r in requests]
+        assert {r["device"] for r in records} == {0, 1}  # round-robin over both devices
+        assert all(r["ttft_ms"] >= r["generation_ttft_ms"] > 0 for r in records)
+        assert all(r["timeline"] and r["timeline"][0]["kind"] == "prefill" for r in records)
+
+
+def test_results_plots_and_summary_are_written(run):
+    _, out, stdout = run
+    for name in ("results.json", "results.csv", "summary.md", "ttft_cdf.png", "tbt_cdf.png", "ttft_vs_prompt.png",
+                 "timeline.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = (out / "summary.md").read_text()
+    assert "u-shape" in summary and "u-sarathi" in summary and "sleep-padded" in summary and "LinkShim" in summary
+    assert "results, plots and summary in" in stdout
+
+
+def test_a_bad_scenario_is_refused_before_anything_runs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**SCENARIO, "systems": ["u-shape", "nonsense"]}))
+    done = subprocess.run([sys.executable, "-m", "hat.cli.main", "testbed", "run", str(bad)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "systems: ['nonsense']" in done.stderr
