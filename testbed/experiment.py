@@ -73,10 +73,12 @@ def _emulation_notes(scenario: Scenario) -> list[str]:
     for group in scenario.devices:
         link = group.link
         modes = ", ".join(f"{mode} from {t:g} s" for t, mode in group.power)
+        rates = (f"rates from trace {Path(link.trace).name}" if link.trace
+                 else f"{link.up_MBps:g} MB/s up, {link.down_MBps:g} MB/s down")
+        jitter = f", jitter {link.jitter_ms:g} ms" if link.jitter_ms else ""
         notes.append(f"{group.count} x {group.device_class}: compute = this machine's CPU x"
                      f"{group.schedule().device.slowdown:g} (sleep-padded after each forward), power modes {modes}; "
-                     f"link {link.up_MBps:g} MB/s up, {link.down_MBps:g} MB/s down, {link.rtt_ms:g} ms RTT"
-                     f"{f', jitter {link.jitter_ms:g} ms' if link.jitter_ms else ''} (user-space LinkShim)")
+                     f"link {rates}, {link.rtt_ms:g} ms RTT{jitter} (user-space LinkShim)")
     notes.append("the cloud runs on this machine's CPU; device and cloud processes share its cores")
     return notes
 
@@ -92,15 +94,16 @@ def run_system(scenario: Scenario, name: str, requests: list[WorkloadRequest], d
     result_paths = [work / f"{name}-device{i}.jsonl" for i in range(count)]
     processes = []
     with local_cloud_process(cloud_dir, scenario.cloud_threads) as cloud:
-        shims = [LinkShim(f"tcp://127.0.0.1:{cloud.data_port}", group.link.profile(seed=g)).start()
-                 for g, group in enumerate(scenario.devices)]
+        # one shim process, one port per device group: every device through a port gets a link of its own
+        shim = LinkShim(f"tcp://127.0.0.1:{cloud.data_port}",
+                        [group.link.profile(seed=g) for g, group in enumerate(scenario.devices)]).start()
         try:
             index = 0
             for g, group in enumerate(scenario.devices):
                 for _ in range(group.count):
                     mine = tuple((i, r.arrival_s, r.prompt_ids, r.max_new_tokens)
                                  for i, r in enumerate(requests) if i % count == index)
-                    job = DeviceJob(index, str(device_dir), group.schedule(), system, shims[g].port, cloud.control_port,
+                    job = DeviceJob(index, str(device_dir), group.schedule(), system, shim.ports[g], cloud.control_port,
                                     mine, mean_prompt, str(result_paths[index]), scenario.device_threads)
                     process = context.Process(target=device_main, args=(job, ready, go, start_at), daemon=True)
                     process.start()
@@ -119,8 +122,7 @@ def run_system(scenario: Scenario, name: str, requests: list[WorkloadRequest], d
             for process in processes:
                 if process.is_alive():
                     process.kill()
-            for shim in shims:
-                shim.stop()
+            shim.stop()
     found = {r.request: r for path in result_paths if path.exists()
              for r in (ExperimentRecord.from_json(json.loads(line)) for line in path.read_text().splitlines())}
     return [found.get(i) or ExperimentRecord(name, i, i % count, "", r.arrival_s, 0.0, 0.0, len(r.prompt_ids), 0,

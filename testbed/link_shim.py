@@ -1,16 +1,31 @@
 """A link emulator between devices and the cloud's ZeroMQ data port, started by a benchmark itself.
 
-Devices connect their DEALER to `LinkShim.address` instead of the cloud's data port. The shim, a
+Devices connect their DEALER to one of `LinkShim.addresses` instead of the cloud's data port. The shim, a
 separate process (so the device's torch compute cannot hold up its timers), forwards every message
 to the cloud on a DEALER of its own per device, with the device's routing id, and the replies back.
 
-What is emulated, per device and per direction: a serialising link of fixed rate (a message of B
-bytes occupies the link for B / rate seconds after the previous one has left it) followed by a
-one-way propagation delay of rtt_s / 2, plus optional seeded uniform jitter.
+What is emulated, per device and per direction: a serialising link (a message of B bytes occupies the
+link for B / rate seconds after the previous one has left it) followed by a one-way propagation delay
+of rtt_s / 2, plus optional seeded uniform jitter. The rate is fixed, or follows a bandwidth trace
+(hat.testbed.link_traces.BandwidthTrace, piecewise-constant, optionally looping): a message on the link
+when the rate changes sends its bytes at the old rate until the change and the rest at the new one.
+A device's trace time starts at its first message through the shim (when the shim takes it in), so
+every device sharing a profile sees the trace from its start however long it took to come up.
+
+Per-device profiles: the shim listens on one port per profile (`LinkShim(cloud, [p0, p1, ...])`, or
+`add_port(p)` before start; `.addresses[i]` goes with profile i), all served by ONE process. A port,
+not a table of routing ids, picks the profile because devices draw random routing ids when they
+start, so a testbed knows which address it hands each device but not its id in advance; and one
+process for all of them keeps N devices from costing N shim processes on a small machine. Every device
+on a port still gets a link of its own (devices on one port do not share its bandwidth).
 
 What is not: loss, reordering, TCP dynamics (slow start, congestion control, window limits),
 per-frame or per-packet overheads (only the payload bytes of the frames count), a link shared by
 several devices (each device gets a link of its own), and the gRPC control plane, which is not shimmed.
+Measured against its settings by scripts/check_link_emulator.py: on the 2-core development VM, throughput
+within 0.3% from 1 to 50 MB/s and delays within ~3% at 20-100 ms RTT once loopback costs are set aside.
+Those costs (0.2-0.6 ms per direction there, more under load, including the wake-up of idle I/O threads)
+come on top of every emulated delay, so below ~10 ms RTT they exceed 5% of it.
 """
 from __future__ import annotations
 
@@ -21,10 +36,13 @@ import random
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 import zmq
+
+from .link_traces import BandwidthTrace
 
 START_TIMEOUT_S = 20.0  # longest wait for the shim process to bind (spawn re-imports the parent's main module)
 STOP_TIMEOUT_S = 5.0  # longest wait for a clean exit before the process is terminated, then killed
@@ -41,6 +59,8 @@ class LinkProfile:
     rtt_s: float  # round-trip propagation delay; each direction gets rtt_s / 2
     jitter_s: float = 0.0  # extra one-way delay drawn uniformly from [0, jitter_s]; never reorders a direction
     seed: int = 0  # seed of the jitter draws
+    trace: BandwidthTrace | None = None  # rates over time, from each device's first message; then the two
+    # rates above must be the trace's rates at 0 (LinkProfile.from_trace fills them in)
 
     def __post_init__(self) -> None:
         if not (self.uplink_bytes_per_s > 0 and self.downlink_bytes_per_s > 0):
@@ -49,6 +69,20 @@ class LinkProfile:
             raise ValueError(f"rtt_s must be a finite non-negative number, not {self.rtt_s!r}")
         if not (math.isfinite(self.jitter_s) and self.jitter_s >= 0):
             raise ValueError(f"jitter_s must be a finite non-negative number, not {self.jitter_s!r}")
+        if self.trace is not None:
+            if not isinstance(self.trace, BandwidthTrace):
+                raise ValueError(f"trace must be a BandwidthTrace, not {type(self.trace).__name__}")
+            if (self.uplink_bytes_per_s, self.downlink_bytes_per_s) != self.trace.rates_at(0.0):
+                fixed = (self.uplink_bytes_per_s, self.downlink_bytes_per_s)
+                raise ValueError("with a trace, uplink_bytes_per_s and downlink_bytes_per_s must be the trace's "
+                                 f"rates at 0 {self.trace.rates_at(0.0)}, not {fixed}: build it with "
+                                 "LinkProfile.from_trace")
+
+    @classmethod
+    def from_trace(cls, trace: BandwidthTrace, rtt_s: float, jitter_s: float = 0.0, seed: int = 0) -> "LinkProfile":
+        """A profile whose rates follow `trace`; its two fixed rates read as the trace's rates at 0."""
+        up, down = trace.rates_at(0.0)
+        return cls(up, down, rtt_s, jitter_s, seed, trace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,32 +92,64 @@ class LinkStats:
     down_messages: int  # cloud -> device messages delivered to devices
     down_bytes: int  # their bytes
     pending: int  # messages in flight inside the shim (both directions)
-    devices: int  # distinct device routing ids seen
+    devices: int  # distinct devices seen (a routing id on a port), all ports together
+    origins: dict[tuple[int, bytes], float] = field(default_factory=dict)  # (port index, routing id) -> when
+    # the shim took in that device's first message (its trace time 0), in time.perf_counter() of this machine
 
 
 class LinkShim:
     """Context manager: `LinkShim(cloud_data_address, profile)`; devices connect to `.address`
     (tcp://127.0.0.1:PORT, also `.port`) instead of the cloud's data address. start()/stop().
 
+    Several profiles, one process: `LinkShim(cloud_data_address, [profile0, profile1, ...])`, or
+    `add_port(profile)` before start; a device connected to `.addresses[i]` (port `.ports[i]`) gets a link
+    of its own with profile i. `.address`, `.port` and `.profile` are those of the first.
+
     The process is started with 'spawn', which imports the caller's main module again in the child:
     a script must keep its work under `if __name__ == "__main__":`, and a main module that imports
     torch adds its import time (seconds) to the start.
     """
 
-    def __init__(self, cloud_data_address: str, profile: LinkProfile, start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(self, cloud_data_address: str, profile: LinkProfile | Sequence[LinkProfile],
+                 start_timeout_s: float = START_TIMEOUT_S):
         self.cloud_data_address = cloud_data_address
-        self.profile = profile
+        profiles = [profile] if isinstance(profile, LinkProfile) else list(profile)
+        if not profiles:
+            raise ValueError("a link shim needs at least one LinkProfile")
+        for index, each in enumerate(profiles):
+            _check_profile(each, index)
+        self.profiles: list[LinkProfile] = profiles
         self.start_timeout_s = start_timeout_s
-        self.port: int | None = None
+        self.ports: list[int] = []  # one per profile while running, else empty
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()  # one request on the pipe at a time
 
     @property
+    def profile(self) -> LinkProfile:
+        return self.profiles[0]
+
+    @property
+    def port(self) -> int | None:
+        return self.ports[0] if self.ports else None
+
+    @property
     def address(self) -> str:
-        if self.port is None:
+        return self.addresses[0]
+
+    @property
+    def addresses(self) -> list[str]:
+        if not self.ports:
             raise RuntimeError("the link shim is not running")
-        return f"tcp://127.0.0.1:{self.port}"
+        return [f"tcp://127.0.0.1:{port}" for port in self.ports]
+
+    def add_port(self, profile: LinkProfile) -> int:
+        """Another port with a profile of its own; before start. Returns its index in .ports/.addresses."""
+        if self._process is not None:
+            raise RuntimeError("ports are added before the link shim starts")
+        _check_profile(profile, len(self.profiles))
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
 
     def is_alive(self) -> bool:
         """Whether the shim process is running."""
@@ -94,7 +160,7 @@ class LinkShim:
             raise RuntimeError("the link shim is already started")
         context = multiprocessing.get_context("spawn")
         parent_conn, child_conn = context.Pipe(duplex=True)
-        process = context.Process(target=_serve, args=(self.cloud_data_address, asdict(self.profile), child_conn),
+        process = context.Process(target=_serve, args=(self.cloud_data_address, list(self.profiles), child_conn),
                                   name="hat-link-shim", daemon=True)
         process.start()
         child_conn.close()  # so that the child's death reads as EOF here
@@ -110,7 +176,7 @@ class LinkShim:
         if kind != "ready":
             self._halt()
             raise RuntimeError(f"the link shim process failed to start:\n{value}")
-        self.port = int(value)
+        self.ports = [int(port) for port in value]
         return self
 
     def stats(self) -> LinkStats:
@@ -150,7 +216,7 @@ class LinkShim:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        self.port = None
+        self.ports = []
 
     def __enter__(self) -> "LinkShim":
         return self.start()
@@ -161,19 +227,27 @@ class LinkShim:
 
 class LinkModel:
     """The delay model, apart from the sockets: per device and direction, a serialising link of fixed
-    rate followed by the one-way propagation delay and jitter."""
+    rate, or of a rate that follows the profile's trace from the device's first message, followed by
+    the one-way propagation delay and jitter."""
 
     def __init__(self, profile: LinkProfile):
         self.profile = profile
         self._rng = random.Random(profile.seed)
         self._free_at: dict[tuple[bytes, bool], float] = {}  # when each link is free again
         self._last_delivery: dict[tuple[bytes, bool], float] = {}  # when its latest message arrives
+        self.origins: dict[bytes, float] = {}  # when each device's first message came: its trace time 0
 
     def schedule(self, device: bytes, uplink: bool, size: int, now: float) -> float:
         """When a message of `size` bytes handed to the link at `now` arrives at the far end."""
         key = (device, uplink)
-        rate = self.profile.uplink_bytes_per_s if uplink else self.profile.downlink_bytes_per_s
-        sent_at = max(now, self._free_at.get(key, now)) + size / rate
+        origin = self.origins.setdefault(device, now)
+        starts_at = max(now, self._free_at.get(key, now))
+        trace = self.profile.trace
+        if trace is None:
+            rate = self.profile.uplink_bytes_per_s if uplink else self.profile.downlink_bytes_per_s
+            sent_at = starts_at + size / rate
+        else:
+            sent_at = origin + trace.transmit_end(starts_at - origin, size, uplink)
         self._free_at[key] = sent_at
         deliver_at = sent_at + self.profile.rtt_s / 2
         if self.profile.jitter_s > 0:
@@ -183,15 +257,24 @@ class LinkModel:
         return deliver_at
 
 
-def _serve(cloud_address: str, profile_fields: dict, conn: Connection) -> None:
-    """The shim process: bind, report the port, forward until told to stop or the parent goes away."""
+def _check_profile(profile: object, index: int) -> None:
+    if not isinstance(profile, LinkProfile):
+        raise ValueError(f"link shim profile {index} must be a LinkProfile, not {type(profile).__name__}")
+
+
+def _serve(cloud_address: str, profiles: list[LinkProfile], conn: Connection) -> None:
+    """The shim process: bind a port per profile, report them, forward until told to stop or the parent goes away."""
+    fronts: list[zmq.Socket] = []
+    context = None
     try:
-        profile = LinkProfile(**profile_fields)
         context = zmq.Context()
-        front = context.socket(zmq.ROUTER)
-        _tune(front)
-        front.bind("tcp://127.0.0.1:0")
-        port = int(front.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        ports = []
+        for _ in profiles:
+            front = context.socket(zmq.ROUTER)
+            fronts.append(front)
+            _tune(front)
+            front.bind("tcp://127.0.0.1:0")
+            ports.append(int(front.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]))
         probe = context.socket(zmq.DEALER)  # a bad cloud address fails here, at start, not at the first device
         probe.setsockopt(zmq.LINGER, 0)
         probe.connect(cloud_address)
@@ -199,12 +282,17 @@ def _serve(cloud_address: str, profile_fields: dict, conn: Connection) -> None:
     except Exception:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", traceback.format_exc()))
         conn.close()
+        for front in fronts:
+            front.close(linger=0)
+        if context is not None:
+            context.destroy(linger=0)
         return
-    conn.send(("ready", port))
+    conn.send(("ready", ports))
     try:
-        _Loop(context, front, cloud_address, profile, conn).run()
+        _Loop(context, fronts, cloud_address, profiles, conn).run()
     finally:
-        front.close(linger=0)
+        for front in fronts:
+            front.close(linger=0)
         context.destroy(linger=0)
         conn.close()
 
@@ -216,20 +304,23 @@ def _tune(socket: zmq.Socket) -> None:
 
 
 class _Loop:
-    """The forwarding loop: take in from both sides, hold each message until the model says it arrives."""
+    """The forwarding loop: take in from all sides, hold each message until its port's model says it arrives.
+    A device is (port index, routing id): its link has the port's profile."""
 
-    def __init__(self, context: zmq.Context, front: zmq.Socket, cloud_address: str, profile: LinkProfile,
-                 conn: Connection):
-        self.context, self.front, self.cloud_address, self.profile, self.conn = (
-            context, front, cloud_address, profile, conn)
-        self.model = LinkModel(profile)
-        self.backs: dict[bytes, zmq.Socket] = {}  # device routing id -> DEALER to the cloud
-        self.owners: dict[zmq.Socket, bytes] = {}  # and back
-        self.pending: list[tuple[float, int, int, bytes, list]] = []  # (deliver at, order, direction, id, frames)
+    def __init__(self, context: zmq.Context, fronts: list[zmq.Socket], cloud_address: str,
+                 profiles: list[LinkProfile], conn: Connection):
+        self.context, self.fronts, self.cloud_address, self.conn = context, fronts, cloud_address, conn
+        self.front_index = {front: index for index, front in enumerate(fronts)}
+        self.models = [LinkModel(profile) for profile in profiles]  # one per port
+        self.backs: dict[tuple[int, bytes], zmq.Socket] = {}  # device -> DEALER to the cloud
+        self.owners: dict[zmq.Socket, tuple[int, bytes]] = {}  # and back
+        # (deliver at, order, direction, device, frames)
+        self.pending: list[tuple[float, int, int, tuple[int, bytes], list]] = []
         self.order = 0
         self.counts = {"up_messages": 0, "up_bytes": 0, "down_messages": 0, "down_bytes": 0}
         self.poller = zmq.Poller()
-        self.poller.register(front, zmq.POLLIN)
+        for front in fronts:
+            self.poller.register(front, zmq.POLLIN)
         self.poller.register(conn.fileno(), zmq.POLLIN)
 
     def run(self) -> None:
@@ -256,19 +347,21 @@ class _Loop:
         """Take in what the poll reported; None when the loop must end, else whether anything arrived."""
         received = False
         for socket, _ in events:
-            if socket is self.front:
-                while self.front.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    frames = self.front.recv_multipart(copy=False)
-                    device = frames[0].bytes
-                    self._enqueue(_UP, device, frames[1:])
+            if not isinstance(socket, zmq.Socket):
+                if not self._command():
+                    return None
+                continue
+            port = self.front_index.get(socket)
+            if port is not None:
+                while socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    frames = socket.recv_multipart(copy=False)
+                    self._enqueue(_UP, (port, frames[0].bytes), frames[1:])
                     received = True
-            elif isinstance(socket, zmq.Socket):
+            else:
                 device = self.owners[socket]
                 while socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._enqueue(_DOWN, device, socket.recv_multipart(copy=False))
                     received = True
-            elif not self._command():
-                return None
         return received
 
     def _command(self) -> bool:
@@ -277,20 +370,24 @@ class _Loop:
         except (EOFError, OSError):
             return False  # the parent has gone
         if kind == "stats":
-            self.conn.send(("stats", {**self.counts, "pending": len(self.pending), "devices": len(self.backs)}))
+            origins = {(port, device): at for port, model in enumerate(self.models)
+                       for device, at in model.origins.items()}
+            self.conn.send(("stats", {**self.counts, "pending": len(self.pending), "devices": len(self.backs),
+                                      "origins": origins}))
             return True
         return False
 
-    def _enqueue(self, direction: int, device: bytes, frames: list) -> None:
+    def _enqueue(self, direction: int, device: tuple[int, bytes], frames: list) -> None:
         now = time.perf_counter()
+        port, routing_id = device
         if direction == _UP and device not in self.backs:
             back = self.context.socket(zmq.DEALER)
             _tune(back)
-            back.setsockopt(zmq.ROUTING_ID, device)  # the cloud sees the device's own identity
+            back.setsockopt(zmq.ROUTING_ID, routing_id)  # the cloud sees the device's own identity
             back.connect(self.cloud_address)
             self.backs[device], self.owners[back] = back, device
             self.poller.register(back, zmq.POLLIN)
-        deliver_at = self.model.schedule(device, direction == _UP, sum(len(frame) for frame in frames), now)
+        deliver_at = self.models[port].schedule(routing_id, direction == _UP, sum(len(f) for f in frames), now)
         self.order += 1
         heapq.heappush(self.pending, (deliver_at, self.order, direction, device, frames))
 
@@ -304,6 +401,7 @@ class _Loop:
                 self.counts["up_messages"] += 1
                 self.counts["up_bytes"] += size
             else:
-                self.front.send_multipart([device, *frames], copy=False)
+                port, routing_id = device
+                self.fronts[port].send_multipart([routing_id, *frames], copy=False)
                 self.counts["down_messages"] += 1
                 self.counts["down_bytes"] += size

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .device_profiles import DEVICE_CLASSES, PowerSchedule
 from .link_shim import LinkProfile
+from .link_traces import BandwidthTrace
 from .systems import SYSTEMS
 from .workloads import SHAPES
 
@@ -33,8 +34,13 @@ class LinkSpec:
     down_MBps: float = 15.0  # cloud -> device, MB/s (HAT's: 10-15)
     rtt_ms: float = 20.0  # round-trip propagation delay
     jitter_ms: float = 0.0  # extra one-way delay, uniform in [0, jitter_ms]
+    trace: str = ""  # a bandwidth trace CSV (time_s,up_MBps,down_MBps; relative to the scenario file): the rates
+    # then follow it from each device's first message, and up_MBps / down_MBps are ignored
 
     def profile(self, seed: int = 0) -> LinkProfile:
+        if self.trace:
+            return LinkProfile.from_trace(BandwidthTrace.from_csv(self.trace), self.rtt_ms / 1000,
+                                          self.jitter_ms / 1000, seed)
         return LinkProfile(self.up_MBps * 1e6, self.down_MBps * 1e6, self.rtt_ms / 1000, self.jitter_ms / 1000, seed)
 
 
@@ -97,7 +103,8 @@ def _build(cls, data: dict, where: str, **extra):
         raise ScenarioError(f"{where}: {exc}") from None
 
 
-def parse_scenario(data: dict) -> Scenario:
+def parse_scenario(data: dict, base: Path = Path(".")) -> Scenario:
+    """`base`: the folder relative paths in the scenario (traces) are read from."""
     top = _take(data, "scenario", {"name", "model", "split", "devices", "workload", "systems", "slo", "dtype",
                                    "ablation", "paper", "cloud_threads", "device_threads"})
     for key in ("name", "devices", "workload", "systems"):
@@ -108,8 +115,10 @@ def parse_scenario(data: dict) -> Scenario:
     for i, group in enumerate(top["devices"] or []):
         where = f"devices[{i}]"
         group = _take(group, where, {"count", "class", "power", "link"})
-        link = _build(LinkSpec, _take(group.get("link", {}), f"{where}.link", set(LinkSpec.__dataclass_fields__)),
-                      f"{where}.link")
+        link = dict(_take(group.get("link", {}), f"{where}.link", set(LinkSpec.__dataclass_fields__)))
+        if link.get("trace"):
+            link["trace"] = str(base / link["trace"])
+        link = _build(LinkSpec, link, f"{where}.link")
         name = group.get("class", "jetson-agx-orin")
         if name not in DEVICE_CLASSES:
             raise ScenarioError(f"{where}.class: {name!r}; known: {', '.join(DEVICE_CLASSES)}")
@@ -119,7 +128,7 @@ def parse_scenario(data: dict) -> Scenario:
         try:
             built.schedule()
             built.link.profile()
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             raise ScenarioError(f"{where}: {exc}") from None
         if built.count < 1:
             raise ScenarioError(f"{where}.count must be at least 1")
@@ -172,4 +181,4 @@ def load_scenario(path: str | Path) -> Scenario:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ScenarioError(f"cannot read scenario {path}: {exc}") from None
-    return parse_scenario(data or {})
+    return parse_scenario(data or {}, path.parent)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import yaml
 
 from hat.testbed.scenario import SHIPPED, ScenarioError, load_scenario, parse_scenario, resolve_scenario
 
@@ -67,3 +68,17 @@ def test_files_that_are_not_scenarios(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ScenarioError, match="mapping"):
         load_scenario(bad)
+
+
+def test_a_link_may_follow_a_bandwidth_trace_next_to_the_scenario(tmp_path):
+    (tmp_path / "trace.csv").write_text("time_s,up_MBps,down_MBps\n0,8,12\n2,4,6\n")
+    data = copy.deepcopy(VALID)
+    data["devices"][0]["link"] = {"trace": "trace.csv", "rtt_ms": 10}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    profile = load_scenario(tmp_path / "s.yaml").devices[0].link.profile()
+    assert profile.trace.rates_at(0.5) == (8e6, 12e6) and profile.trace.rates_at(3) == (4e6, 6e6)
+    assert (profile.uplink_bytes_per_s, profile.rtt_s) == (8e6, 0.01)
+    data["devices"][0]["link"]["trace"] = "missing.csv"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ScenarioError, match="devices\\[0\\]"):
+        load_scenario(tmp_path / "s.yaml")
