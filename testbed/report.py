@@ -296,7 +296,10 @@ def _ablation_plot(path, scenario, steps, records_by_system, ttft_slo_ms, tbt_sl
         ax.set_xticks(range(len(steps)), steps, rotation=20, ha="right")
         ax.set(title=label, ylabel=label.replace(" p50", ", median"))
         ax.margins(y=0.15)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
+    legend = {}  # label -> handle, over both panels (the paper may give one metric only)
+    for ax in axes:
+        legend.update(zip(reversed(ax.get_legend_handles_labels()[1]), reversed(ax.get_legend_handles_labels()[0])))
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=2, fontsize="small")
     fig.savefig(path)
 
 
