@@ -25,7 +25,7 @@ FAMILY, K, M = "llama_tied_bias", 2, 1
 PROMPT_LENGTHS = [5, 12, 19, 27, 35, 44, 52, 60]  # one per device
 NEW_TOKENS = 16
 SPECULATION = SpeculationConfig(threshold=0.0, max_draft=4)  # threshold 0: drafts are always made
-JOIN_TIMEOUT_S = 60.0
+JOIN_TIMEOUT_S = 90.0
 
 
 def load_eight_devices(model_dir: Path, work: Path) -> tuple[list[DeviceModel], list[list[int]]]:
@@ -50,23 +50,30 @@ def reference_tokens(model_dir, prompts, new_tokens: int) -> list[list[int]]:
     return out
 
 
-def run_concurrently(gens, prompts) -> list:
-    """Every generator on its own thread, released together; the results (or the exception raised) in order."""
+def run_concurrently(gens, prompts, alongside=None, new_tokens: int = NEW_TOKENS) -> list:
+    """Every generator on its own thread, released together; the results (or the exception raised) in order.
+    `alongside`: a function run on a thread of its own from the moment the generators are released."""
     results: list = [None] * len(gens)
-    barrier = threading.Barrier(len(gens))
+    barrier = threading.Barrier(len(gens) + 1)
 
     def run(i: int) -> None:
         try:
             barrier.wait(30)
-            results[i] = gens[i].generate_ids(prompts[i], NEW_TOKENS)
+            results[i] = gens[i].generate_ids(prompts[i], new_tokens)
         except BaseException as exc:  # surfaced in the main thread
             results[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(gens))]
     for t in threads:
         t.start()
+    barrier.wait(30)
+    helper = threading.Thread(target=alongside, daemon=True) if alongside else None
+    if helper is not None:
+        helper.start()
     for t in threads:
         t.join(JOIN_TIMEOUT_S)
+    if helper is not None:
+        helper.join(5)
     assert not any(t.is_alive() for t in threads), "a device did not finish"
     for result in results:
         if isinstance(result, BaseException):

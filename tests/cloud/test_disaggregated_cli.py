@@ -24,7 +24,7 @@ from hat.common.split import split_checkpoint
 from hat.device.cloud_link import CloudLink, LinkConfig
 from hat.device.device_model import DeviceModel
 from hat.device.generator import SplitGenerator
-from eight_devices import FAMILY, K, M, reference_tokens
+from eight_devices import FAMILY, K, M, reference_tokens, run_concurrently
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,7 +33,6 @@ NEW_TOKENS = 28
 START_TIMEOUT_S = 120.0  # a process importing torch and loading its bundle on a busy 2-core machine
 EXIT_TIMEOUT_S = 90.0
 ROUND_DELAY_S = 0.01  # each device round slowed this much, so sessions are surely mid-run at the kill
-JOIN_TIMEOUT_S = 90.0
 
 
 class Serve:
@@ -229,29 +228,7 @@ def test_a_decode_process_killed_mid_run_costs_only_a_re_prefill(bundles, router
                     return
                 time.sleep(0.01)
 
-        killer = threading.Thread(target=kill_when_busy, daemon=True)
-        results: list = [None] * len(gens)
-        barrier = threading.Barrier(len(gens) + 1)
-
-        def run(i: int) -> None:
-            try:
-                barrier.wait(30)
-                results[i] = gens[i].generate_ids(prompts[i], NEW_TOKENS)
-            except BaseException as exc:  # surfaced in the main thread
-                results[i] = exc
-
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(gens))]
-        for thread in threads:
-            thread.start()
-        barrier.wait(30)
-        killer.start()
-        for thread in threads:
-            thread.join(JOIN_TIMEOUT_S)
-        killer.join(5)
-        assert not any(t.is_alive() for t in threads), "a device did not finish"
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        results = run_concurrently(gens, prompts, alongside=kill_when_busy, new_tokens=NEW_TOKENS)
         assert killed.is_set(), f"the victim never held a session ({seen})"
         assert victim.process.wait(10) == -signal.SIGKILL
 
