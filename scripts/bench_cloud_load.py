@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 import tempfile
 import threading
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
+from hat.testbed.records import percentile
 
 MODES = {  # name: (disaggregation policy or None for one process, torch threads per process, pipeline stages)
     "all": (None, 1, 1), "all-2t": (None, 2, 1), "always": ("always", 1, 1), "auto": ("auto", 1, 1),
@@ -98,16 +98,10 @@ def summarize(mode: str, rate: float, records: list, args, metrics: dict) -> dic
     return {
         "mode": mode, "rate": rate, "done": len(done), "errors": len(records) - len(done),
         "req_s": len(done) / makespan, "tok_s": tokens / makespan, "goodput": len(good) / makespan,
-        "attain": len(good) / len(records), "ttft50": _pct(ttfts, 50), "ttft90": _pct(ttfts, 90),
-        "tbt50": _pct(tbts, 50), "tbt90": _pct(tbts, 90), "handoffs": int(metrics.get("hat_handoffs_total", 0)),
+        "attain": len(good) / len(records), "ttft50": percentile(ttfts, 50),
+        "ttft90": percentile(ttfts, 90), "tbt50": percentile(tbts, 50), "tbt90": percentile(tbts, 90), "handoffs": int(metrics.get("hat_handoffs_total", 0)),
         "handoff_us_tok": metrics.get("hat_handoff_seconds_sum", 0) / positions * 1e6 if positions else float("nan"),
         "waits": sum(r.admission_waits for r in done)}
-
-
-def _pct(values: list[float], q: int) -> float:
-    if not values:
-        return float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def main(argv=None) -> int:

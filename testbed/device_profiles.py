@@ -56,6 +56,12 @@ class PowerSchedule:
         for _, mode in self.steps:
             self.device.factor(mode)  # an unknown mode is refused now, not mid-run
 
+    def describe(self) -> str:
+        """How a device on this schedule computes, in one phrase for an experiment's output."""
+        modes = ", ".join(f"{mode} from {t:g} s" for t, mode in self.steps)
+        return (f"{self.device.name}: compute = this machine's CPU x{self.device.slowdown:g} (sleep-padded after each "
+                f"forward; see hat.testbed.device_profiles), power modes {modes}")
+
     def factor_at(self, elapsed_s: float) -> float:
         mode = [m for t, m in self.steps if t <= elapsed_s][-1]
         return self.device.factor(mode)
@@ -106,6 +112,4 @@ class ComputeThrottle:
 
     def describe(self) -> str:
         """One line for an experiment's output: how this device's compute is emulated."""
-        modes = ", ".join(f"{mode} from {t:g} s" for t, mode in self.schedule.steps)
-        return (f"{self.schedule.device.name}: this machine's compute x{self.schedule.device.slowdown:g}, power modes "
-                f"{modes} (sleep-padded after each forward; see hat.testbed.device_profiles)")
+        return self.schedule.describe()

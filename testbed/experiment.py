@@ -72,13 +72,11 @@ def _emulation_notes(scenario: Scenario) -> list[str]:
     notes = []
     for group in scenario.devices:
         link = group.link
-        modes = ", ".join(f"{mode} from {t:g} s" for t, mode in group.power)
         rates = (f"rates from trace {Path(link.trace).name}" if link.trace
                  else f"{link.up_MBps:g} MB/s up, {link.down_MBps:g} MB/s down")
         jitter = f", jitter {link.jitter_ms:g} ms" if link.jitter_ms else ""
-        notes.append(f"{group.count} x {group.device_class}: compute = this machine's CPU x"
-                     f"{group.schedule().device.slowdown:g} (sleep-padded after each forward), power modes {modes}; "
-                     f"link {rates}, {link.rtt_ms:g} ms RTT{jitter} (user-space LinkShim)")
+        notes.append(f"{group.count} x {group.schedule().describe()}; link {rates}, {link.rtt_ms:g} ms RTT{jitter} "
+                     "(user-space LinkShim)")
     notes.append("the cloud runs on this machine's CPU; device and cloud processes share its cores")
     return notes
 

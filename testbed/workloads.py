@@ -20,6 +20,8 @@ import random
 import statistics
 from dataclasses import dataclass
 
+from .records import percentile
+
 _POOL_TOKENS = 400_000  # held-out tokens kept to cut prompts from (enough for thousands of distinct windows)
 
 
@@ -136,9 +138,6 @@ def build_workload(tokenizer, shape: LengthShape, count: int, rate_per_s: float,
         requests.append(WorkloadRequest(arrival, tuple(joined[offset:offset + n]), max_new_tokens,
                                         f"{relpath}@{offset}"))
     summary = WorkloadSummary(count, statistics.fmean(lengths), statistics.median(lengths),
-                              _quantile(lengths, 0.9), clipped, count / requests[-1].arrival_s)
+                              percentile(lengths, 90), clipped, count / requests[-1].arrival_s)
     return requests, summary
 
-
-def _quantile(values: list[int], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1] if len(values) > 1 else values[0]
