@@ -28,6 +28,27 @@ class ForwardJob:
     session: CloudSession  # the session whose cache the tokens extend
     arrival_us: int = 0  # the cloud's clock when the FORWARD had fully arrived
 
+    # what the scheduler reads (a simulated job offers the same: hat.testbed.sim_cloud.SimJob)
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def start(self) -> int:
+        return int(self.header.start)
+
+    @property
+    def session_key(self) -> str:
+        return self.header.session_id
+
+    @property
+    def append_only(self) -> bool:
+        return self.header.append_only
+
+    @property
+    def tbt_slo_s(self) -> float:
+        return self.session.tbt_slo_s
+
 
 def load_middle_part(bundle_dir: str | Path, device: str = "cpu") -> tuple[ModelPart, BundleManifest]:
     manifest = load_manifest(bundle_dir, part="cloud")

@@ -19,8 +19,7 @@ from .middle_worker import ForwardJob
 
 def predicted_s(cost: LinearCost, jobs: list[ForwardJob]) -> float:
     """The latency predictor's time for one forward over `jobs`."""
-    return cost.batch(sum(j.hidden.shape[0] for j in jobs),
-                      sum(attended(j.hidden.shape[0], int(j.header.start)) for j in jobs))
+    return cost.batch(sum(j.tokens for j in jobs), sum(attended(j.tokens, j.start) for j in jobs))
 
 
 def form_batch(pending: deque[ForwardJob], max_tokens: int,
@@ -28,19 +27,19 @@ def form_batch(pending: deque[ForwardJob], max_tokens: int,
     """The next batch and what stays pending (in its order). `cost`: the latency predictor (None: no SLO check)."""
     heads, seen = [], set()
     for job in pending:
-        session = job.header.session_id
+        session = job.session_key
         if session not in seen:
             seen.add(session)
             heads.append(job)
     if not heads:
         return [], deque()
-    chosen, tokens = [heads[0]], heads[0].hidden.shape[0]
-    for job in sorted(heads[1:], key=lambda j: j.header.append_only):  # stable: decode rounds first, then chunks
-        count = job.hidden.shape[0]
+    chosen, tokens = [heads[0]], heads[0].tokens
+    for job in sorted(heads[1:], key=lambda j: j.append_only):  # stable: decode rounds first, then chunks
+        count = job.tokens
         if tokens + count > max_tokens:
             continue
-        if job.header.append_only and cost is not None:
-            targets = [j.session.tbt_slo_s for j in chosen if not j.header.append_only and j.session.tbt_slo_s]
+        if job.append_only and cost is not None:
+            targets = [j.tbt_slo_s for j in chosen if not j.append_only and j.tbt_slo_s]
             if targets and predicted_s(cost, chosen + [job]) > min(targets):
                 continue
         chosen.append(job)

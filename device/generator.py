@@ -28,7 +28,7 @@ from .drafter import DeviceCaches, Draft, Drafter
 from .link_estimator import LinkEstimator
 from .prefill import PrefillPipeline, PrefillReport
 from .speculation import SpeculationConfig
-from .results import GenerationResult, StepTiming, TextStream
+from .results import GenerationResult, StepTiming, TextStream, in_cloud_ms
 
 RECOVERABLE = (pb.UNKNOWN_SESSION, pb.BAD_POSITION)  # the cloud lost the session's cache: re-send the history
 MAX_RECOVERIES = 3  # per generation; beyond this the cloud's error is raised
@@ -206,7 +206,9 @@ class SplitGenerator:
         if needs_all:
             middle = model.output_part.forward_layers(middle, [SequenceSpan(caches.output, position, 1)])
         step_ms = (time.perf_counter() - began) * 1000
-        g.steps.append(StepTiming(1, step_ms - round_ms, round_ms, reply.header.compute_us / 1000, True, sent_s=sent))
+        g.steps.append(StepTiming(1, step_ms - round_ms, round_ms, reply.header.compute_us / 1000, True, sent_s=sent,
+                                  in_cloud_ms=in_cloud_ms(reply.header),
+                                  batch_sessions=reply.header.batch_sessions))
         return model.output_part.logits(middle[-1:].to(model.output_part.dtype))[0]
 
     def _speculative_round(self, g: _Generation, drafter: Drafter, pending: int, carried: Draft | None,
@@ -253,7 +255,8 @@ class SplitGenerator:
             tokens=n + 1, device_ms=(time.perf_counter() - received) * 1000, round_ms=round_s * 1000,
             cloud_compute_ms=reply.header.compute_us / 1000, decode=True, drafted=n, accepted=accepted,
             draft_ms=(sent - began) * 1000, predrafted=len(ahead.tokens) if ahead else 0,
-            predraft_reused=len(ahead.tokens) if keep_ahead else 0, sent_s=sent))
+            predraft_reused=len(ahead.tokens) if keep_ahead else 0, sent_s=sent, in_cloud_ms=in_cloud_ms(reply.header),
+            batch_sessions=reply.header.batch_sessions))
         return new, ahead if keep_ahead else None
 
     def _forward(self, g: _Generation, start: int, hidden: torch.Tensor, return_last: int = 0):

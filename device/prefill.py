@@ -23,7 +23,7 @@ from .device_model import DeviceModel
 from .device_profile import DeviceProfile
 from .drafter import DeviceCaches
 from .link_estimator import LinkEstimator
-from .results import StepTiming
+from .results import StepTiming, in_cloud_ms
 
 _HEADER_BYTES = 64.0  # a FORWARD's or RESULT's bytes besides its tensor, near enough
 
@@ -154,7 +154,8 @@ class PrefillPipeline:
             self.profile.add_output(chunk.count, chunk.start, output_s)
         steps.append(StepTiming(chunk.count, (chunk.input_s + output_s) * 1000,
                                 (reply.received_s - reply.request_sent_s) * 1000, header.compute_us / 1000,
-                                sent_s=reply.request_sent_s))
+                                sent_s=reply.request_sent_s, in_cloud_ms=in_cloud_ms(header),
+                                batch_sessions=header.batch_sessions))
         return middle[-1:]
 
 

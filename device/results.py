@@ -19,6 +19,13 @@ class StepTiming:
     predrafted: int = 0  # tokens drafted while this round was in flight
     predraft_reused: int = 0  # of those, kept for the next round
     sent_s: float = 0.0  # the device's perf_counter when the round's request went out (for timelines)
+    in_cloud_ms: float = 0.0  # the request's time in the cloud, arrival to reply (queueing and its batch's forward)
+    batch_sessions: int = 0  # sessions in the cloud's batch that ran it (1: it had the forward to itself)
+
+
+def in_cloud_ms(header) -> float:
+    """A reply header's time in the cloud (its request's arrival to the reply's send, the cloud's clock), ms."""
+    return max(0, header.sent_us - header.arrival_us) / 1000 if header.sent_us else 0.0
 
 
 @dataclass(slots=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -57,7 +58,8 @@ def _chunking(system: SystemConfig, fixed: int = 0) -> ChunkingConfig:
 def _record(job: DeviceJob, start_at: float, request: int, arrival_s: float, started_s: float, began: float,
             result) -> ExperimentRecord:
     timeline = [TimelineStep("decode" if s.decode else "prefill", s.tokens, (s.sent_s - began) * 1000, s.round_ms,
-                             s.cloud_compute_ms, s.device_ms, s.accepted) for s in result.steps]
+                             s.cloud_compute_ms, s.device_ms, s.accepted, s.drafted, s.draft_ms, s.predraft_reused,
+                             s.in_cloud_ms, s.batch_sessions) for s in result.steps]
     finished_s = time.time() - start_at
     return ExperimentRecord(job.system.name, request, job.index, job.schedule.device.name, arrival_s, started_s,
                             finished_s, result.prompt_tokens, len(result.token_ids),
@@ -101,3 +103,17 @@ def device_main(job: DeviceJob, ready, go, start_at) -> None:
                 traceback.print_exc()
             out.write(json.dumps(record.to_json()) + "\n")
             out.flush()
+        _write_costs(job, generator, time.time() - start)
+
+
+def _write_costs(job: DeviceJob, generator: SplitGenerator, elapsed_s: float) -> None:
+    """The device's own cost models at the end of the run, for the simulator's calibration (testbed.calibration):
+    its fitted input and output parts, head, measured round trip, and the cloud's published predictor."""
+    prefill = generator.prefill
+    cloud = prefill.cloud.published()
+    costs = {"device": job.index, "device_class": job.schedule.device.name, "system": job.system.name,
+             "mode_factor": job.schedule.factor_at(elapsed_s) / job.schedule.device.slowdown,
+             "input": asdict(prefill.profile.input.cost), "output": asdict(prefill.profile.output.cost),
+             "final_s": prefill.profile.final_s, "rtt_s": generator.link_estimator.estimate.rtt_s,
+             "cloud": asdict(cloud[0]) if cloud else None}
+    Path(job.result_path).with_suffix(".costs.json").write_text(json.dumps(costs))

@@ -16,14 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from .cloud_only import run_cloud_only_system
 from .emulated_device import DeviceJob, device_main
 from .link_shim import LinkShim
 from .local_cloud import local_cloud_process
 from .records import ExperimentRecord
 from .scenario import Scenario
-from .systems import ABLATION_LABELS, SYSTEMS
+from .systems import SYSTEMS, report_names
 from .workloads import SHAPES, WorkloadRequest, build_workload
 
+CALIBRATION_FILE = "device_costs.json"  # per system, each emulated device's cost models after its run
 READY_TIMEOUT_S = 300.0  # longest wait for every device to load, register and warm up
 REQUEST_TIMEOUT_S = 600.0  # a system's run may last the arrivals' span plus this long
 
@@ -52,18 +54,22 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
                                             max_prompt)
         notes = [f"workload: {w.shape}-shaped prompts from the held-out corpus, {workload.line()}",
                  *_emulation_notes(scenario)]
-        records = {}
+        records, costs = {}, {}
         bar = _progress(len(scenario.systems) * len(requests), progress)
         for name in scenario.systems:
             bar.set_description(name)
             records[name] = run_system(scenario, name, requests, device_dir, cloud_dir, Path(tmp), bar)
+            costs[name] = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob(f"{name}-device*.costs.json"))]
         bar.close()
     paper, ablation = dict(scenario.paper), None
     if scenario.ablation:  # name the steps: "+chunking (chunked)"
-        names = {s: f"{ABLATION_LABELS[s]} ({s})" if s in ABLATION_LABELS else s for s in scenario.systems}
+        names = report_names(scenario.systems, True)
         records = {names[s]: r for s, r in records.items()}
+        costs = {names[s]: c for s, c in costs.items()}
         paper = {names.get(s, s): figures for s, figures in paper.items()}
         ablation = [names[s] for s in scenario.systems]
+    # the devices' own cost models at the end of each system's run: `hat testbed simulate --calibration` reads them
+    (out_dir / CALIBRATION_FILE).write_text(json.dumps(costs, indent=1))
     return write_report(out_dir, scenario.name, records, scenario.ttft_slo_ms, scenario.tbt_slo_ms, notes,
                         ablation=ablation, paper=paper or None)
 
@@ -84,48 +90,54 @@ def _emulation_notes(scenario: Scenario) -> list[str]:
 def run_system(scenario: Scenario, name: str, requests: list[WorkloadRequest], device_dir: Path, cloud_dir: Path,
                work: Path, bar) -> list[ExperimentRecord]:
     """One system over the workload: cloud, links, devices; the records in workload order."""
-    system = SYSTEMS[name]
-    count = scenario.device_count
+    if SYSTEMS[name].cloud_only:  # no split: a whole-model server instead of `hat cloud serve` (testbed/cloud_only.py)
+        return run_cloud_only_system(scenario, name, requests, device_dir, cloud_dir, work, bar)
+    mean_prompt = round(statistics.fmean(len(r.prompt_ids) for r in requests))
+    with local_cloud_process(cloud_dir, scenario.cloud_threads) as cloud:
+        return replay_on_devices(scenario, name, requests, device_dir, work, bar, device_main,
+                                 f"tcp://127.0.0.1:{cloud.data_port}", cloud.control_port, mean_prompt)
+
+
+def replay_on_devices(scenario: Scenario, name: str, requests: list[WorkloadRequest], device_dir: Path, work: Path,
+                      bar, target, data_address: str, control_port: int = 0,
+                      mean_prompt: int = 0) -> list[ExperimentRecord]:
+    """One process per device running `target(job, ready, go, start_at)` on its share of the requests (round-robin),
+    behind its group's port of one LinkShim in front of `data_address`; all released at once and followed through
+    their result files. The records in workload order."""
+    system, count = SYSTEMS[name], scenario.device_count
     context = multiprocessing.get_context("spawn")
     ready, go, start_at = context.Queue(), context.Event(), context.Value("d", 0.0)
-    mean_prompt = round(statistics.fmean(len(r.prompt_ids) for r in requests))
     result_paths = [work / f"{name}-device{i}.jsonl" for i in range(count)]
     processes = []
-    with local_cloud_process(cloud_dir, scenario.cloud_threads) as cloud:
-        # one shim process, one port per device group: every device through a port gets a link of its own
-        shim = LinkShim(f"tcp://127.0.0.1:{cloud.data_port}",
-                        [group.link.profile(seed=g) for g, group in enumerate(scenario.devices)]).start()
-        try:
-            index = 0
-            for g, group in enumerate(scenario.devices):
-                for _ in range(group.count):
-                    mine = tuple((i, r.arrival_s, r.prompt_ids, r.max_new_tokens)
-                                 for i, r in enumerate(requests) if i % count == index)
-                    job = DeviceJob(index, str(device_dir), group.schedule(), system, shim.ports[g], cloud.control_port,
-                                    mine, mean_prompt, str(result_paths[index]), scenario.device_threads)
-                    process = context.Process(target=device_main, args=(job, ready, go, start_at), daemon=True)
-                    process.start()
-                    processes.append(process)
-                    index += 1
-            _wait_ready(ready, processes)
-            start_at.value = time.time()
-            go.set()
-            deadline = time.monotonic() + requests[-1].arrival_s + REQUEST_TIMEOUT_S
-            done = 0
-            while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
-                time.sleep(0.5)
-                done = _count_lines(result_paths, bar, done)
-            _count_lines(result_paths, bar, done)
-        finally:
-            for process in processes:
-                if process.is_alive():
-                    process.kill()
-            shim.stop()
-    found = {r.request: r for path in result_paths if path.exists()
-             for r in (ExperimentRecord.from_json(json.loads(line)) for line in path.read_text().splitlines())}
-    return [found.get(i) or ExperimentRecord(name, i, i % count, "", r.arrival_s, 0.0, 0.0, len(r.prompt_ids), 0,
-                                             float("nan"), float("nan"), error="never ran (device failed or timed out)")
-            for i, r in enumerate(requests)]
+    # one shim process, one port per device group: every device through a port gets a link of its own
+    shim = LinkShim(data_address, [group.link.profile(seed=g) for g, group in enumerate(scenario.devices)]).start()
+    try:
+        index = 0
+        for g, group in enumerate(scenario.devices):
+            for _ in range(group.count):
+                mine = tuple((i, r.arrival_s, r.prompt_ids, r.max_new_tokens)
+                             for i, r in enumerate(requests) if i % count == index)
+                job = DeviceJob(index, str(device_dir), group.schedule(), system, shim.ports[g], control_port,
+                                mine, mean_prompt, str(result_paths[index]), scenario.device_threads)
+                process = context.Process(target=target, args=(job, ready, go, start_at), daemon=True)
+                process.start()
+                processes.append(process)
+                index += 1
+        _wait_ready(ready, processes)
+        start_at.value = time.time()
+        go.set()
+        deadline = time.monotonic() + requests[-1].arrival_s + REQUEST_TIMEOUT_S
+        done = 0
+        while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            done = _count_lines(result_paths, bar, done)
+        _count_lines(result_paths, bar, done)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        shim.stop()
+    return _collect_records(name, requests, count, result_paths)
 
 
 def _wait_ready(ready, processes) -> None:
@@ -146,6 +158,16 @@ def _count_lines(paths: list[Path], bar, done: int) -> int:
     now = sum(len(p.read_text().splitlines()) for p in paths if p.exists())
     bar.update(now - done)
     return now
+
+
+def _collect_records(name: str, requests: list[WorkloadRequest], count: int,
+                     result_paths: list[Path]) -> list[ExperimentRecord]:
+    """The devices' records in workload order; a request with none is recorded as failed."""
+    found = {r.request: r for path in result_paths if path.exists()
+             for r in (ExperimentRecord.from_json(json.loads(line)) for line in path.read_text().splitlines())}
+    return [found.get(i) or ExperimentRecord(name, i, i % count, "", r.arrival_s, 0.0, 0.0, len(r.prompt_ids), 0,
+                                             float("nan"), float("nan"), error="never ran (device failed or timed out)")
+            for i, r in enumerate(requests)]
 
 
 def _progress(total: int, enabled: bool):

@@ -15,6 +15,11 @@ class TimelineStep:
     cloud_ms: float  # the middle part's forward, as the cloud measured it
     device_ms: float  # the device's own compute for this round (drafting excluded)
     accepted: int = 0  # draft tokens accepted (decode rounds)
+    drafted: int = 0  # draft tokens verified (speculative rounds)
+    draft_ms: float = 0.0  # drafting before the send (speculative rounds)
+    predraft_reused: int = 0  # tokens drafted while this round was in flight and kept for the next
+    in_cloud_ms: float = 0.0  # arrival at the cloud to its reply (queueing and the batch's forward)
+    batch_sessions: int = 0  # sessions in the cloud batch that ran it (1: the forward was its alone)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,9 @@ compared and the SLO targets, read from a YAML file (`hat testbed run SCENARIO.y
     systems: [u-shape, u-sarathi, hat, full]
     slo: {ttft_ms: 2000, tbt_ms: 200}
 
+`hat testbed simulate` also reads `hardware:` (testbed.sim_hardware.HardwareSpec: a model shape on
+GPUs and Jetsons from public figures) and `scale: {devices: [30, 100, 300, 1000]}`.
+
 Unknown keys are refused by name, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from .device_profiles import DEVICE_CLASSES, PowerSchedule
 from .link_shim import LinkProfile
 from .link_traces import BandwidthTrace
+from .sim_hardware import HardwareSpec
 from .systems import SYSTEMS
 from .workloads import SHAPES
 
@@ -81,6 +85,9 @@ class Scenario:
     paper: dict = field(default_factory=dict)  # the paper's figures per system, shown beside ours
     cloud_threads: int = 1  # torch threads of the cloud process
     device_threads: int = 1  # torch threads of each emulated device process
+    hardware: HardwareSpec | None = None  # `hat testbed simulate` only: roofline costs of a model on GPUs we lack
+    scale_devices: tuple[int, ...] = ()  # `hat testbed simulate` only: also simulate these device counts (groups,
+    # request count and arrival rate scaled alike)
 
     @property
     def device_count(self) -> int:
@@ -106,7 +113,7 @@ def _build(cls, data: dict, where: str, **extra):
 def parse_scenario(data: dict, base: Path = Path(".")) -> Scenario:
     """`base`: the folder relative paths in the scenario (traces) are read from."""
     top = _take(data, "scenario", {"name", "model", "split", "devices", "workload", "systems", "slo", "dtype",
-                                   "ablation", "paper", "cloud_threads", "device_threads"})
+                                   "ablation", "paper", "cloud_threads", "device_threads", "hardware", "scale"})
     for key in ("name", "devices", "workload", "systems"):
         if key not in top:
             raise ScenarioError(f"scenario: missing {key!r}")
@@ -146,6 +153,14 @@ def parse_scenario(data: dict, base: Path = Path(".")) -> Scenario:
     if unknown or not systems:
         raise ScenarioError(f"systems: {unknown or 'none given'}; known: {', '.join(SYSTEMS)}")
     slo = _take(top.get("slo", {}), "slo", {"ttft_ms", "tbt_ms"})
+    hardware = None
+    if "hardware" in top:
+        hardware = _build(HardwareSpec, _take(top["hardware"], "hardware", set(HardwareSpec.__dataclass_fields__)),
+                          "hardware")
+    scale = _take(top.get("scale") or {}, "scale", {"devices"})
+    scale_devices = tuple(int(n) for n in scale.get("devices") or ())
+    if any(n < 1 for n in scale_devices):
+        raise ScenarioError("scale.devices: counts of at least 1")
     return _build(Scenario, {
         "name": str(top["name"]), "model": str(top.get("model", "reference")),
         "input_layers": int(split.get("input_layers", 2)), "output_layers": int(split.get("output_layers", 1)),
@@ -153,7 +168,8 @@ def parse_scenario(data: dict, base: Path = Path(".")) -> Scenario:
         "ttft_slo_ms": float(slo.get("ttft_ms", 2000)), "tbt_slo_ms": float(slo.get("tbt_ms", 200)),
         "dtype": str(top.get("dtype", "float32")), "ablation": bool(top.get("ablation", False)),
         "paper": dict(top.get("paper") or {}), "cloud_threads": int(top.get("cloud_threads", 1)),
-        "device_threads": int(top.get("device_threads", 1))}, "scenario")
+        "device_threads": int(top.get("device_threads", 1)), "hardware": hardware,
+        "scale_devices": scale_devices}, "scenario")
 
 
 SHIPPED = Path(__file__).parent / "scenarios"  # the scenarios that come with the testbed

@@ -1,5 +1,8 @@
-"""The systems a testbed scenario compares: device-side configurations of the same split model and cloud.
+"""The systems a testbed scenario compares: device-side configurations of the same split model and cloud, and a
+cloud-only baseline.
 
+  cloud-only    no split: the device sends the prompt's token ids, a cloud running the whole model streams the
+                tokens back (no privacy; for reference: testbed/cloud_only.py)
   u-shape       plain split decoding, the prompt sent whole (the U-shaped split of earlier work)
   u-sarathi     plain split decoding, the prompt in fixed 256-token chunks (Sarathi-style chunked prefill)
   chunked       plain split decoding, adaptive chunking (this project's planner)
@@ -10,8 +13,7 @@
   full          this project: adaptive chunking planned per prompt and re-planned on drift, speculation with
                 parallel drafting
 The ablation steps base, +chunking, +speculation, both, +parallel drafting are u-shape, chunked,
-split-spec, chunked-spec and full. A cloud-only baseline (token ids to a cloud running the whole
-model) is not built yet.
+split-spec, chunked-spec and full.
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ class SystemConfig:
     parallel_draft: bool  # draft the next round while one is in flight
     chunking: str  # "none", "fixed" (fixed_size), "adaptive", or "per-device" (planned once at start-up)
     fixed_size: int = 256  # chunk size for "fixed"
+    cloud_only: bool = False  # no split: token ids to a cloud running the whole model (the fields above unused)
 
 
 SYSTEMS = {s.name: s for s in (
+    SystemConfig("cloud-only", False, False, "none", cloud_only=True),
     SystemConfig("u-shape", False, False, "none"),
     SystemConfig("u-sarathi", False, False, "fixed", 256),
     SystemConfig("chunked", False, False, "adaptive"),
@@ -39,3 +43,8 @@ SYSTEMS = {s.name: s for s in (
 ABLATION = ("u-shape", "chunked", "split-spec", "chunked-spec", "full")
 ABLATION_LABELS = {"u-shape": "base", "chunked": "+chunking", "split-spec": "+speculation", "chunked-spec": "both",
                    "full": "+parallel drafting"}
+
+
+def report_names(systems: tuple[str, ...], ablation: bool) -> dict[str, str]:
+    """The name each system goes by in a report: in an ablation its step, e.g. "+chunking (chunked)"."""
+    return {s: f"{ABLATION_LABELS[s]} ({s})" if ablation and s in ABLATION_LABELS else s for s in systems}

@@ -1,6 +1,6 @@
 """`hat testbed run` end to end on a tiny model: emulated devices (two classes, a power-mode change) behind
-emulated links, two systems on the same workload; every request's tokens equal transformers' greedy output
-(so the systems agree), and results, plots and summary are written."""
+emulated links, three systems (the cloud-only baseline and two split ones) on the same workload; every request's
+tokens equal transformers' greedy output (so the systems agree), and results, plots and summary are written."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,7 @@ SCENARIO = {
     ],
     "workload": {"shape": "specbench", "requests": 4, "rate": 4.0, "max_new_tokens": 8, "seed": 5,
                  "max_prompt_tokens": 120},
-    "systems": ["u-shape", "u-sarathi"],
+    "systems": ["cloud-only", "u-shape", "u-sarathi"],
     "slo": {"ttft_ms": 5000, "tbt_ms": 1000},
 }
 
@@ -70,7 +70,8 @@ def test_results_plots_and_summary_are_written(run):
                  "timeline.png"):
         assert (out / name).stat().st_size > 0, name
     summary = (out / "summary.md").read_text()
-    assert "u-shape" in summary and "u-sarathi" in summary and "sleep-padded" in summary and "LinkShim" in summary
+    assert all(name in summary for name in SCENARIO["systems"])
+    assert "sleep-padded" in summary and "LinkShim" in summary
     assert "results, plots and summary in" in stdout
 
 
@@ -80,3 +81,25 @@ def test_a_bad_scenario_is_refused_before_anything_runs(tmp_path):
     done = subprocess.run([sys.executable, "-m", "hat.cli.main", "testbed", "run", str(bad)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and "systems: ['nonsense']" in done.stderr
+
+
+def test_the_simulator_calibrates_on_the_run(run, tmp_path):
+    """`hat testbed simulate --calibration` replays the run's workload with the devices' own cost models: every
+    request completes with the tokens it really generated, and the error against the run is reported per metric."""
+    _, out, _ = run
+    costs = json.loads((out / "device_costs.json").read_text())
+    assert {d["device_class"] for d in costs["u-shape"]} == {"jetson-agx-orin", "jetson-agx-xavier"}
+    assert all(d["cloud"] and d["input"]["per_token_s"] > 0 for d in costs["u-shape"])
+    done = subprocess.run([sys.executable, "-m", "hat.cli.main", "testbed", "simulate", str(out.parent / "tiny.yaml"),
+                           "--calibration", str(out), "--out", str(tmp_path / "sim"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    real = json.loads((out / "results.json").read_text())["records"]
+    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())["records"]
+    for system in SCENARIO["systems"]:
+        assert ([(r["request"], r["new_tokens"]) for r in simulated[system]]
+                == [(r["request"], r["new_tokens"]) for r in real[system]]), system
+    rows = json.loads((tmp_path / "sim" / "validation.json").read_text())
+    assert {r["system"] for r in rows} == set(SCENARIO["systems"])
+    assert all(r["real"] > 0 and r["simulated"] > 0 for r in rows if r["metric"].startswith(("TTFT", "TBT")))
+    assert "Simulator against the real run" in done.stdout

@@ -1,0 +1,198 @@
+"""Simulator costs calibrated on a real testbed run (`hat testbed simulate SCENARIO --calibration RESULTS`).
+
+From the run's folder: `device_costs.json` holds each emulated device's own cost models at the end of
+its run (its fitted input and output parts, head and sampling, and the cloud's published predictor);
+`results.json` holds every round each device timed. Per system and device class:
+
+- prompt chunks: the devices' fitted input and output parts (what their chunk planners used);
+- decode rounds: a LinearCost fitted to the drafting before each send over the tokens newly drafted,
+  and one fitted to the work after each reply over the positions verified;
+- the cloud: a LinearCost fitted to the forward times its replies reported for batches a round had to
+  itself, as its batch latency; its published predictor (what the devices planned with, and its own
+  scheduler's SLO check) as its predictor;
+- per-round overhead: the median of each decode round's time less its time in the cloud and its
+  link model time (sockets, framework, the emulator's own cost);
+- speculation: the run's verification rounds as (drafted, accepted, kept ahead), drawn at random;
+- the workload: each request's arrival, prompt length, and the tokens it really generated.
+
+Device times are divided by the power mode's factor when they were taken, so the simulator can apply
+the schedule again. A cloud-only system's whole-model cost is estimated from the split cloud's
+predictor times (all layers / middle layers); that is an estimate, not a fit.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from hat.common.cost_fit import CostFit, LinearCost, attended
+
+from .cloud_only import CloudOnlyConfig
+from .experiment import CALIBRATION_FILE
+from .records import ExperimentRecord
+from .report import load_results
+from .scenario import Scenario
+from .sim_costs import ZERO, DeviceCosts, SpeculationModel, SystemCosts
+from .simulator import SimRequest
+from .systems import SYSTEMS
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEADER_BYTES = 64.0  # a FORWARD's or RESULT's bytes besides its tensor (as the device's planner counts them)
+DEFAULT_TBT_SLO_S = 0.2  # the cloud's default target for sessions that name none (the emulated devices do not)
+
+
+class CalibrationError(ValueError):
+    """A results folder the simulator cannot calibrate on; the message says what is missing."""
+
+
+def _mean_cost(costs: list[LinearCost]) -> LinearCost:
+    return LinearCost(*(statistics.fmean(getattr(c, f) for c in costs) for f in ("base_s", "per_token_s",
+                                                                                  "per_attended_s")))
+
+
+def _fit(samples: list[tuple[int, float]]) -> LinearCost:
+    fit = CostFit(max(3, len(samples)))
+    for tokens, seconds in samples:
+        fit.add(tokens, 0.0, seconds)
+    return fit.cost if len(fit) else ZERO
+
+
+def _device_groups(scenario: Scenario) -> list:
+    return [group for group in scenario.devices for _ in range(group.count)]
+
+
+def _link_seconds(group, up_bytes: float, down_bytes: float) -> float:
+    """A message pair's link model time with the group's mean rates (a trace's mean over its steps)."""
+    profile = group.link.profile()
+    if profile.trace is not None:
+        steps = profile.trace.steps
+        up = statistics.fmean(s[1] for s in steps)
+        down = statistics.fmean(s[2] for s in steps)
+    else:
+        up, down = profile.uplink_bytes_per_s, profile.downlink_bytes_per_s
+    return up_bytes / up + down_bytes / down + profile.rtt_s + profile.jitter_s
+
+
+def calibrate(scenario: Scenario, results_dir: str | Path) -> tuple[dict[str, SystemCosts], dict[str, list]]:
+    """Per system of the run (its results' names): the SystemCosts, and the SimRequests it served."""
+    from hat.common.default_model import reference_model_dir
+    from hat.common.model_spec import load_model_spec
+
+    results_dir = Path(results_dir)
+    costs_path = results_dir / CALIBRATION_FILE
+    if not costs_path.is_file():
+        raise CalibrationError(f"{results_dir} has no {CALIBRATION_FILE}: run `hat testbed run` again (runs before "
+                               "the simulator did not record the devices' cost models)")
+    try:
+        device_costs = json.loads(costs_path.read_text())
+        results = load_results(results_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CalibrationError(f"cannot read the run in {results_dir}: {exc}") from None
+    spec = load_model_spec(reference_model_dir() if scenario.model == "reference" else scenario.model)
+    up_bytes = spec.hidden_size * DTYPE_BYTES.get(scenario.dtype, 4)
+    groups = _device_groups(scenario)
+    clouds = [LinearCost(**d["cloud"]) for dumps in device_costs.values() for d in dumps if d.get("cloud")]
+    if not clouds:
+        raise CalibrationError(f"{CALIBRATION_FILE} holds no cloud predictor")
+    middle_layers = spec.num_layers - scenario.input_layers - scenario.output_layers
+    by_system, requests = {}, {}
+    for name, records in results.records_by_system.items():
+        raw = records[0].system if records else name
+        if raw not in SYSTEMS:
+            raise CalibrationError(f"system {raw!r} of the run is not one this testbed knows")
+        done = [r for r in records if not r.error]
+        if not done:
+            raise CalibrationError(f"system {name!r} completed no request in that run")
+        if max(r.device for r in records) >= len(groups):
+            raise CalibrationError(f"the run had more devices than scenario {scenario.name!r}: simulate the "
+                                   "scenario that was run")
+        system = SYSTEMS[raw]
+        requests[name] = [SimRequest(r.request, r.arrival_s, r.prompt_tokens, max(1, r.new_tokens)) for r in done]
+        notes = [f"calibrated on {results_dir} ({name})"]
+        if system.cloud_only:
+            cloud = _mean_cost(clouds).scaled(spec.num_layers / max(1, middle_layers))
+            notes.append("cloud-only: whole-model cost = the split cloud's predictor x layers / middle layers")
+            by_system[name] = SystemCosts({}, cloud, cloud, 0.0, None, 4.0, 4.0, HEADER_BYTES,
+                                          max_batch_tokens=CloudOnlyConfig().token_budget, cloud_tokens=True,
+                                          tbt_slo_s=DEFAULT_TBT_SLO_S, notes=tuple(notes))
+            continue
+        dumps = device_costs.get(name) or []
+        published = _mean_cost([LinearCost(**d["cloud"]) for d in dumps if d.get("cloud")] or clouds)
+        cloud = _solo_fit(done) or published
+        down_bytes = up_bytes if scenario.output_layers else 0.0
+        per_request = {r.request: tuple((s.drafted, s.accepted, s.predraft_reused) for s in r.timeline
+                                        if s.kind == "decode") for r in done} if system.speculation else {}
+        rounds = [round_ for mine in per_request.values() for round_ in mine]
+        by_system[name] = SystemCosts(
+            _device_costs(system, done, dumps, groups), cloud, published,
+            _overhead(done, groups, up_bytes, down_bytes or up_bytes),
+            SpeculationModel(tuple(rounds), f"the run's {len(rounds)} verification rounds, per request",
+                             {k: v for k, v in per_request.items() if v}) if rounds else None,
+            up_bytes, down_bytes, HEADER_BYTES, tbt_slo_s=DEFAULT_TBT_SLO_S, notes=tuple(notes))
+    return by_system, requests
+
+
+def _solo_fit(done: list[ExperimentRecord]) -> LinearCost | None:
+    """The middle part's LinearCost fitted to the forward times replies reported for batches a round had to itself
+    (prompt chunks and decode rounds, at their positions); None with fewer than 3 such rounds."""
+    fit = CostFit(4096)
+    for r in done:
+        position = 0
+        for s in r.timeline:
+            if s.batch_sessions == 1 and s.cloud_ms > 0:
+                fit.add(s.tokens, attended(s.tokens, position), s.cloud_ms / 1000)
+            position += s.tokens if s.kind == "prefill" else s.accepted + 1
+    return fit.cost if len(fit) >= 3 else None
+
+
+def _overhead(done: list[ExperimentRecord], groups: list, up_bytes: float, down_bytes: float) -> float:
+    """Mean over decode rounds of round time - time in the cloud - link model time, seconds (never negative)."""
+    extra = [s.round_ms / 1000 - s.in_cloud_ms / 1000
+             - _link_seconds(groups[r.device], HEADER_BYTES + up_bytes * s.tokens, HEADER_BYTES + down_bytes * s.tokens)
+             for r in done for s in r.timeline if s.kind == "decode" and s.in_cloud_ms > 0]
+    return max(0.0, statistics.fmean(extra)) if extra else 0.0
+
+
+def _device_costs(system, done: list[ExperimentRecord], dumps: list[dict],
+                  groups: list) -> dict[str, DeviceCosts]:
+    """Per device class: prompt-chunk costs from the devices' own fits; a decode round's device time before its send
+    (drafting, over the tokens newly drafted) and after its reply (everything from the reply to the round's tokens
+    being out: the time between the previous round's tokens and this round's, less drafting and the round trip)."""
+    by_class: dict[str, list[dict]] = defaultdict(list)
+    for d in dumps:
+        by_class[d["device_class"]].append(d)
+    before: dict[str, list] = defaultdict(list)
+    after: dict[str, list] = defaultdict(list)
+    for r in done:
+        group = groups[r.device]
+        schedule = group.schedule()
+        carried = emitted = 0
+        for s in r.timeline:
+            if s.kind != "decode":
+                continue
+            mode = schedule.factor_at(r.started_s + s.sent_ms / 1000) / schedule.device.slowdown
+            fresh = s.drafted - min(carried, s.drafted)
+            if system.speculation and fresh:
+                before[group.device_class].append((fresh, s.draft_ms / 1000 / mode))
+            tokens = min(s.accepted + 1, len(r.tbt_ms) - emitted)
+            interval = sum(r.tbt_ms[emitted:emitted + tokens])
+            emitted += tokens
+            if tokens > 0:
+                drafting = s.draft_ms if system.speculation else 0.0
+                after[group.device_class].append((s.tokens, max(0.0, interval - drafting - s.round_ms) / 1000 / mode))
+            carried = s.predraft_reused
+    out = {}
+    for name, class_dumps in by_class.items():
+        mode = [d["mode_factor"] for d in class_dumps]
+        inp = _mean_cost([LinearCost(**d["input"]).scaled(1 / m) for d, m in zip(class_dumps, mode)])
+        outp = _mean_cost([LinearCost(**d["output"]).scaled(1 / m) for d, m in zip(class_dumps, mode)])
+        final_s = statistics.fmean(d["final_s"] / m for d, m in zip(class_dumps, mode))
+        if system.speculation:
+            draft, after_fit = _fit(before[name]), _fit(after[name])
+            draft_token_s = draft.per_token_s or draft.base_s
+        else:  # one position a round: its device time is all taken after the reply
+            draft, draft_token_s = ZERO, 0.0
+            after_fit = LinearCost(statistics.fmean(x for _, x in after[name]) if after[name] else 0.0, 0.0, 0.0)
+        out[name] = DeviceCosts(inp, outp, final_s, draft, after_fit, inp, outp, draft_token_s)
+    return out
