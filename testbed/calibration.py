@@ -16,8 +16,8 @@ its run (its fitted input and output parts, head and sampling, and the cloud's p
 - the workload: each request's arrival, prompt length, and the tokens it really generated.
 
 Device times are divided by the power mode's factor when they were taken, so the simulator can apply
-the schedule again. A cloud-only system's whole-model cost is estimated from the split cloud's
-predictor times (all layers / middle layers); that is an estimate, not a fit.
+the schedule again. A cloud-only system's whole-model cost is estimated from the split systems' cloud
+fit times (all layers / middle layers); that is an estimate, not a fit.
 """
 from __future__ import annotations
 
@@ -111,8 +111,10 @@ def calibrate(scenario: Scenario, results_dir: str | Path) -> tuple[dict[str, Sy
         requests[name] = [SimRequest(r.request, r.arrival_s, r.prompt_tokens, max(1, r.new_tokens)) for r in done]
         notes = [f"calibrated on {results_dir} ({name})"]
         if system.cloud_only:
-            cloud = _mean_cost(clouds).scaled(spec.num_layers / max(1, middle_layers))
-            notes.append("cloud-only: whole-model cost = the split cloud's predictor x layers / middle layers")
+            split_done = [r for rs in results.records_by_system.values() for r in rs
+                          if not r.error and not SYSTEMS[r.system].cloud_only]
+            cloud = (_solo_fit(split_done) or _mean_cost(clouds)).scaled(spec.num_layers / max(1, middle_layers))
+            notes.append("cloud-only: whole-model cost = the split cloud's fitted cost x layers / middle layers")
             by_system[name] = SystemCosts({}, cloud, cloud, 0.0, None, 4.0, 4.0, HEADER_BYTES,
                                           max_batch_tokens=CloudOnlyConfig().token_budget, cloud_tokens=True,
                                           tbt_slo_s=DEFAULT_TBT_SLO_S, notes=tuple(notes))

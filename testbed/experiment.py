@@ -84,6 +84,10 @@ def _emulation_notes(scenario: Scenario) -> list[str]:
         notes.append(f"{group.count} x {group.schedule().describe()}; link {rates}, {link.rtt_ms:g} ms RTT{jitter} "
                      "(user-space LinkShim)")
     notes.append("the cloud runs on this machine's CPU; device and cloud processes share its cores")
+    if any(SYSTEMS[s].cloud_only for s in scenario.systems):
+        notes.append("cloud-only: its devices send token ids and compute nothing (no throttling applies); its cloud "
+                     "runs the whole model")
+    notes.append("device energy: not measured (emulated devices have no power telemetry)")
     return notes
 
 

@@ -6,12 +6,14 @@ import json
 import math
 from pathlib import Path
 
-from .records import ExperimentRecord, SystemSummary
+from .records import ExperimentRecord, SystemSummary, percentile
 from .report import _new_axes, _num, _table
 
 VALIDATION_METRICS = (("TTFT p50", "ttft_ms", 0), ("TTFT p90", "ttft_ms", 1), ("TBT p50", "tbt_ms", 0),
                       ("TBT p90", "tbt_ms", 1), ("accept length", "accept_len", None),
                       ("tokens/s", "tokens_per_s", None))
+# TTFT counts from the arrival, so it holds the wait for a busy device; from the generation's start it does not
+START_TTFT = "TTFT p50 from start"
 TARGET_ERROR = 0.10  # the issue's target on TTFT and TBT medians
 
 
@@ -27,8 +29,11 @@ def validation_rows(real: dict[str, list[ExperimentRecord]], simulated: dict[str
     for name, records in simulated.items():
         ours = SystemSummary.of(name, records, ttft_slo_ms, tbt_slo_ms)
         theirs = SystemSummary.of(name, real[name], ttft_slo_ms, tbt_slo_ms)
-        for label, key, index in VALIDATION_METRICS:
-            r, s = _metric(theirs, key, index), _metric(ours, key, index)
+        pairs = [(label, _metric(theirs, key, index), _metric(ours, key, index))
+                 for label, key, index in VALIDATION_METRICS]
+        pairs.insert(1, (START_TTFT, *(percentile([x.generation_ttft_ms for x in rs if not x.error], 50)
+                                       for rs in (real[name], records))))
+        for label, r, s in pairs:
             error = (s - r) / r if r and math.isfinite(r) and math.isfinite(s) else math.nan
             rows.append({"system": name, "metric": label, "real": r, "simulated": s, "error": error})
     return rows
@@ -37,16 +42,40 @@ def validation_rows(real: dict[str, list[ExperimentRecord]], simulated: dict[str
 def write_validation(out: Path, real, simulated, ttft_slo_ms: float, tbt_slo_ms: float) -> list[dict]:
     rows = validation_rows(real, simulated, ttft_slo_ms, tbt_slo_ms)
     (out / "validation.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    medians = [r for r in rows if r["metric"] in ("TTFT p50", "TBT p50") and math.isfinite(r["error"])]
-    within = sum(abs(r["error"]) <= TARGET_ERROR for r in medians)
-    lines = ["# Simulator against the real run", "",
-             f"TTFT and TBT medians within {TARGET_ERROR:.0%}: {within} of {len(medians)}. Worst median error: "
-             f"{max((abs(r['error']) for r in medians), default=math.nan):.1%}.", "",
+    lines = ["# Simulator against the real run", ""]
+    for metrics in (("TTFT p50", "TBT p50"), (START_TTFT,)):
+        chosen = [r for r in rows if r["metric"] in metrics and math.isfinite(r["error"])]
+        within = sum(abs(r["error"]) <= TARGET_ERROR for r in chosen)
+        lines += [f"{' and '.join(metrics)}: within {TARGET_ERROR:.0%} for {within} of {len(chosen)}; worst error "
+                  f"{max((abs(r['error']) for r in chosen), default=math.nan):.1%}.", ""]
+    lines += ["TTFT counts from each request's arrival, so it includes waiting for its device (busy with an earlier "
+              "request); the TTFT from the generation's start does not.", "",
              *_table(["System", "Metric", "Real", "Simulated", "Error"],
                      [[r["system"], r["metric"], _num(r["real"], 2), _num(r["simulated"], 2),
                        _num(r["error"] * 100, 1, "%")] for r in rows]), ""]
-    (out / "validation.md").write_text("\n".join(lines), encoding="utf-8")
+    if _validation_plot(out / "validation.png", rows):
+        lines.append("![validation](validation.png)")
+    (out / "validation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return rows
+
+
+def _validation_plot(path: Path, rows: list[dict]) -> bool:
+    """Real against simulated medians per system, one panel per metric; False without matplotlib."""
+    try:
+        fig, axes = _new_axes("Simulator against the real run", "", "ms", size=(11, 4.2), cols=3)
+    except ImportError:
+        return False
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    for ax, metric in zip(axes, ("TTFT p50", START_TTFT, "TBT p50")):
+        mine = {r["system"]: r for r in rows if r["metric"] == metric}
+        xs = range(len(systems))
+        for shift, key, colour in ((-0.2, "real", "C0"), (0.2, "simulated", "C1")):
+            ax.bar([x + shift for x in xs], [mine[s][key] for s in systems], 0.4, color=colour, label=key)
+        ax.set_xticks(list(xs), systems, rotation=30, ha="right", fontsize="small")
+        ax.set_title(metric)
+    axes[0].legend(fontsize="small")
+    fig.savefig(path)
+    return True
 
 
 def write_scale(out: Path, scenario: str, rows: list[dict]) -> None:
