@@ -3,9 +3,9 @@
 Five stages, each a FIFO: the device's input part, the uplink, the cloud's middle part, the downlink,
 and the device's output part. A pipeline-parallel cloud is `cloud_stages` FIFOs in a row, each taking
 an even share of a chunk's middle-part time: chunk i + 1 enters stage 0 as chunk i moves on. The device is one processor for both of its parts and follows the
-executor's (`hat.device.prefill`) policy exactly: it computes and sends the chunks in order; after each
-send it runs the output part over every reply that has arrived; it waits for the oldest reply when
-`max_in_flight` chunks are out; once all are sent it takes the remaining replies in order. The time to
+executor's (`hat.device.prefill`) policy exactly: it computes and sends the chunks in order; before
+each chunk it waits for the oldest reply when `max_in_flight` chunks are out, then runs the output part
+over every reply that has arrived; once all are sent it takes the remaining replies in order. The time to
 the first token is when the last chunk's output part is done, plus the head and sampling.
 
 `prefill_lower_bound` is the bound no cut can beat: the busiest resource's total work plus the
@@ -73,6 +73,9 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
         if i - handled >= max_in_flight:
             now = handle(handled, now)
             handled += 1
+        while handled < i and received[handled] <= now:  # replies that came while it computed or waited
+            now = handle(handled, now)
+            handled += 1
         now += costs.device_input.predict(n, positions[i])
         sent[i] = now
         up_free = max(now, up_free) + costs.up_s(n)
@@ -82,9 +85,6 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
             at = stage_free[k] = max(at, stage_free[k]) + share
         down_free = max(at, down_free) + costs.down_s(n)
         received[i] = down_free + half_rtt
-        while handled <= i and received[handled] <= now:
-            now = handle(handled, now)
-            handled += 1
     while handled < count:
         now = handle(handled, now)
         handled += 1

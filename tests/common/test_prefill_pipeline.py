@@ -124,11 +124,11 @@ class _EventSimulation:
         for i, n in enumerate(self.sizes):
             if len(outstanding) >= self.max_in_flight:
                 yield from self.handle(outstanding.popleft())
+            while outstanding and self.arrived[outstanding[0]]:
+                yield from self.handle(outstanding.popleft())
             yield "busy", self.costs.device_input.predict(n, self.positions[i])
             yield "send", i
             outstanding.append(i)
-            while outstanding and self.arrived[outstanding[0]]:
-                yield from self.handle(outstanding.popleft())
         while outstanding:
             yield from self.handle(outstanding.popleft())
 

@@ -59,14 +59,19 @@ def test_kernel_runs_events_in_time_order_and_processes_wait_on_futures():
         sim.run()
 
 
-linear = st.builds(LinearCost, st.floats(0, 0.01), st.floats(0, 1e-3), st.floats(0, 1e-7))
-
-
 @settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=20), inp=linear, out=linear, cloud=linear,
-       final_s=st.floats(0, 0.01), up=st.floats(1e5, 1e8), down=st.floats(1e5, 1e8), rtt=st.floats(0, 0.1))
-def test_one_device_prefill_matches_the_systems_own_pipeline_model(sizes, inp, out, cloud, final_s, up, down, rtt):
-    """On an idle cloud, the event-by-event prefill lands where hat.common.prefill_pipeline predicts, to rounding."""
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=20), seed=st.integers(0, 2 ** 32))
+def test_one_device_prefill_matches_the_systems_own_pipeline_model(sizes, seed):
+    """On an idle cloud, the event-by-event prefill lands where hat.common.prefill_pipeline predicts, to rounding.
+    Costs are drawn from a seed (continuous values): two events at exactly the same instant may be taken in either
+    order by the two, so the property holds in general position, not on ties."""
+    rng = random.Random(seed)
+
+    def linear() -> LinearCost:
+        return LinearCost(rng.uniform(0, 0.01), rng.uniform(0, 1e-3), rng.uniform(0, 1e-7))
+
+    inp, out, cloud = linear(), linear(), linear()
+    final_s, up, down, rtt = rng.uniform(0, 0.01), rng.uniform(1e5, 1e8), rng.uniform(1e5, 1e8), rng.uniform(0, 0.1)
     scenario = parse_scenario(SCENARIO)
     costs = _costs(_device(inp, out, final_s), cloud)
     sim = Simulation()
