@@ -4,28 +4,43 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from contextlib import contextmanager
 
 
 def add_parser(commands) -> None:
     p = commands.add_parser("generate", help="generate text on this device with the cloud's middle layers")
     p.add_argument("--bundle", required=True, help="device bundle folder (BUNDLE/device from `hat split`)")
-    p.add_argument("--cloud", required=True, help="cloud host name or address")
-    p.add_argument("--data-port", type=int, default=5555, help="cloud's ZeroMQ data-plane port")
-    p.add_argument("--control-port", type=int, default=5556, help="cloud's gRPC control-plane port")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     add_sampling_args(p)
     add_speculation_args(p)
     add_chunking_args(p)
+    add_cloud_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(run=run)
+
+
+def add_cloud_args(p) -> None:
+    """The cloud link's flags (--cloud, ports, device id, timeouts, SLOs) and --threads; see link_config."""
+    p.add_argument("--cloud", required=True, help="cloud host name or address")
+    p.add_argument("--data-port", type=int, default=5555, help="cloud's ZeroMQ data-plane port")
+    p.add_argument("--control-port", type=int, default=5556, help="cloud's gRPC control-plane port")
     p.add_argument("--device-id", default="", help="this device's id (default: host name and process id)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any one cloud reply")
     p.add_argument("--ttft-slo-ms", type=int, default=0, help="time-to-first-token target told to the cloud (0: its default)")
     p.add_argument("--tbt-slo-ms", type=int, default=0,
                    help="time-between-rounds target told to the cloud, which keeps batches with this device's rounds "
                         "within it (0: its default)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.set_defaults(run=run)
+
+
+def link_config(args):
+    """The LinkConfig add_cloud_args' flags ask for."""
+    from hat.device.cloud_link import LinkConfig
+
+    return LinkConfig(host=args.cloud, data_port=args.data_port, control_port=args.control_port,
+                      device_id=args.device_id, reply_timeout_s=args.timeout, ttft_slo_ms=args.ttft_slo_ms,
+                      tbt_slo_ms=args.tbt_slo_ms)
 
 
 def add_sampling_args(p) -> None:
@@ -84,15 +99,11 @@ def speculation_config(args, model):
 
 def run(args) -> int:
     from hat.common.sampling import SamplingParams
-    from hat.device.cloud_link import LinkConfig
 
     set_threads(args.threads)
     sampling = SamplingParams(args.temperature, args.top_p, args.seed)
-    link_config = LinkConfig(host=args.cloud, data_port=args.data_port, control_port=args.control_port,
-                             device_id=args.device_id, reply_timeout_s=args.timeout, ttft_slo_ms=args.ttft_slo_ms,
-                             tbt_slo_ms=args.tbt_slo_ms)
-    result = generate_once(args.bundle, link_config, args.prompt, args.max_new_tokens, sampling, stream=not args.json,
-                           speculation_args=args)
+    result = generate_once(args.bundle, link_config(args), args.prompt, args.max_new_tokens, sampling,
+                           stream=not args.json, speculation_args=args)
     if args.json:
         print(json.dumps(result.to_json()))
     return 0
@@ -104,7 +115,10 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sampling, stream: bool, speculation_args):
+@contextmanager
+def connected_generator(bundle: str, link_config, speculation_args):
+    """A SplitGenerator over the device bundle, registered with the cloud; the link closes on exit.
+    `speculation_args`: the parsed add_speculation_args and add_chunking_args flags."""
     from hat.device.cloud_link import CloudLink
     from hat.device.device_model import DeviceModel
     from hat.device.generator import SplitGenerator
@@ -112,8 +126,11 @@ def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sa
     model = DeviceModel.load(bundle)
     with CloudLink(link_config) as link:
         link.register(model.manifest)
-        generator = SplitGenerator(model, link, speculation_config(speculation_args, model),
-                                   chunking_config(speculation_args))
+        yield SplitGenerator(model, link, speculation_config(speculation_args, model), chunking_config(speculation_args))
+
+
+def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sampling, stream: bool, speculation_args):
+    with connected_generator(bundle, link_config, speculation_args) as generator:
         on_text = (lambda text: print(text, end="", flush=True)) if stream else None
         result = generator.generate(prompt, max_new_tokens, sampling, on_text=on_text)
     if stream:

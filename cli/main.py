@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cloud_cmd, demo_cmd, generate_cmd, log_format, split_cmd, testbed_cmd, train_adapter_cmd
+from . import cloud_cmd, demo_cmd, device_cmd, generate_cmd, log_format, split_cmd, testbed_cmd, train_adapter_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_parser(commands)
     train_adapter_cmd.add_parser(commands)
     testbed_cmd.add_parser(commands)
+    device_cmd.add_parser(commands)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The control plane: gRPC registration, health, statistics and the latency predictor."""
+"""The control plane: gRPC registration, health, statistics, the latency predictor and device telemetry."""
 from __future__ import annotations
 
 import time
@@ -26,6 +26,9 @@ class ControlService(hat_pb2_grpc.HatControlServicer):
     def Register(self, request, context):
         c = self.config
         return self.registry.reply(request, self.max_context, c.max_tokens_per_message, c.session_idle_timeout_s)
+
+    def Telemetry(self, request, context):
+        return self.registry.record_telemetry(request)
 
     def Health(self, request, context):
         return pb.HealthReply(status="draining" if self.draining else "serving",

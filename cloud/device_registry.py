@@ -1,7 +1,9 @@
-"""Devices registered over the control plane, checked against the cloud bundle they must match."""
+"""Devices registered over the control plane, checked against the cloud bundle they must match, and the newest
+telemetry each reports (served as per-device gauges on /metrics)."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 from hat.common.bundle import BundleManifest, BundleMismatchError, check_compatible
@@ -9,12 +11,24 @@ from hat.common.proto import hat_pb2 as pb
 from hat.common.wire import MAX_ID_CHARS
 
 log = logging.getLogger("hat.cloud")
+TELEMETRY_GAUGES = (  # (metric, TelemetryReport field, help)
+    ("hat_device_power_watts", "power_w", "board power a device reported, watts (0: no reading)"),
+    ("hat_device_cpu_load", "cpu_load", "CPU load a device reported, 0..1"),
+    ("hat_device_gpu_load", "gpu_load", "GPU load a device reported, 0..1 (negative: no reading)"),
+    ("hat_device_temperature_celsius", "temperature_c", "hottest sensor a device reported (0: no reading)"),
+)
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class DeviceRegistry:
     def __init__(self, manifest: BundleManifest):
         self._manifest = manifest
         self._devices: dict[str, pb.RegisterRequest] = {}
+        self._telemetry: dict[str, pb.TelemetryReport] = {}  # device id -> newest report
         self._lock = threading.Lock()
 
     def register(self, request: pb.RegisterRequest) -> str | None:
@@ -46,6 +60,33 @@ class DeviceRegistry:
         return pb.RegisterReply(accepted=True, cloud_dtype=self._manifest.dtype, hidden_size=self._manifest.hidden_size,
                                 max_context=max_context, max_tokens_per_message=max_tokens_per_message,
                                 session_idle_timeout_s=session_idle_timeout_s)
+
+    def record_telemetry(self, report: pb.TelemetryReport) -> pb.TelemetryAck:
+        """Keep a registered device's newest report; an unregistered device's is dropped (the ack says so)."""
+        finite = all(math.isfinite(getattr(report, field)) for _, field, _ in TELEMETRY_GAUGES)
+        with self._lock:
+            known = report.device_id in self._devices
+            if known and finite:  # a report with a NaN or infinity is dropped
+                previous = self._telemetry.get(report.device_id)
+                self._telemetry[report.device_id] = report
+        if known and finite and previous is not None and previous.power_mode != report.power_mode:
+            log.info("device %s power mode %s -> %s", report.device_id, previous.power_mode or "?",
+                     report.power_mode or "?", extra={"device": report.device_id, "event": "power_mode"})
+        return pb.TelemetryAck(registered=known)
+
+    def telemetry_lines(self) -> list[str]:
+        """Per-device gauges in Prometheus' text format, from the newest reports."""
+        with self._lock:
+            reports = sorted(self._telemetry.items())
+        lines = []
+        for name, field, help_text in TELEMETRY_GAUGES:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            lines += [f'{name}{{device="{_label(device)}"}} {getattr(r, field)!r}' for device, r in reports]
+        lines += ["# HELP hat_device_power_mode_info the device's power mode (nvpmodel name)",
+                  "# TYPE hat_device_power_mode_info gauge"]
+        lines += [f'hat_device_power_mode_info{{device="{_label(device)}",mode="{_label(r.power_mode)}",'
+                  f'source="{_label(r.source)}"}} 1' for device, r in reports]
+        return lines
 
     def is_registered(self, device_id: str) -> bool:
         with self._lock:

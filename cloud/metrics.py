@@ -57,6 +57,7 @@ class CloudMetrics:
         self.slo_misses = {"ttft": 0, "tbt": 0}  # cloud-side prefills and round intervals over their session's target
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}  # name: (help, read when scraped)
         self.counters: dict[str, tuple[str, Callable[[], float]]] = {}  # name: (help, read when scraped)
+        self.families: list[Callable[[], list[str]]] = []  # labelled families, their lines read when scraped
 
     def observe(self, name: str, value: float) -> None:
         with self._lock:
@@ -80,6 +81,8 @@ class CloudMetrics:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_number(read())}"]
         for name, (help_text, read) in self.counters.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {_number(read())}"]
+        for family in self.families:
+            lines += family()
         with self._lock:
             lines += ["# HELP hat_tokens_total middle-part tokens by kind of FORWARD", "# TYPE hat_tokens_total counter"]
             lines += [f'hat_tokens_total{{kind="{kind}"}} {count}' for kind, count in self.tokens.items()]

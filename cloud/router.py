@@ -351,6 +351,7 @@ class Router:
 
     def _register_metrics(self) -> None:
         c, table = self.counters, self.table
+        self.metrics.families.append(self.registry.telemetry_lines)
         self.metrics.gauges.update({
             "hat_router_sessions": ("sessions routed", lambda: len(table.sessions)),
             "hat_router_workers": ("workers alive", lambda: len(table.workers)),

@@ -1,4 +1,5 @@
-"""The router's control plane: devices register, ask for health, statistics and the latency predictor.
+"""The router's control plane: devices register, report telemetry, ask for health, statistics and the latency
+predictor.
 
 The predictor published is that of the prefill worker a new session would go to now, with its queue.
 """
@@ -27,6 +28,9 @@ class RouterControl(hat_pb2_grpc.HatControlServicer):
     def Register(self, request, context):
         c = self.config
         return self.registry.reply(request, self.max_context, c.max_tokens_per_message, c.session_idle_timeout_s)
+
+    def Telemetry(self, request, context):
+        return self.registry.record_telemetry(request)
 
     def Health(self, request, context):
         status = "draining" if self.draining else ("serving" if self.table.workers else "no workers")

@@ -135,6 +135,7 @@ class CloudServer:
 
     def _register_metrics(self, data: DataServer) -> None:
         m, budget, stats = self.metrics, self.budget, self.stats
+        m.families.append(self.registry.telemetry_lines)
         m.gauges.update({
             "hat_sessions": ("sessions held", lambda: len(self.store)),
             "hat_pending_forwards": ("FORWARDs waiting for a batch", lambda: len(data._pending)),

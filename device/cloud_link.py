@@ -8,6 +8,7 @@ times (perf_counter) for the link estimator.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -21,6 +22,8 @@ from hat.common import wire
 from hat.common.bundle import BundleManifest
 from hat.common.proto import hat_pb2 as pb
 from hat.common.proto import hat_pb2_grpc
+
+log = logging.getLogger("hat.device")
 
 
 class CloudError(RuntimeError):
@@ -105,6 +108,16 @@ class CloudLink:
             self._latency_future = self._control.Latency.future(pb.LatencyRequest(),
                                                                  timeout=self.config.control_timeout_s)
         return self.cloud_latency
+
+    def report_telemetry(self, sample) -> bool:
+        """Send a TelemetrySample over the control plane; True when the cloud took it (False: not registered there,
+        or a cloud without telemetry, or unreachable within the control timeout)."""
+        try:
+            ack = self._control.Telemetry(sample.to_proto(self.device_id), timeout=self.config.control_timeout_s)
+        except grpc.RpcError as exc:
+            log.debug("telemetry not sent: %s", exc.code().name)
+            return False
+        return ack.registered
 
     def stats(self) -> pb.StatsReply:
         return self._control.Stats(pb.StatsRequest(), timeout=self.config.control_timeout_s)

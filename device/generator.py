@@ -9,6 +9,7 @@ If the cloud has lost the session (expired, restarted), the device re-sends its 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -69,6 +70,12 @@ class SplitGenerator:
         profile = profile or DeviceProfile().profile(model, with_adapter=speculation is not None)
         self.link_estimator = LinkEstimator()  # kept across generations: the link as measured so far
         self.prefill = PrefillPipeline(model, link, chunking, profile, self.link_estimator)
+        self._reprofile = threading.Event()  # set from another thread (telemetry): the device's speed changed
+
+    def request_reprofile(self) -> None:
+        """The device's compute speed changed (a power-mode change): profile its parts afresh before the next
+        generation, so the chunk planner plans with the new speed. Safe to call from any thread."""
+        self._reprofile.set()
 
     def encode(self, prompt: str) -> list[int]:
         return self.model.tokenizer(prompt)["input_ids"]
@@ -89,6 +96,10 @@ class SplitGenerator:
         if len(prompt_ids) >= self.max_context:
             raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
                                      f"{self.max_context} tokens, which leaves no room to generate")
+        if self._reprofile.is_set():
+            self._reprofile.clear()
+            self.prefill.profile = DeviceProfile().profile(self.model, with_adapter=self.speculation is not None)
+            self.predicted_round_s = 0.0
         budget = min(max_new_tokens, self.max_context - len(prompt_ids))
         up0, down0 = self.link.bytes_up, self.link.bytes_down
         rng = sampling.make_generator()

@@ -54,6 +54,11 @@ class HatControlStub:
                 request_serializer=hat__pb2.LatencyRequest.SerializeToString,
                 response_deserializer=hat__pb2.LatencyReply.FromString,
                 _registered_method=True)
+        self.Telemetry = channel.unary_unary(
+                '/hat.HatControl/Telemetry',
+                request_serializer=hat__pb2.TelemetryReport.SerializeToString,
+                response_deserializer=hat__pb2.TelemetryAck.FromString,
+                _registered_method=True)
 
 
 class HatControlServicer:
@@ -83,6 +88,12 @@ class HatControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Telemetry(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HatControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_HatControlServicer_to_server(servicer, server):
                     servicer.Latency,
                     request_deserializer=hat__pb2.LatencyRequest.FromString,
                     response_serializer=hat__pb2.LatencyReply.SerializeToString,
+            ),
+            'Telemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.Telemetry,
+                    request_deserializer=hat__pb2.TelemetryReport.FromString,
+                    response_serializer=hat__pb2.TelemetryAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class HatControl:
             '/hat.HatControl/Latency',
             hat__pb2.LatencyRequest.SerializeToString,
             hat__pb2.LatencyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Telemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hat.HatControl/Telemetry',
+            hat__pb2.TelemetryReport.SerializeToString,
+            hat__pb2.TelemetryAck.FromString,
             options,
             channel_credentials,
             insecure,

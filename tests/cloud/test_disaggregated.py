@@ -48,7 +48,9 @@ def test_eight_devices_prefill_on_one_worker_and_decode_on_others(eight_devices,
         assert [r.token_ids for r in results] == reference
         assert all(r.recoveries == 0 for r in results)
         counters = cluster.server.counters
-        assert counters.handoffs == len(prompts) and counters.handoff_failures == 0
+        # one handoff per session to a decode worker, plus any rebalancing move between the decode workers (when a
+        # slow run leaves their session counts apart for a rebalancing interval)
+        assert counters.handoffs == len(prompts) + counters.rebalance_moves and counters.handoff_failures == 0
         # every prefilled position moved, and nothing else: KV bytes = positions x the middle part's bytes per position
         part = cluster.workers[0].worker.part
         assert counters.handoff_bytes == counters.handoff_positions * part.kv_bytes_per_position
