@@ -154,7 +154,8 @@ def test_uneven_decode_workers_are_rebalanced_exactly(tiny_checkpoint, tmp_path)
             second = start_worker(router, cluster.cloud_dir, "decode", profile_on_start=False)
             try:
                 deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and len(second.store) < 2:
+                # the source drops a moved session once its KV is pushed: wait for both sides, not the target alone
+                while time.monotonic() < deadline and (len(first.store), len(second.store)) != (2, 2):
                     time.sleep(0.02)
                 assert (len(first.store), len(second.store)) == (2, 2)
                 assert router.counters.rebalance_moves == 2
