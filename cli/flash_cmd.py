@@ -186,11 +186,12 @@ def run_flash(args) -> int:
         variables = dict(parse_extra(args.extra))
         if args.bundle:
             variables.setdefault("hat_bundle_src", str(Path(args.bundle).resolve()))
-        unit, config = render_unit(variables), render_config(variables)
-        if not render_defaults(variables)["hat_cloud_host"]:
+        resolved = render_defaults(variables)  # once, for both templates
+        if not resolved["hat_cloud_host"]:
             print("note: hat_cloud_host is not set (--extra hat_cloud_host=HOST; the inventory sets it per host)",
                   file=sys.stderr)
-        print(f"# {unit_name(variables)}\n{unit}\n# {render_defaults(variables)['hat_config_file']}\n{config}")
+        print(f"# {resolved['hat_service_name']}.service\n{_render(UNIT_TEMPLATE, resolved)}\n"
+              f"# {resolved['hat_config_file']}\n{_render(CONFIG_TEMPLATE, resolved)}")
         return 0
     check_inputs(args)
     args.ansible_playbook = find_ansible_playbook(args.ansible_playbook)
@@ -241,22 +242,22 @@ def render_defaults(overrides: dict | None = None) -> dict:
     raise ValueError("playbook variables refer to each other in a loop")
 
 
+def _render(template: Path, resolved: dict) -> str:
+    return _environment().from_string(template.read_text()).render(resolved)
+
+
 def render_unit(overrides: dict | None = None) -> str:
     """The systemd unit the playbook would write for these variables (the role's defaults fill the rest)."""
-    return _environment().from_string(UNIT_TEMPLATE.read_text()).render(render_defaults(overrides))
+    return _render(UNIT_TEMPLATE, render_defaults(overrides))
 
 
 def render_config(overrides: dict | None = None) -> str:
     """The agent config the playbook would write for these variables."""
-    return _environment().from_string(CONFIG_TEMPLATE.read_text()).render(render_defaults(overrides))
-
-
-def unit_name(overrides: dict | None = None) -> str:
-    return render_defaults(overrides)["hat_service_name"] + ".service"
+    return _render(CONFIG_TEMPLATE, render_defaults(overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m hat.cli.flash_cmd ARGS`: the same as `hat device flash ARGS` (for tests, before it is wired in)."""
+    """`python -m hat.cli.flash_cmd ARGS`: the same as `hat device flash ARGS`, without loading the other commands."""
     parser = argparse.ArgumentParser(prog="hat device")
     add_flash_parser(parser.add_subparsers(dest="action", required=True, metavar="ACTION"))
     args = parser.parse_args(["flash", *(sys.argv[1:] if argv is None else argv)])

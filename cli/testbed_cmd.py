@@ -54,15 +54,13 @@ def run_testbed(args) -> int:
 
 
 def run_simulate(args) -> int:
-    from hat.testbed.calibration import CalibrationError
-    from hat.testbed.scenario import ScenarioError
     from hat.testbed.sim_run import simulate_scenario
 
     scenario = _scenario(args, "simulate")
     out = args.out or Path("results") / f"{scenario.name}-sim-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         folder = simulate_scenario(scenario, out, args.calibration, progress=not args.no_progress)
-    except (ScenarioError, CalibrationError, ValueError) as exc:
+    except ValueError as exc:  # ScenarioError, CalibrationError and the simulator's refusals
         raise SystemExit(f"hat testbed simulate: error: {exc}") from None
     print((folder / "summary.md").read_text())
     for extra in ("validation.md", "scale.md"):

@@ -67,10 +67,14 @@ class SplitGenerator:
             self.max_context = min(self.max_context, registration.max_context or self.max_context)
             self.max_message_tokens = registration.max_tokens_per_message or self.max_message_tokens
         self.predicted_round_s = 0.0  # moving average of verification round times (bounds parallel drafting)
-        profile = profile or DeviceProfile().profile(model, with_adapter=speculation is not None)
+        profile = profile or self._profile()
         self.link_estimator = LinkEstimator()  # kept across generations: the link as measured so far
         self.prefill = PrefillPipeline(model, link, chunking, profile, self.link_estimator)
         self._reprofile = threading.Event()  # set from another thread (telemetry): the device's speed changed
+
+    def _profile(self) -> DeviceProfile:
+        """Time this device's parts now (a fraction of a second)."""
+        return DeviceProfile().profile(self.model, with_adapter=self.speculation is not None)
 
     def request_reprofile(self) -> None:
         """The device's compute speed changed (a power-mode change): profile its parts afresh before the next
@@ -98,7 +102,7 @@ class SplitGenerator:
                                      f"{self.max_context} tokens, which leaves no room to generate")
         if self._reprofile.is_set():
             self._reprofile.clear()
-            self.prefill.profile = DeviceProfile().profile(self.model, with_adapter=self.speculation is not None)
+            self.prefill.profile = self._profile()
             self.predicted_round_s = 0.0
         budget = min(max_new_tokens, self.max_context - len(prompt_ids))
         up0, down0 = self.link.bytes_up, self.link.bytes_down

@@ -25,7 +25,7 @@ from .drafter import DeviceCaches
 from .link_estimator import LinkEstimator
 from .results import StepTiming, in_cloud_ms
 
-_HEADER_BYTES = 64.0  # a FORWARD's or RESULT's bytes besides its tensor, near enough
+HEADER_BYTES = 64.0  # a FORWARD's or RESULT's bytes besides its tensor, near enough
 
 
 @dataclass(slots=True)
@@ -65,7 +65,7 @@ class PrefillPipeline:
                              cloud=cloud, cloud_queue_s=queue_s, uplink_bytes_per_s=link.uplink_bytes_per_s,
                              downlink_bytes_per_s=link.downlink_bytes_per_s, rtt_s=link.rtt_s,
                              up_bytes_per_token=self.up_bytes_per_token, down_bytes_per_token=self.down_bytes_per_token,
-                             message_bytes=_HEADER_BYTES, final_s=self.profile.final_s,
+                             message_bytes=HEADER_BYTES, final_s=self.profile.final_s,
                              cloud_stages=self.cloud.stages())
 
     def _plan(self, tokens: int, start: int, max_chunk: int, report: PrefillReport) -> tuple[ChunkPlan, tuple]:

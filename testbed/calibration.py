@@ -26,6 +26,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from hat.common.checkpoint import parse_dtype
 from hat.common.cost_fit import CostFit, LinearCost, attended
 
 from .cloud_only import CloudOnlyConfig
@@ -33,13 +34,9 @@ from .experiment import CALIBRATION_FILE
 from .records import ExperimentRecord
 from .report import load_results
 from .scenario import Scenario
-from .sim_costs import ZERO, DeviceCosts, SpeculationModel, SystemCosts
+from .sim_costs import DEFAULT_TBT_SLO_S, HEADER_BYTES, ZERO, DeviceCosts, SpeculationModel, SystemCosts
 from .simulator import SimRequest
 from .systems import SYSTEMS
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-HEADER_BYTES = 64.0  # a FORWARD's or RESULT's bytes besides its tensor (as the device's planner counts them)
-DEFAULT_TBT_SLO_S = 0.2  # the cloud's default target for sessions that name none (the emulated devices do not)
 
 
 class CalibrationError(ValueError):
@@ -90,7 +87,7 @@ def calibrate(scenario: Scenario, results_dir: str | Path) -> tuple[dict[str, Sy
     except (OSError, ValueError, KeyError) as exc:
         raise CalibrationError(f"cannot read the run in {results_dir}: {exc}") from None
     spec = load_model_spec(reference_model_dir() if scenario.model == "reference" else scenario.model)
-    up_bytes = spec.hidden_size * DTYPE_BYTES.get(scenario.dtype, 4)
+    up_bytes = spec.hidden_size * parse_dtype(scenario.dtype).itemsize
     groups = _device_groups(scenario)
     clouds = [LinearCost(**d["cloud"]) for dumps in device_costs.values() for d in dumps if d.get("cloud")]
     if not clouds:

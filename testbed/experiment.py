@@ -55,7 +55,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
         notes = [f"workload: {w.shape}-shaped prompts from the held-out corpus, {workload.line()}",
                  *_emulation_notes(scenario)]
         records, costs = {}, {}
-        bar = _progress(len(scenario.systems) * len(requests), progress)
+        bar = progress_bar(len(scenario.systems) * len(requests), progress)
         for name in scenario.systems:
             bar.set_description(name)
             records[name] = run_system(scenario, name, requests, device_dir, cloud_dir, Path(tmp), bar)
@@ -174,7 +174,8 @@ def _collect_records(name: str, requests: list[WorkloadRequest], count: int,
             for i, r in enumerate(requests)]
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, unit: str = "request"):
+    """The testbed's progress bar (`hat testbed run` counts requests, `simulate` systems)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="request", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True)

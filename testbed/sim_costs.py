@@ -7,14 +7,20 @@ testbed run's own fitted models and measured rounds) or `testbed.sim_hardware` (
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Protocol
 
+from hat.cloud.config import CloudConfig
 from hat.common.cost_fit import LinearCost, attended
+from hat.device.prefill import HEADER_BYTES
 
 
-BATCH_TOKENS = 8192  # the split cloud's default per-forward token budget (CloudConfig.max_batch_tokens)
+_CLOUD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CloudConfig)}  # the real cloud's settings
+BATCH_TOKENS = _CLOUD_DEFAULTS["max_batch_tokens"]  # its per-forward token budget
+MESSAGE_TOKENS = _CLOUD_DEFAULTS["max_tokens_per_message"]  # its per-message limit
+DEFAULT_TBT_SLO_S = _CLOUD_DEFAULTS["default_tbt_slo_ms"] / 1000  # its target for sessions that name none
 
 
 class Cost(Protocol):
@@ -100,8 +106,8 @@ class SystemCosts:
     speculation: SpeculationModel | None  # None: the system decodes one token per round
     up_bytes_per_token: float  # hidden-state bytes per position sent
     down_bytes_per_token: float  # bytes per position returned (0: only the last position of a prompt chunk)
-    message_bytes: float = 64.0  # header bytes per message
-    max_message_tokens: int = 8192  # the cloud's per-message limit
+    message_bytes: float = HEADER_BYTES  # header bytes per message
+    max_message_tokens: int = MESSAGE_TOKENS  # the cloud's per-message limit
     max_batch_tokens: int = BATCH_TOKENS  # the cloud's per-forward token budget (cloud-only: its server's, which also cuts
     # prompts to it)
     kv_positions: int = 0  # the cloud's KV room in positions over all sessions (0: unlimited)

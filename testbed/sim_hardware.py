@@ -12,16 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hat.common.cost_fit import LinearCost
+from hat.device.speculation import DEFAULT_SPECULATION
 
 from .cloud_only import CloudOnlyConfig
 from .device_profiles import DEVICE_CLASSES
 from .roofline import ACCELERATORS, RooflineCost, describe, fit_linear, model_shape
-from .sim_costs import BATCH_TOKENS, DeviceCosts, SpeculationModel, SystemCosts
+from .sim_costs import BATCH_TOKENS, DEFAULT_TBT_SLO_S, HEADER_BYTES, DeviceCosts, SpeculationModel, SystemCosts
 from .systems import SYSTEMS
-
-HEADER_BYTES = 64.0  # a message's bytes besides its tensor
-MAX_PREDRAFT = 8  # the device's default for drafting ahead (SpeculationConfig.max_predraft)
-DEFAULT_TBT_SLO_S = 0.2  # the cloud's default time-between-rounds target
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +82,7 @@ def roofline_costs(hw: HardwareSpec, input_layers: int, output_layers: int,
     accelerator = ACCELERATORS[hw.cloud]
     middle = RooflineCost(shape, accelerator, middle_layers, parallel=hw.cloud_gpus)
     whole = RooflineCost(shape, accelerator, shape.layers, embedding=True, head=True, parallel=hw.cloud_gpus)
-    speculation = SpeculationModel.geometric(hw.acceptance_rate, hw.draft_tokens, MAX_PREDRAFT)
+    speculation = SpeculationModel.geometric(hw.acceptance_rate, hw.draft_tokens, DEFAULT_SPECULATION.max_predraft)
     token_bytes = shape.hidden * shape.bytes_per_param
     out = {}
     for name in systems:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .calibration import calibrate
+from .experiment import progress_bar
 from .link_shim import LinkModel
 from .records import ExperimentRecord, SystemSummary
 from .report import load_results, write_report
@@ -92,7 +93,7 @@ def simulate_scenario(scenario: Scenario, out_dir: str | Path, calibration: str 
     costs = roofline_costs(scenario.hardware, scenario.input_layers, scenario.output_layers, scenario.systems)
     names = report_names(scenario.systems, scenario.ablation)
     runs = [scenario] + [scaled_scenario(scenario, n) for n in scenario.scale_devices]
-    bar = _progress(len(runs) * len(scenario.systems), progress)
+    bar = progress_bar(len(runs) * len(scenario.systems), progress, "system")
     rows = []
     for i, run in enumerate(runs):
         requests = synthetic_requests(run)
@@ -128,7 +129,7 @@ def _validate(scenario: Scenario, out_dir: Path, calibration: Path, progress: bo
 
     costs, requests = calibrate(scenario, calibration)
     real = load_results(calibration)
-    bar = _progress(len(costs), progress)
+    bar = progress_bar(len(costs), progress, "system")
     records = {}
     for name, system_costs in costs.items():
         bar.set_description(name)
@@ -141,9 +142,3 @@ def _validate(scenario: Scenario, out_dir: Path, calibration: Path, progress: bo
                  ablation=real.ablation, paper=real.paper)
     write_validation(out_dir, real.records_by_system, records, real.ttft_slo_ms, real.tbt_slo_ms)
     return out_dir
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="system", disable=not enabled, dynamic_ncols=True)

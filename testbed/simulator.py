@@ -132,9 +132,10 @@ class SimDevice:
                 (times[0] - started) * 1000, tbt, accept, int(self.bytes_up - up0), int(self.bytes_down - down0),
                 chunks, steps))
 
-    def _step(self, kind: str, tokens: int, sent: float, began: float, device_s: float, accepted: int = 0,
+    def _step(self, kind: str, tokens: int, sent: float, began: float, accepted: int = 0,
               drafted: int = 0) -> TimelineStep:
-        return TimelineStep(kind, tokens, (sent - began) * 1000, (self.sim.now - sent) * 1000, 0.0, device_s * 1000,
+        """A round's timeline entry, ending now (cloud and device times are not split out)."""
+        return TimelineStep(kind, tokens, (sent - began) * 1000, (self.sim.now - sent) * 1000, 0.0, 0.0,
                             accepted, drafted)
 
     def _prefill(self, session: str, sizes: list[int], steps: list, began: float):
@@ -144,7 +145,7 @@ class SimDevice:
         def complete():
             start, count, sent, replied = in_flight.popleft()
             yield replied
-            steps.append(self._step("prefill", count, sent, began, 0.0))
+            steps.append(self._step("prefill", count, sent, began))
             if self.costs.down_bytes_per_token:
                 yield compute.output.predict(count, start) * self.factor()
 
@@ -173,7 +174,7 @@ class SimDevice:
             sent = self.sim.now
             yield self.send(drafted + 1, position, False, session)[1]
             round_s = self.sim.now - sent
-            steps.append(self._step("decode", drafted + 1, sent, began, 0.0, accepted, drafted))
+            steps.append(self._step("decode", drafted + 1, sent, began, accepted, drafted))
             carried = 0
             if self.system.parallel_draft and accepted == drafted and kept and compute.draft_token_s > 0:
                 carried = min(kept, int(round_s / (compute.draft_token_s * self.factor())))
