@@ -68,13 +68,13 @@ def run_serve(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     if args.telemetry_interval < 0:
         raise ValueError("--telemetry-interval must be >= 0")
-    with connected_generator(args.bundle, link_config(args), args) as generator, \
+    with connected_generator(args.bundle, link_config(args), args, args.backend, args.threads) as generator, \
             _telemetry(generator, args.telemetry_interval), \
             OpenAIServer(generator, model_id(args.bundle, generator.model.manifest), config) as server:
         if args.host not in (LOOPBACK, "localhost", "::1"):
             print(f"warning: the API is bound to {args.host}: anyone who can reach this address can use the model "
                   "(there is no authentication)", file=sys.stderr, flush=True)
-        print(f"ready {server.url} model={server.model_id}", flush=True)
+        print(f"ready {server.url} model={server.model_id} backend={generator.model.backend}", flush=True)
         while not stop.wait(0.5):
             pass
     return 0

@@ -96,7 +96,7 @@ def playbook_command(args, wheel: str | None = None) -> list[str]:
     if wheel:
         argv += ["-e", f"hat_wheel={Path(wheel).resolve()}"]
     if args.bundle:
-        argv += ["-e", f"hat_bundle_src={Path(args.bundle).resolve()}"]
+        argv += ["-e", f"hat_bundle_src={Path(args.bundle).resolve()}", "-e", f"hat_backend={bundle_backend(args.bundle)}"]
     for name, value in parse_extra(args.extra):  # after ours: a user's --extra wins
         argv += ["-e", f"{name}={value}"]
     if args.limit:
@@ -106,6 +106,13 @@ def playbook_command(args, wheel: str | None = None) -> list[str]:
     if args.ask_become_pass:
         argv += ["--ask-become-pass"]
     return argv
+
+
+def bundle_backend(bundle: str) -> str:
+    """onnxruntime when the bundle carries `hat export-onnx`'s graphs, else torch."""
+    from hat.device.onnx_manifest import ONNX_DIR, ONNX_MANIFEST
+
+    return "onnxruntime" if (Path(bundle) / ONNX_DIR / ONNX_MANIFEST).is_file() else "torch"
 
 
 def check_inputs(args) -> None:
@@ -186,6 +193,7 @@ def run_flash(args) -> int:
         variables = dict(parse_extra(args.extra))
         if args.bundle:
             variables.setdefault("hat_bundle_src", str(Path(args.bundle).resolve()))
+            variables.setdefault("hat_backend", bundle_backend(args.bundle))
         resolved = render_defaults(variables)  # once, for both templates
         if not resolved["hat_cloud_host"]:
             print("note: hat_cloud_host is not set (--extra hat_cloud_host=HOST; the inventory sets it per host)",

@@ -31,7 +31,10 @@ def add_cloud_args(p) -> None:
     p.add_argument("--tbt-slo-ms", type=int, default=0,
                    help="time-between-rounds target told to the cloud, which keeps batches with this device's rounds "
                         "within it (0: its default)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of torch or onnxruntime (0 = their default)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="what runs the device's parts: torch, or onnxruntime on the graphs `hat export-onnx` wrote "
+                        "into the bundle (TensorRT, then CUDA, then CPU: the first this onnxruntime offers)")
 
 
 def link_config(args):
@@ -103,7 +106,7 @@ def run(args) -> int:
     set_threads(args.threads)
     sampling = SamplingParams(args.temperature, args.top_p, args.seed)
     result = generate_once(args.bundle, link_config(args), args.prompt, args.max_new_tokens, sampling,
-                           stream=not args.json, speculation_args=args)
+                           stream=not args.json, speculation_args=args, backend=args.backend, threads=args.threads)
     if args.json:
         print(json.dumps(result.to_json()))
     return 0
@@ -116,21 +119,23 @@ def set_threads(threads: int) -> None:
 
 
 @contextmanager
-def connected_generator(bundle: str, link_config, speculation_args):
-    """A SplitGenerator over the device bundle, registered with the cloud; the link closes on exit.
-    `speculation_args`: the parsed add_speculation_args and add_chunking_args flags."""
+def connected_generator(bundle: str, link_config, speculation_args, backend: str = "torch", threads: int = 0):
+    """A SplitGenerator over the device bundle, its parts run by `backend` (DeviceModel.load), registered with the
+    cloud; the link closes on exit. `speculation_args`: the parsed add_speculation_args and add_chunking_args flags."""
     from hat.device.cloud_link import CloudLink
     from hat.device.device_model import DeviceModel
     from hat.device.generator import SplitGenerator
 
-    model = DeviceModel.load(bundle)
+    model = DeviceModel.load(bundle, backend=backend, threads=threads)
+    print(f"device backend: {model.backend}", file=sys.stderr, flush=True)
     with CloudLink(link_config) as link:
-        link.register(model.manifest)
+        link.register(model.manifest, backend=model.backend)
         yield SplitGenerator(model, link, speculation_config(speculation_args, model), chunking_config(speculation_args))
 
 
-def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sampling, stream: bool, speculation_args):
-    with connected_generator(bundle, link_config, speculation_args) as generator:
+def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sampling, stream: bool, speculation_args,
+                  backend: str = "torch", threads: int = 0):
+    with connected_generator(bundle, link_config, speculation_args, backend, threads) as generator:
         on_text = (lambda text: print(text, end="", flush=True)) if stream else None
         result = generator.generate(prompt, max_new_tokens, sampling, on_text=on_text)
     if stream:

@@ -47,7 +47,8 @@ class DeviceRegistry:
             return str(exc)
         with self._lock:
             self._devices[request.device_id] = request
-        log.info("registered device %s (%s)", request.device_id, request.capabilities.platform or "unknown platform",
+        log.info("registered device %s (%s, %s)", request.device_id, request.capabilities.platform or "unknown platform",
+                 request.capabilities.backend or "unknown backend",
                  extra={"device": request.device_id, "event": "registered"})
         return None
 

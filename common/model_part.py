@@ -106,6 +106,11 @@ class ModelPart(nn.Module):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(token_ids.to(self.device))
 
+    def forward_tokens(self, token_ids: torch.Tensor, spans: list[SequenceSpan]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding, then the layers: token_ids [total tokens] for `spans` in order -> (hidden, embeddings)."""
+        embeds = self.embed(token_ids)
+        return self.forward_layers(embeds, spans), embeds
+
     def forward_layers(self, hidden: torch.Tensor, spans: list[SequenceSpan]) -> torch.Tensor:
         """hidden: [total tokens, hidden] for `spans` in order. Each span's cache is cut back to its
         start, extended by its tokens, and committed only when every layer has run (a part with no

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from hat.common.adapter import DraftAdapter
+from hat.common.adapter import AdapterConfig, DraftAdapter
 from hat.common.bundle import BundleManifest, load_manifest
 from hat.common.checkpoint import load_tensors
 from hat.common.kv_cache import KVCache
@@ -17,7 +18,11 @@ from hat.common.layers import SequenceSpan
 from hat.common.model_part import ModelPart
 from hat.common.model_spec import ModelSpec, load_model_spec
 
+if TYPE_CHECKING:
+    from .onnx_backend import OnnxAdapter, OnnxInputPart, OnnxOutputPart
+
 ADAPTER_DIR = "adapter"  # the device bundle's draft adapter folder
+BACKENDS = ("torch", "onnxruntime")  # what can run the device's parts
 
 
 @dataclass(slots=True)
@@ -25,15 +30,23 @@ class DeviceModel:
     manifest: BundleManifest  # what the bundle holds and where it was cut
     spec: ModelSpec  # architecture of the whole model
     tokenizer: PreTrainedTokenizerBase  # the checkpoint's own tokenizer
-    input_part: ModelPart  # embedding + layers [0, K)
-    output_part: ModelPart  # layers [N-M, N) + final norm + LM head
+    input_part: ModelPart | OnnxInputPart  # embedding + layers [0, K)
+    output_part: ModelPart | OnnxOutputPart  # layers [N-M, N) + final norm + LM head
     stop_ids: tuple[int, ...]  # token ids that end a generation
-    adapter: DraftAdapter | None = None  # the draft adapter (BUNDLE/adapter), None when the bundle has none
+    adapter: DraftAdapter | OnnxAdapter | None = None  # the draft adapter (BUNDLE/adapter), None when the bundle has none
+    backend: str = "torch"  # what runs the parts: "torch", or "onnxruntime (Provider, ...)" with the providers in use
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, device: str = "cpu") -> "DeviceModel":
+    def load(cls, bundle_dir: str | Path, device: str = "cpu", backend: str = "torch", threads: int = 0) -> "DeviceModel":
+        """`backend`: "torch" (the bundle's weights on `device`) or "onnxruntime" (the graphs `hat export-onnx` wrote
+        into the bundle, on TensorRT, CUDA or CPU, the first this onnxruntime offers; `threads`: its CPU threads, 0 for
+        its default)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         manifest = load_manifest(bundle_dir, part="device")
         spec = load_model_spec(bundle_dir)
+        if backend == "onnxruntime":
+            return cls._load_onnx(Path(bundle_dir), manifest, spec, threads)
         tensors = load_tensors(bundle_dir, lambda name: True)
         n, k, m = manifest.num_layers, manifest.input_layers, manifest.output_layers
         input_part = ModelPart.from_tensors(spec, 0, k, tensors, embedding=True, device=device)
@@ -46,12 +59,26 @@ class DeviceModel:
         return cls(manifest, spec, tokenizer, input_part, output_part, stop_token_ids(bundle_dir, spec, tokenizer),
                    adapter)
 
+    @classmethod
+    def _load_onnx(cls, bundle_dir: Path, manifest: BundleManifest, spec: ModelSpec, threads: int) -> "DeviceModel":
+        from .onnx_backend import load_onnx_parts
+
+        adapter_dir = bundle_dir / ADAPTER_DIR if (bundle_dir / ADAPTER_DIR).is_dir() else None
+        if adapter_dir is not None:
+            AdapterConfig.load(adapter_dir).check_matches(manifest.source_fingerprint, manifest.input_layers,
+                                                          manifest.output_layers)
+        parts = load_onnx_parts(bundle_dir, manifest, spec, adapter_dir, threads)
+        tokenizer = AutoTokenizer.from_pretrained(str(bundle_dir), local_files_only=True)
+        return cls(manifest, spec, tokenizer, parts.input_part, parts.output_part,
+                   stop_token_ids(bundle_dir, spec, tokenizer), parts.adapter,
+                   f"onnxruntime ({', '.join(parts.providers)})")
+
     def run_input(self, token_ids: list[int], start: int, input_cache: KVCache,
                   adapter_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embedding and input part over `token_ids` at positions from `start`, and the adapter when given its cache
         (which follows the input part's); returns the input part's hidden states and the adapter's output."""
-        embeds = self.input_part.embed(torch.tensor(token_ids))
-        hidden = self.input_part.forward_layers(embeds, [SequenceSpan(input_cache, start, len(token_ids))])
+        hidden, embeds = self.input_part.forward_tokens(torch.tensor(token_ids),
+                                                        [SequenceSpan(input_cache, start, len(token_ids))])
         if adapter_cache is None:
             return hidden, None
         return hidden, self.adapter(hidden, embeds, [SequenceSpan(adapter_cache, start, len(token_ids))])

@@ -101,7 +101,7 @@ class OpenAIServer:
         return {"object": "list", "data": [{
             "id": self.model_id, "object": "model", "created": self.created, "owned_by": "hat",
             "hat": {"chat_template": self.chat_template, "max_context": self.generator.max_context,
-                    "speculative": self.generator.speculation is not None}}]}
+                    "speculative": self.generator.speculation is not None, "backend": self.generator.model.backend}}]}
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         ids = self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]

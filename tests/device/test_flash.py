@@ -153,7 +153,7 @@ def test_playbook_command(tmp_path):
     assert flash_cmd.playbook_command(args) == [
         "/opt/ansible/bin/ansible-playbook", "-i", str(Path("inv.ini").resolve()), str(flash_cmd.PLAYBOOK),
         "-e", f"hat_wheel={Path('w.whl').resolve()}", "-e", f"hat_bundle_src={Path('b/device').resolve()}",
-        "-e", "hat_port=8001", "-e", "hat_serve_extra_args=--threads 4",
+        "-e", "hat_backend=torch", "-e", "hat_port=8001", "-e", "hat_serve_extra_args=--threads 4",
         "--limit", "orin-*", "--check", "--diff"]
     plain = flash_cmd.playbook_command(parse(["--inventory", "inv.ini", "--bundle", "b"]), wheel="built.whl")
     assert plain[0] == "ansible-playbook" and "--check" not in plain and "--limit" not in plain
@@ -162,6 +162,18 @@ def test_playbook_command(tmp_path):
     assert asked[-1] == "--ask-become-pass"
     assert f"hat_wheel={Path('built.whl').resolve()}" in plain
     assert flash_cmd.PLAYBOOK.is_file() and flash_cmd.DEFAULTS_FILE.is_file()
+
+
+def test_backend_follows_the_bundle(tmp_path):
+    """A bundle with `hat export-onnx`'s graphs is served by onnxruntime, one without by torch; --extra still wins."""
+    bundle = tmp_path / "device"
+    (bundle / "onnx").mkdir(parents=True)
+    assert flash_cmd.bundle_backend(str(bundle)) == "torch"
+    (bundle / "onnx" / "onnx_manifest.json").write_text("{}")
+    assert flash_cmd.bundle_backend(str(bundle)) == "onnxruntime"
+    argv = flash_cmd.playbook_command(parse(["--inventory", "i", "--bundle", str(bundle), "--extra", "hat_backend=torch"]),
+                                      "w.whl")
+    assert argv.index("hat_backend=onnxruntime") < argv.index("hat_backend=torch")  # later -e wins in Ansible
 
 
 def test_extra_must_be_var_equals_value():

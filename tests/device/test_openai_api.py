@@ -72,6 +72,7 @@ def test_models_and_health(served):
     models = served.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].to_dict()["hat"]["chat_template"] == "tokenizer"
+    assert models.data[0].to_dict()["hat"]["backend"] == "torch"
     status, body = request(served, "GET", "/health")
     assert status == 200 and body["status"] == "ok"
 
