@@ -7,8 +7,11 @@ module it came from.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,13 +114,31 @@ def _max_error(session, graph: GraphSpec, model: DeviceModel, dtype: torch.dtype
     return worst
 
 
+@contextmanager
+def _quiet_exporter():
+    """Silence the exporter's deprecation and axis-renaming warnings and its registry's log lines."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(bundle_dir: str | Path, dtype: str | None = None, opset: int = DEFAULT_OPSET,
                 log=print) -> OnnxManifest:
     """Export the device bundle's graphs into BUNDLE/onnx and write its manifest; `dtype`: float32 or float16
     (default: the bundle's, float32 for a bfloat16 bundle, which onnxruntime's Python API cannot feed)."""
-    import onnxruntime as ort
-    import onnxscript
-
+    try:
+        import onnx  # noqa: F401  (the exporter writes through it)
+        import onnxruntime as ort
+        import onnxscript
+    except ImportError as exc:
+        raise RuntimeError(f"hat export-onnx needs onnx, onnxscript and onnxruntime ({exc}): "
+                           "pip install 'hatserve[onnx]'") from None
     bundle_dir = Path(bundle_dir)
     model = DeviceModel.load(bundle_dir)
     if dtype is None:
@@ -139,7 +160,7 @@ def export_onnx(bundle_dir: str | Path, dtype: str | None = None, opset: int = D
         path = folder / GRAPH_FILES[graph.name]
         graph.module.eval()
         example = _example(graph, model, batch=2, count=3, past=5, dtype=torch_dtype, seed=0)
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
             torch.onnx.export(graph.module, example, str(path), input_names=list(graph.inputs),
                               output_names=list(graph.outputs), opset_version=opset, dynamo=True,
                               dynamic_shapes=_dynamic_shapes(graph),
