@@ -133,7 +133,7 @@ def export_onnx(bundle_dir: str | Path, dtype: str | None = None, opset: int = D
     """Export the device bundle's graphs into BUNDLE/onnx and write its manifest; `dtype`: float32 or float16
     (default: the bundle's, float32 for a bfloat16 bundle, which onnxruntime's Python API cannot feed)."""
     try:
-        import onnx  # noqa: F401  (the exporter writes through it)
+        import onnx
         import onnxruntime as ort
         import onnxscript
     except ImportError as exc:
@@ -181,6 +181,6 @@ def export_onnx(bundle_dir: str | Path, dtype: str | None = None, opset: int = D
         source_fingerprint=model.manifest.source_fingerprint, input_layers=model.manifest.input_layers,
         output_layers=model.manifest.output_layers, dtype=dtype, opset=opset, graphs=graphs,
         adapter_sha256=file_sha256(adapter_dir / ADAPTER_WEIGHTS) if model.adapter is not None else "",
-        max_abs_error=errors, exporter=f"torch {torch.__version__}, onnxscript {onnxscript.__version__}")
+        max_abs_error=errors, exporter=f"torch {torch.__version__}, onnx {onnx.__version__}, onnxscript {onnxscript.__version__}")
     manifest.save(folder)
     return manifest

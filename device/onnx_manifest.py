@@ -31,7 +31,7 @@ class OnnxManifest:
     graphs: dict[str, str]  # graph name (GRAPH_FILES' keys) -> file name in the onnx folder
     adapter_sha256: str = ""  # sha256 of the adapter weights exported ("" when the bundle has no adapter)
     max_abs_error: dict[str, float] = field(default_factory=dict)  # graph -> largest |onnx - torch| seen at export
-    exporter: str = ""  # torch and onnxscript versions that wrote the graphs, for messages only
+    exporter: str = ""  # torch, onnx and onnxscript versions that wrote the graphs, for messages only
     format_version: int = ONNX_FORMAT_VERSION  # layout of this folder
 
     def save(self, folder: Path) -> None:
