@@ -48,6 +48,12 @@ def add_parser(commands) -> None:
     p.add_argument("--kv-budget-gb", type=float, default=2.0,
                    help="KV memory all sessions may hold, GiB; new sessions wait beyond it (default: %(default)s)")
     p.add_argument("--metrics", default="", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--keys", default="", metavar="DIR",
+                   help="all/router: encrypt and authenticate the devices' planes (CURVE, TLS) with the cloud identity "
+                        "and allowed/ devices in DIR (`hat keys generate`, `hat keys add`); required on addresses "
+                        "other than loopback")
+    p.add_argument("--insecure", action="store_true",
+                   help="all/router: serve unencrypted on addresses other machines reach (trusted networks only)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running sessions may take to finish before the server stops")
     p.set_defaults(run=run_serve)
@@ -71,7 +77,7 @@ def run_serve(args) -> int:
                              kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)), metrics_address=args.metrics,
                              drain_timeout_s=args.drain_timeout, role=args.role, router_address=args.router,
                              kv_address=args.kv_address, worker_id=args.worker_id,
-                             pipeline_stages=args.pipeline_stages)
+                             pipeline_stages=args.pipeline_stages, keys_dir=args.keys, insecure=args.insecure)
     except ValueError as exc:
         raise SystemExit(f"hat cloud serve: error: {exc}") from None
     server = CloudServer(config).start()
@@ -82,8 +88,9 @@ def run_serve(args) -> int:
         # one line a supervisor (or `hat demo`) can wait for
         metrics = f" metrics=http://{server.metrics_address}/metrics" if server.metrics_address else ""
         if args.role == "all":
+            secure = f" keys={server.security.identity.name}" if server.security else ""
             print(f"ready data={server.data_address} control={server.control_address} layers=[{first},{last})"
-                  f"{metrics}", flush=True)
+                  f"{metrics}{secure}", flush=True)
         else:
             print(f"ready role={args.role} worker={server.agent.worker_id} router={args.router} "
                   f"kv={server.kv_address} layers=[{first},{last}){metrics}", flush=True)
@@ -104,11 +111,12 @@ def _serve_router(args, stop: threading.Event) -> int:
     config = RouterConfig(bundle=args.bundle, data_address=args.data, control_address=args.control,
                           worker_address=args.workers, disaggregation=args.disaggregation,
                           session_idle_timeout_s=args.idle_timeout, metrics_address=args.metrics,
-                          drain_timeout_s=args.drain_timeout)
+                          drain_timeout_s=args.drain_timeout, keys_dir=args.keys, insecure=args.insecure)
     router = Router(config).start()
     metrics = f" metrics=http://{router.metrics_address}/metrics" if router.metrics_address else ""
+    secure = f" keys={router.security.identity.name}" if router.security else ""
     print(f"ready data={router.data_address} control={router.control_address} workers={router.worker_address}"
-          f"{metrics}", flush=True)
+          f"{metrics}{secure}", flush=True)
     try:
         while not stop.wait(0.5):
             pass

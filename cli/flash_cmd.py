@@ -42,6 +42,10 @@ def add_flash_parser(device_actions) -> None:
     p.add_argument("--bundle", metavar="DIR", help="the device bundle (BUNDLE/device from `hat split`)")
     p.add_argument("--wheel", metavar="FILE",
                    help="hatserve wheel to install (default: build one from this checkout with `pip wheel . --no-deps`)")
+    p.add_argument("--keys", metavar="DIR",
+                   help="a folder with one key folder per device, named by its device id (the inventory name unless "
+                        "hat_device_id says otherwise): `hat keys generate --out DIR/ID --name ID`, then `hat keys add "
+                        "--keys DIR/ID --server CLOUD_KEYS/NAME.key`; needed for a cloud that is not on loopback")
     p.add_argument("--limit", metavar="PATTERN", help="only these hosts or groups (ansible-playbook --limit)")
     p.add_argument("--check", action="store_true",
                    help="Ansible check mode with --diff: print every step and what it would change, change nothing")
@@ -97,6 +101,8 @@ def playbook_command(args, wheel: str | None = None) -> list[str]:
         argv += ["-e", f"hat_wheel={Path(wheel).resolve()}"]
     if args.bundle:
         argv += ["-e", f"hat_bundle_src={Path(args.bundle).resolve()}", "-e", f"hat_backend={bundle_backend(args.bundle)}"]
+    if args.keys:
+        argv += ["-e", f"hat_keys_root={Path(args.keys).resolve()}"]
     for name, value in parse_extra(args.extra):  # after ours: a user's --extra wins
         argv += ["-e", f"{name}={value}"]
     if args.limit:
@@ -130,6 +136,8 @@ def check_inputs(args) -> None:
     load_manifest(args.bundle, part="device")  # a folder without manifest.json, or a cloud bundle: a clear error
     if args.wheel and not (Path(args.wheel).is_file() and args.wheel.endswith(".whl")):
         raise FileNotFoundError(f"--wheel {args.wheel}: no such wheel file (*.whl)")
+    if args.keys and not Path(args.keys).is_dir():
+        raise FileNotFoundError(f"--keys {args.keys}: no such folder")
     if args.timeout <= 0:
         raise ValueError("--timeout must be positive")
     parse_extra(args.extra)
@@ -194,6 +202,8 @@ def run_flash(args) -> int:
         if args.bundle:
             variables.setdefault("hat_bundle_src", str(Path(args.bundle).resolve()))
             variables.setdefault("hat_backend", bundle_backend(args.bundle))
+        if args.keys:
+            variables.setdefault("hat_keys_root", str(Path(args.keys).resolve()))
         resolved = render_defaults(variables)  # once, for both templates
         if not resolved["hat_cloud_host"]:
             print("note: hat_cloud_host is not set (--extra hat_cloud_host=HOST; the inventory sets it per host)",

@@ -31,6 +31,12 @@ def add_cloud_args(p) -> None:
     p.add_argument("--tbt-slo-ms", type=int, default=0,
                    help="time-between-rounds target told to the cloud, which keeps batches with this device's rounds "
                         "within it (0: its default)")
+    p.add_argument("--keys", default="", metavar="DIR",
+                   help="encrypt and authenticate the link (CURVE, TLS) with this device's identity and the cloud's "
+                        "public key (server/) in DIR (`hat keys generate`, `hat keys add --server`); required for a "
+                        "cloud that is not on loopback")
+    p.add_argument("--insecure", action="store_true",
+                   help="talk to a cloud that is not on loopback unencrypted (trusted networks only)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of torch or onnxruntime (0 = their default)")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="what runs the device's parts: torch, or onnxruntime on the graphs `hat export-onnx` wrote "
@@ -43,7 +49,7 @@ def link_config(args):
 
     return LinkConfig(host=args.cloud, data_port=args.data_port, control_port=args.control_port,
                       device_id=args.device_id, reply_timeout_s=args.timeout, ttft_slo_ms=args.ttft_slo_ms,
-                      tbt_slo_ms=args.tbt_slo_ms)
+                      tbt_slo_ms=args.tbt_slo_ms, keys_dir=args.keys, insecure=args.insecure)
 
 
 def add_sampling_args(p) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cloud_cmd, demo_cmd, device_cmd, export_onnx_cmd, generate_cmd, log_format, split_cmd, testbed_cmd, train_adapter_cmd
+from . import cloud_cmd, demo_cmd, device_cmd, export_onnx_cmd, generate_cmd, keys_cmd, log_format, split_cmd, testbed_cmd, train_adapter_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     testbed_cmd.add_parser(commands)
     device_cmd.add_parser(commands)
     export_onnx_cmd.add_parser(commands)
+    keys_cmd.add_parser(commands)
     return parser
 
 

@@ -33,6 +33,8 @@ class CloudConfig:
     pipeline_stages: int = 1  # processes the middle part's layers are cut over (torch.distributed; 1 = this one alone)
     heartbeat_interval_s: float = 0.25  # prefill/decode: how often the worker tells the router its load
     handoff_timeout_s: float = 10.0  # decode: longest wait for a handed-off session's KV before its FORWARDs fail
+    keys_dir: str = ""  # `hat keys` folder: the cloud's identity and allowed/ devices; "" = unencrypted (loopback only)
+    insecure: bool = False  # allow unencrypted planes on addresses other machines can reach (trusted networks only)
 
     def __post_init__(self):
         if self.role not in WORKER_ROLES:
@@ -73,6 +75,8 @@ class RouterConfig:
     poll_interval_s: float = 0.05  # longest wait for traffic before liveness and rebalancing checks run
     grpc_workers: int = 4  # threads serving the control plane
     drain_timeout_s: float = 30.0  # at shutdown, how long running sessions may take to finish
+    keys_dir: str = ""  # `hat keys` folder: the cloud's identity and allowed/ devices; "" = unencrypted (loopback only)
+    insecure: bool = False  # allow unencrypted planes on addresses other machines can reach (trusted networks only)
 
     def __post_init__(self):
         if self.disaggregation not in DISAGGREGATION_POLICIES:

@@ -70,6 +70,7 @@ class DataServer:
         self.draining = False  # set at shutdown: new sessions are refused, running ones go on
         self._depth = getattr(worker.part, "stages", 1)  # batches in flight at once (a pipeline's stages)
         self._in_flight: deque = deque()  # (jobs, began_us, began, timed) submitted to the pipeline, oldest first
+        self.security = None  # CloudSecurity of a cloud that serves devices with keys: each message's sender is checked
 
     def pending_work(self) -> tuple[int, float]:
         """Tokens and query-key pairs of the FORWARDs waiting for a batch (read from another thread: a snapshot)."""
@@ -161,6 +162,8 @@ class DataServer:
         try:
             message = wire.decode(frames, self.limits)
             header = message.header
+            if self.security is not None:
+                self.security.authorize(frames[0], header.device_id if header.kind == pb.OPEN else None)
             if header.kind == pb.OPEN:
                 if self.registry is not None and not self.registry.is_registered(header.device_id):
                     raise WireError(pb.NOT_REGISTERED, f"device {header.device_id!r} has not registered with the "

@@ -14,7 +14,6 @@ import itertools
 import logging
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -25,7 +24,6 @@ from hat.common.bundle import load_manifest
 from hat.common.cost_fit import attended
 from hat.common.model_spec import load_model_spec
 from hat.common.proto import hat_pb2 as pb
-from hat.common.proto import hat_pb2_grpc
 from hat.common.wire import WireError, WireLimits
 
 from .cluster_protocol import ClusterError, cluster_header, decode_cluster_header, encode_cluster
@@ -34,6 +32,7 @@ from .device_registry import DeviceRegistry
 from .metrics import CloudMetrics, MetricsServer
 from .router_control import RouterControl
 from .router_policy import RoutedSession, WorkerInfo, WorkerTable
+from .security import CloudSecurity, device_plane_security, is_loopback, start_control_plane
 
 log = logging.getLogger("hat.cloud")
 
@@ -78,24 +77,23 @@ class Router:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._grpc: grpc.Server | None = None
+        self.security: CloudSecurity | None = None  # CURVE and TLS of the devices' planes (with keys)
         self._metrics_server: MetricsServer | None = None
         self.draining = False
         self.data_address = self.control_address = self.worker_address = self.metrics_address = ""
 
     def start(self) -> "Router":
         c = self.config
-        self._devices = self._bind(zmq.ROUTER, c.data_address)
+        self.security = device_plane_security(c.keys_dir, c.insecure, [c.data_address, c.control_address], self._context)
+        if not is_loopback(c.worker_address):
+            log.warning("the workers' link on %s is not encrypted: keep it on a private network", c.worker_address)
+        self._devices = self._bind(zmq.ROUTER, c.data_address, self.security)
         self._workers = self._bind(zmq.ROUTER, c.worker_address)
         self._workers.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone worker raises instead of vanishing
         self.data_address = self._devices.getsockopt_string(zmq.LAST_ENDPOINT)
         self.worker_address = self._workers.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=c.grpc_workers))
-        hat_pb2_grpc.add_HatControlServicer_to_server(self.control, self._grpc)
-        port = self._grpc.add_insecure_port(c.control_address)
-        if port == 0:
-            raise OSError(f"cannot bind the control plane to {c.control_address}")
-        self.control_address = f"{c.control_address.rsplit(':', 1)[0]}:{port}"
-        self._grpc.start()
+        self._grpc, self.control_address = start_control_plane(self.control, c.control_address, c.grpc_workers,
+                                                               self.security)
         if c.metrics_address:
             self._metrics_server = MetricsServer(self.metrics, c.metrics_address).start()
             self.metrics_address = self._metrics_server.address
@@ -106,9 +104,11 @@ class Router:
                  self.worker_address)
         return self
 
-    def _bind(self, kind: int, address: str) -> zmq.Socket:
+    def _bind(self, kind: int, address: str, security: CloudSecurity | None = None) -> zmq.Socket:
         socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, 0)
+        if security is not None:
+            security.protect(socket)
         socket.bind(address)
         return socket
 
@@ -140,6 +140,8 @@ class Router:
         try:
             message = wire.decode(frames[1:], self.limits)
             header = message.header
+            if self.security is not None:
+                self.security.authorize(frames[1], header.device_id if header.kind == pb.OPEN else None)
             if header.kind == pb.OPEN:
                 self._open(owner, header, frames)
             elif header.kind in (pb.FORWARD, pb.CLOSE):
@@ -378,6 +380,8 @@ class Router:
             self._thread.join(timeout=grace_s + 5)
         if self._grpc is not None:
             self._grpc.stop(grace_s).wait()
+        if self.security is not None:
+            self.security.stop()
         self._context.term()
 
     def __enter__(self) -> "Router":

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import time
 
+import grpc
+
 from hat.common.bundle import BundleManifest
 from hat.common.proto import hat_pb2 as pb
 from hat.common.proto import hat_pb2_grpc
 
 from .config import RouterConfig
 from .device_registry import DeviceRegistry
+from .security import peer_mismatch
 from .router_policy import WorkerTable
 
 
@@ -27,9 +30,15 @@ class RouterControl(hat_pb2_grpc.HatControlServicer):
 
     def Register(self, request, context):
         c = self.config
+        mismatch = peer_mismatch(context, request.device_id)
+        if mismatch:
+            return pb.RegisterReply(accepted=False, reason=mismatch)
         return self.registry.reply(request, self.max_context, c.max_tokens_per_message, c.session_idle_timeout_s)
 
     def Telemetry(self, request, context):
+        mismatch = peer_mismatch(context, request.device_id)
+        if mismatch:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, mismatch)
         return self.registry.record_telemetry(request)
 
     def Health(self, request, context):

@@ -8,13 +8,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import torch
 import zmq
-
-from hat.common.proto import hat_pb2_grpc
 
 from .config import CloudConfig
 from .control_service import ControlService
@@ -25,6 +22,7 @@ from .latency_model import CloudLatencyModel
 from .metrics import CloudMetrics, MetricsServer
 from .middle_worker import MiddleWorker, load_middle_part
 from .pipeline_stages import PipelineConfig, load_pipelined_middle_part
+from .security import CloudSecurity, device_plane_security, start_control_plane
 from .session_store import SessionStore
 from .stats import CloudStats
 from .worker_agent import WorkerAgent, advertised
@@ -63,6 +61,7 @@ class CloudServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._grpc: grpc.Server | None = None
+        self.security: CloudSecurity | None = None  # CURVE and TLS of the devices' planes (role all, with keys)
         self.data_address = self.control_address = self.metrics_address = self.kv_address = ""
         self.agent: WorkerAgent | None = None  # set for a prefill or decode worker
 
@@ -86,19 +85,19 @@ class CloudServer:
 
     def _start_standalone(self) -> DataServer:
         """Bind the data plane's ROUTER and the gRPC control plane: devices talk to this process."""
+        c = self.config
+        self.security = device_plane_security(c.keys_dir, c.insecure, [c.data_address, c.control_address], self._context)
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.bind(self.config.data_address)
+        if self.security is not None:
+            self.security.protect(socket)
+        socket.bind(c.data_address)
         self.data_address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers))
-        hat_pb2_grpc.add_HatControlServicer_to_server(self.control, self._grpc)
-        port = self._grpc.add_insecure_port(self.config.control_address)
-        if port == 0:
-            raise OSError(f"cannot bind the control plane to {self.config.control_address}")
-        self.control_address = f"{self.config.control_address.rsplit(':', 1)[0]}:{port}"
-        self._grpc.start()
-        return DataServer(self.config, socket, self.store, self.registry, self.worker, self.stats, self.latency,
-                          self.metrics)
+        self._grpc, self.control_address = start_control_plane(self.control, c.control_address, c.grpc_workers,
+                                                               self.security)
+        data = DataServer(c, socket, self.store, self.registry, self.worker, self.stats, self.latency, self.metrics)
+        data.security = self.security
+        return data
 
     def _start_worker(self) -> DataServer:
         """Bind the KV socket, connect to the router as a prefill or decode worker (it registers on its own)."""
@@ -175,6 +174,8 @@ class CloudServer:
             self._grpc.stop(grace_s).wait()
         if hasattr(self.part, "close"):  # the stage processes of a pipeline-parallel middle part
             self.part.close()
+        if self.security is not None:
+            self.security.stop()
         self._context.term()
 
     def __enter__(self) -> "CloudServer":

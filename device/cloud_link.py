@@ -50,15 +50,41 @@ class LinkConfig:
     ttft_slo_ms: int = 0  # this device's time-to-first-token target, sent with each OPEN (0 = the cloud's default)
     tbt_slo_ms: int = 0  # its time-between-rounds target: the cloud keeps batches with its rounds within it
     control_timeout_s: float = 10.0  # longest wait for one control-plane call (includes connecting)
+    keys_dir: str = ""  # `hat keys` folder: this device's identity and its cloud's public key (server/); "" = none
+    insecure: bool = False  # allow an unencrypted link to a cloud that is not on loopback (trusted networks only)
 
-    def resolved_device_id(self) -> str:
-        return self.device_id or f"{platform.node() or 'device'}-{os.getpid()}"
+    def resolved_device_id(self, key_name: str = "") -> str:
+        """The id the device registers as: the configured one, else its key's name, else host name and pid."""
+        return self.device_id or key_name or f"{platform.node() or 'device'}-{os.getpid()}"
+
+
+def device_keys(config: LinkConfig):
+    """(identity, cloud's public keys) from config.keys_dir, or None; SecurityConfigError for a cloud that is not on
+    loopback with neither keys nor --insecure."""
+    from hat.common.keys import load_identity, load_server, require_keys
+
+    require_keys([f"{config.host}:{config.control_port}"], config.keys_dir, config.insecure, "the link to the cloud")
+    if not config.keys_dir:
+        return None
+    return load_identity(config.keys_dir), load_server(config.keys_dir)
+
+
+def control_channel(target: str, keys) -> grpc.Channel:
+    """gRPC to the cloud: TLS with this device's certificate, the cloud's pinned (the only trusted root, checked
+    under the cloud key's name whatever address it is reached at), or plain without keys."""
+    if keys is None:
+        return grpc.insecure_channel(target)
+    identity, server = keys
+    credentials = grpc.ssl_channel_credentials(root_certificates=server.certificate, private_key=identity.tls_key,
+                                               certificate_chain=identity.public.certificate)
+    return grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", server.name)])
 
 
 class CloudLink:
     def __init__(self, config: LinkConfig):
         self.config = config
-        self.device_id = config.resolved_device_id()
+        self.keys = device_keys(config)  # (own identity, the cloud's public keys), or None for a plain link
+        self.device_id = config.resolved_device_id(self.keys[0].name if self.keys else "")
         self.bytes_up = 0
         self.bytes_down = 0
         self.registration: pb.RegisterReply | None = None
@@ -67,11 +93,16 @@ class CloudLink:
         self._sequence = 0
         self._awaited: dict[int, float] = {}  # sequence -> perf_counter when sent, for requests not yet answered
         self._stash: dict[int, wire.DataMessage] = {}  # replies that came before the one being waited for
-        self._channel = grpc.insecure_channel(f"{config.host}:{config.control_port}")
+        self._channel = control_channel(f"{config.host}:{config.control_port}", self.keys)
         self._control = hat_pb2_grpc.HatControlStub(self._channel)
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:  # CURVE client: the cloud proves it holds the pinned key, and admits ours or not
+            identity, server = self.keys
+            self._socket.curve_serverkey = server.curve_public
+            self._socket.curve_publickey = identity.public.curve_public
+            self._socket.curve_secretkey = identity.curve_secret
         self._socket.setsockopt(zmq.ROUTING_ID, os.urandom(16))
         self._socket.connect(f"tcp://{config.host}:{config.data_port}")
 
@@ -84,8 +115,10 @@ class CloudLink:
         try:
             reply = self._control.Register(request, timeout=self.config.control_timeout_s, wait_for_ready=True)
         except grpc.RpcError as exc:
+            hint = (f" (with keys: is {self.device_id!r} on the cloud's allow-list, `hat keys add`, and is "
+                    f"{self.config.keys_dir}/server the cloud's key?)" if self.keys else "")
             raise CloudError(f"cannot register with the cloud's control plane at {self.config.host}:"
-                             f"{self.config.control_port}: {exc.code().name} {exc.details()}") from None
+                             f"{self.config.control_port}: {exc.code().name} {exc.details()}{hint}") from None
         if not reply.accepted:
             raise CloudError(f"the cloud refused this device: {reply.reason}")
         self.registration = reply

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from hat.cli import flash_cmd
+from hat.cli.main import main as hat_main
 from hat.common.bundle import BundleManifest
 
 ANSIBLE_TIMEOUT_S = 180
@@ -77,7 +78,13 @@ def target(tmp_path):
         f"hat_install_dir={install}\n"
         f"hat_unit_dir={units}\n"
         "hat_port=8123\n")
-    return {"bundle": bundle, "wheel": wheel, "install": install, "units": units, "inventory": inventory}
+    keys = tmp_path / "fleet-keys"  # the folder of one device, named by its device id (the inventory's host name)
+    assert hat_main(["keys", "generate", "--out", str(tmp_path / "cloud-keys"), "--name", "cloud"]) == 0
+    assert hat_main(["keys", "generate", "--out", str(keys / "localhost"), "--name", "localhost"]) == 0
+    assert hat_main(["keys", "add", "--keys", str(keys / "localhost"), "--server",
+                     str(tmp_path / "cloud-keys" / "cloud.key")]) == 0
+    return {"bundle": bundle, "wheel": wheel, "install": install, "units": units, "inventory": inventory,
+            "keys": keys}
 
 
 # --- (a) check mode against a local target ---
@@ -88,7 +95,7 @@ def test_check_mode_prints_every_step_and_changes_nothing(target, tmp_path):
                ANSIBLE_REMOTE_TEMP=str(tmp_path / "ansible-remote"))
     done = subprocess.run(
         [sys.executable, "-m", "hat.cli.flash_cmd", "--inventory", str(target["inventory"]),
-         "--bundle", str(target["bundle"]), "--wheel", str(target["wheel"]), "--check"],
+         "--bundle", str(target["bundle"]), "--wheel", str(target["wheel"]), "--keys", str(target["keys"]), "--check"],
         capture_output=True, text=True, timeout=ANSIBLE_TIMEOUT_S, env=env)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
@@ -101,9 +108,12 @@ def test_check_mode_prints_every_step_and_changes_nothing(target, tmp_path):
     # --diff shows the unit Ansible would write: it is the one render_unit gives for the same variables
     execstart = [line[1:] for line in out.splitlines() if line.startswith("+ExecStart=")]
     expected = flash_cmd.render_unit({"hat_install_dir": str(target["install"]), "hat_cloud_host": "cloud.example",
-                                      "hat_port": 8123, "hat_user": agent_user()})
+                                      "hat_port": 8123, "hat_user": agent_user(), "hat_device_id": "localhost",
+                                      "hat_keys_root": str(target["keys"].resolve())})
     assert execstart == [line for line in expected.splitlines() if line.startswith("ExecStart=")]
     assert "--port 8123" in execstart[0] and f"--bundle {target['install']}/bundle" in execstart[0]
+    assert f"--keys {target['install']}/keys" in execstart[0]
+    assert "TASK [hat_device : Copy the device's keys]" in out
 
 
 # --- (b) the systemd unit ---

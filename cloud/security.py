@@ -1,0 +1,151 @@
+"""The cloud's side of encrypted, authenticated links: CURVE on the devices' ZeroMQ socket with a ZAP handler that
+admits the allow-list's keys, TLS on gRPC that admits the allow-list's certificates, and a per-message check that
+a connected device is still allowed (a revocation applies to the next message, not only the next connection).
+
+Security is on whenever the cloud is given a key folder, and required whenever an address devices reach is not
+loopback (`require_keys`), unless the operator says --insecure.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import zmq
+
+from hat.common.keys import is_loopback, load_identity, require_keys
+from hat.common.proto import hat_pb2 as pb
+from hat.common.proto import hat_pb2_grpc
+from hat.common.wire import WireError
+
+from .allow_list import AllowList
+
+log = logging.getLogger(__name__)
+ZAP_DOMAIN = "hat"  # the ZAP domain the devices' socket asks the handler about
+
+
+class CloudSecurity:
+    """The server identity and allow-list of KEYS, applied to a ZeroMQ context, a ROUTER socket and a gRPC server."""
+
+    def __init__(self, keys_dir: str | Path):
+        self.identity = load_identity(keys_dir)
+        self.allowed = AllowList(keys_dir)
+        self._authenticator = None
+        self._refused: set[bytes] = set()  # keys already logged as refused (once each)
+
+    # --- ZeroMQ ---
+
+    def start(self, context: zmq.Context) -> "CloudSecurity":
+        """Run the ZAP handler on `context` (one per context): it admits the allow-list's CURVE keys."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._authenticator = ThreadAuthenticator(context, log=logging.getLogger("hat.cloud.zap"))
+        self._authenticator.start()
+        self._authenticator.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self)
+        return self
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        """ZAP: admit an allowed key; log a refused one (once per key)."""
+        device = self.allowed.by_curve_key(client_key)
+        if device is None and client_key not in self._refused:
+            self._refused.add(client_key)
+            log.warning("refused a data-plane connection from key %s: not on the allow-list", client_key.decode()[:12],
+                        extra={"event": "device_refused"})
+        return device is not None
+
+    def protect(self, socket: zmq.Socket) -> None:
+        """Make a socket that devices connect to a CURVE server (call before bind)."""
+        socket.curve_secretkey = self.identity.curve_secret
+        socket.curve_publickey = self.identity.public.curve_public
+        socket.curve_server = True
+        socket.zap_domain = ZAP_DOMAIN.encode()
+
+    def device_of(self, frame: zmq.Frame) -> str | None:
+        """The allowed device a received frame came from (ZAP's User-Id is its CURVE key), None once revoked."""
+        try:
+            key = frame.get("User-Id")
+        except (zmq.ZMQError, KeyError):
+            return None
+        device = self.allowed.by_curve_key(key.encode() if isinstance(key, str) else key)
+        return None if device is None else device.name
+
+    def authorize(self, frame: zmq.Frame, device_id: str | None = None) -> str:
+        """The device a data-plane message came from; WireError UNAUTHORIZED once its key is revoked, or when the
+        message names another device (`device_id`: an OPEN's)."""
+        device = self.device_of(frame)
+        if device is None:
+            raise WireError(pb.UNAUTHORIZED, "this device's key is not (or no longer) on the cloud's allow-list "
+                                             "(`hat keys add` on the cloud)")
+        if device_id is not None and device_id != device:
+            raise WireError(pb.UNAUTHORIZED, f"device id {device_id!r} is not the id of this device's key ({device!r})")
+        return device
+
+    def stop(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
+
+    # --- gRPC ---
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        """TLS with client certificates: the trust store is the allow-list's certificates, re-read per handshake."""
+        def configuration():
+            roots = self.allowed.certificates()
+            # never None: gRPC would then trust the system's public CAs; with no device allowed, the cloud's own
+            # certificate (whose key no device holds) stands in
+            return grpc.ssl_server_certificate_configuration(
+                [(self.identity.tls_key, self.identity.public.certificate)],
+                root_certificates=roots or self.identity.public.certificate)
+
+        state = {"roots": None}
+
+        def fetch():  # None: nothing changed since the last handshake
+            roots = self.allowed.certificates()
+            if roots == state["roots"]:
+                return None
+            state["roots"] = roots
+            return configuration()
+
+        state["roots"] = self.allowed.certificates()
+        return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=True)
+
+
+def device_plane_security(keys_dir: str, insecure: bool, addresses: list[str],
+                          context: zmq.Context) -> CloudSecurity | None:
+    """The security of the planes devices reach at `addresses`: CloudSecurity running on `context` when there are
+    keys, None on loopback without them; SecurityConfigError for an exposed address without keys or --insecure."""
+    require_keys(addresses, keys_dir, insecure, "the cloud")
+    if not keys_dir:
+        if any(not is_loopback(a) for a in addresses):
+            log.warning("serving devices WITHOUT encryption on %s (--insecure)", ", ".join(addresses))
+        return None
+    security = CloudSecurity(keys_dir).start(context)
+    log.info("devices' planes encrypted (CURVE, TLS) as %s; %d devices allowed", security.identity.name,
+             len(security.allowed.names()))
+    return security
+
+
+def start_control_plane(servicer, address: str, workers: int,
+                        security: CloudSecurity | None) -> tuple[grpc.Server, str]:
+    """The gRPC control plane on `address` (TLS with client certificates when `security`), started; and the address
+    it bound (port 0 resolved)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    hat_pb2_grpc.add_HatControlServicer_to_server(servicer, server)
+    if security is not None:
+        port = server.add_secure_port(address, security.grpc_credentials())
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the control plane to {address}")
+    server.start()
+    return server, f"{address.rsplit(':', 1)[0]}:{port}"
+
+
+def peer_mismatch(context: grpc.ServicerContext, device_id: str) -> str | None:
+    """Why an RPC may not speak for `device_id`: its client certificate names another device. None when it may
+    (or without TLS, where nothing names the caller)."""
+    names = context.auth_context().get("x509_common_name") or []
+    if names and names[0].decode() != device_id:
+        return f"device id {device_id!r} is not the id of this device's key ({names[0].decode()!r})"
+    return None
