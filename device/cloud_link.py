@@ -50,6 +50,9 @@ class LinkConfig:
     ttft_slo_ms: int = 0  # this device's time-to-first-token target, sent with each OPEN (0 = the cloud's default)
     tbt_slo_ms: int = 0  # its time-between-rounds target: the cloud keeps batches with its rounds within it
     control_timeout_s: float = 10.0  # longest wait for one control-plane call (includes connecting)
+    # a cloud that stops answering (a stalled link, a restart): how long a generation keeps re-registering and
+    # re-sending its history, with backoff, before it gives up with an error
+    recovery_timeout_s: float = 60.0
     keys_dir: str = ""  # `hat keys` folder: this device's identity and its cloud's public key (server/); "" = none
     insecure: bool = False  # allow an unencrypted link to a cloud that is not on loopback (trusted networks only)
 
@@ -88,6 +91,7 @@ class CloudLink:
         self.bytes_up = 0
         self.bytes_down = 0
         self.registration: pb.RegisterReply | None = None
+        self._registered_as = None  # (manifest, backend) of the last register(), for register_again
         self.cloud_latency: pb.LatencyReply | None = None  # the cloud's latency predictor, newest fetched
         self._latency_future = None
         self._sequence = 0
@@ -107,6 +111,7 @@ class CloudLink:
         self._socket.connect(f"tcp://{config.host}:{config.data_port}")
 
     def register(self, manifest: BundleManifest, backend: str = "torch") -> pb.RegisterReply:
+        self._registered_as = (manifest, backend)
         request = pb.RegisterRequest(
             device_id=self.device_id, fingerprint=manifest.source_fingerprint, num_layers=manifest.num_layers,
             input_layers=manifest.input_layers, output_layers=manifest.output_layers,
@@ -127,6 +132,12 @@ class CloudLink:
         except grpc.RpcError:  # a cloud without a predictor: the device plans from the compute times it reports
             self.cloud_latency = None
         return reply
+
+    def register_again(self) -> pb.RegisterReply:
+        """Register as before (after the cloud restarted and forgot this device); CloudError if it cannot."""
+        if self._registered_as is None:
+            raise CloudError("this link never registered")
+        return self.register(*self._registered_as)
 
     def refresh_latency(self) -> pb.LatencyReply | None:
         """The newest predictor fetched; asks the cloud for a fresh one in the background (never blocks)."""

@@ -8,6 +8,7 @@ If the cloud has lost the session (expired, restarted), the device re-sends its 
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -22,7 +23,7 @@ from hat.common.sampling import SamplingParams, sample_token
 
 from .acceptance import verify
 from .chunk_planner import DEFAULT_CHUNKING, ChunkingConfig
-from .cloud_link import CloudError, CloudLink
+from .cloud_link import CloudError, CloudLink, CloudTimeoutError
 from .device_model import DeviceModel
 from .device_profile import DeviceProfile
 from .drafter import DeviceCaches, Draft, Drafter
@@ -32,7 +33,9 @@ from .speculation import SpeculationConfig
 from .results import GenerationResult, StepTiming, TextStream, in_cloud_ms
 
 RECOVERABLE = (pb.UNKNOWN_SESSION, pb.BAD_POSITION)  # the cloud lost the session's cache: re-send the history
-MAX_RECOVERIES = 3  # per generation; beyond this the cloud's error is raised
+log = logging.getLogger("hat.device")
+MAX_RECOVERIES = 8  # per generation; beyond this the cloud's error is raised
+RETRY_BACKOFF_S = (0.2, 4.0)  # first and longest wait between attempts to reach a cloud that stopped answering
 _ROUND_EMA = 0.3  # weight of the newest round time in the predicted round time
 
 
@@ -178,9 +181,7 @@ class SplitGenerator:
             except CloudError as exc:
                 if self._wait_for_admission(g, exc, deadline):
                     continue
-                if exc.code not in RECOVERABLE or g.recoveries >= MAX_RECOVERIES:
-                    raise
-            g.recoveries += 1
+                self._recover(g, exc)
         output = self.model.output_part
         return output.logits(middle.to(output.dtype))[0], report
 
@@ -279,15 +280,45 @@ class SplitGenerator:
                              return_last)
 
     def _receive(self, g: _Generation, sequence: int, start: int, hidden: torch.Tensor, return_last: int = 0):
-        """The reply to `sequence`; if the cloud lost the session, re-send the history before `start` and retry."""
+        """The reply to `sequence`; if the cloud lost the session (or stopped answering, or restarted), re-send the
+        history before `start` and retry, as often as _recover allows."""
         try:
             return self.link.receive(sequence)
         except CloudError as exc:
-            if exc.code not in RECOVERABLE or g.recoveries >= MAX_RECOVERIES:
-                raise
+            failure = exc
+        while True:
+            self._recover(g, failure)
+            try:
+                self._resend_history(g, start)
+                return self.link.forward(g.session_id, start, hidden, return_last)
+            except CloudError as exc:
+                failure = exc
+
+    def _recover(self, g: _Generation, exc: CloudError) -> None:
+        """Get ready to re-send the history after `exc`, or raise. A lost session needs nothing more; a cloud that
+        did not answer (CloudTimeoutError) or forgot this device (NOT_REGISTERED: it restarted) is registered with
+        again, retried with growing waits until LinkConfig.recovery_timeout_s has passed."""
+        lost_cloud = isinstance(exc, CloudTimeoutError) or exc.code == pb.NOT_REGISTERED
+        if not lost_cloud and exc.code not in RECOVERABLE:
+            raise exc
+        if g.recoveries >= MAX_RECOVERIES:
+            raise CloudError(f"gave up after {g.recoveries} recoveries in this generation: {exc}", exc.code) from None
         g.recoveries += 1
-        self._resend_history(g, start)
-        return self.link.forward(g.session_id, start, hidden, return_last)
+        if not lost_cloud:
+            return
+        bound = self.link.config.recovery_timeout_s
+        deadline, wait = time.monotonic() + bound, RETRY_BACKOFF_S[0]
+        while True:
+            log.warning("the cloud stopped answering (%s); registering again in %.1f s", exc, wait)
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            try:
+                self.link.register_again()
+                return
+            except CloudError as again:
+                exc = again
+            if time.monotonic() >= deadline:
+                raise CloudError(f"the cloud has not answered for {bound:g} s (recovery_timeout_s): {exc}") from None
+            wait = min(2 * wait, RETRY_BACKOFF_S[1])
 
     def _resend_history(self, g: _Generation, end: int) -> None:
         """Open the session afresh and rebuild its cloud cache from positions [0, end) of the device's own tokens,

@@ -1,0 +1,345 @@
+#!/usr/bin/env python
+"""How much of a prompt an attacker who sees the uplink hidden states can recover, per split point K.
+
+The device runs the first K decoder layers and sends their output, one hidden-state vector per prompt token,
+to the cloud. Token ids never leave the device, but whoever holds the cloud part sees those vectors. This
+script plays that attacker on the reference model: a probe learns to map the hidden state at position t to
+the token at t (a learned inversion) from text the attacker has (the reference corpus's training split),
+and is scored on text it never saw (the held-out split).
+
+Per K (--input-layers, each also gets row K=0, the raw embeddings, as a check that the probe works):
+  1. Windows of --seq-len tokens (<s> then up to seq-len - 1 tokens of one file; files in a seeded random
+     order, round robin: every file's first window before any file's second) up to --train-tokens prompt
+     tokens from training files and --eval-tokens from held-out files. One forward per window gives every
+     layer's output (`hidden_states[K]`, exactly what a device with `--input-layers K` sends, float32);
+     the <s> position is not counted.
+  2. Two probes on the training pairs, inputs standardised per feature with the training mean and std
+     (the hidden states' scale grows with depth): a softmax classifier (Linear(hidden, classes)) and an MLP
+     (Linear -> GELU -> Linear, --probe-width wide), Adam with a cosine-decayed rate, --epochs passes in
+     minibatches. Their classes are the token ids seen in training: no learned probe can name another.
+  3. The better probe (held-out top-1) is the row's figure: top-1 recovery is the fraction of held-out token
+     positions whose exact id the probe names first, top-5 the fraction within its five best guesses.
+References printed with the table: the majority baseline (always the most frequent training token; top-5:
+the five most frequent) and the coverage (held-out tokens whose id occurs in the training pairs: the
+ceiling of any learned probe, which K=0 should nearly reach).
+
+Context: the published figure for a 7B model is about 59% of tokens recovered from the hidden states at a
+2-layer split and 35% at 8 layers. The reference model has 10.8M parameters and 12 layers of width 256, so
+only the trend is comparable, not the numbers. This measures one attacker (a probe per position, no
+context), a lower bound on what a stronger one recovers. The split point is the user's choice: this
+shows what it costs in privacy.
+
+Time: the defaults (K = 0,1,2,3,4,6,8,10; 40000 training and 20000 held-out tokens; 4 epochs; width 1024)
+take about 11 minutes on this project's 2-core CPU machine while another job shares it (about 1.2 minutes
+to read and run the model, then about 75 s per K, most of it the MLP probe); peak memory is about
+1 GB (every K's hidden states at once). More training tokens make a stronger attacker and cost time
+linearly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+PUBLISHED = {"model": "7B", "recovered": {2: 0.59, 8: 0.35}}  # the published figure, top-1 per split point
+MIN_WINDOW = 16  # a file's tail shorter than this many tokens is not a window
+
+
+def log(message: str) -> None:
+    print(f"[probe {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_layers(text: str) -> list[int]:
+    return sorted({int(v) for v in text.split(",") if v.strip()})
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="checkpoint folder (default: the reference model)")
+    p.add_argument("--input-layers", "-K", default="1,2,3,4,6,8,10",
+                   help="split points K measured, comma-separated (default: %(default)s)")
+    p.add_argument("--skip-embedding", action="store_true", help="leave out the K=0 row (the raw embeddings)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window, <s> included (default: %(default)s)")
+    p.add_argument("--train-tokens", type=int, default=40_000,
+                   help="token positions the attacker trains on, training split (default: %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=20_000,
+                   help="token positions scored, held-out split (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the training pairs (default: %(default)s)")
+    p.add_argument("--probe-width", type=int, default=1024, help="the MLP probe's hidden width (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=512, help="minibatch (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam's peak learning rate (default: %(default)s)")
+    p.add_argument("--probes", default="linear,mlp", help="probes trained per K (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the figures and settings to this file")
+    args = p.parse_args(argv)
+    args.layers = parse_layers(args.input_layers)
+    if not args.skip_embedding and 0 not in args.layers:
+        args.layers.insert(0, 0)
+    args.probe_kinds = [v.strip() for v in args.probes.split(",") if v.strip()]
+    unknown = set(args.probe_kinds) - set(PROBE_KINDS)
+    if unknown or not args.probe_kinds:
+        p.error(f"--probes: unknown {', '.join(sorted(unknown)) or '(none given)'}; known: {', '.join(PROBE_KINDS)}")
+    if not args.layers:
+        p.error("no split point to measure")
+    if min(args.layers) < 0 or args.seq_len < 2 or args.train_tokens < 1 or args.eval_tokens < 1 or args.epochs < 1:
+        p.error("K >= 0, --seq-len >= 2 and positive token counts and epochs, please")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def sample_windows(files: Sequence, tokenizer, max_tokens: int, seq_len: int, seed: int) -> list[list[int]]:
+    """Token-id windows: <s> then up to seq_len - 1 consecutive tokens of one file, `max_tokens` tokens in all
+    (<s> not counted). Files in a seeded random order, each cut into consecutive pieces taken in a seeded random
+    order, round robin over the files (every file's first piece before any file's second); pieces shorter than
+    MIN_WINDOW are skipped (the last window is cut to the budget). `files` are CorpusFiles or paths."""
+    from hat.common.reference_corpus import read_text
+
+    rng = random.Random(seed)
+    order = list(files)
+    rng.shuffle(order)
+    bos = tokenizer.bos_token_id
+    size = seq_len - 1 if bos is not None else seq_len
+    pieces: dict[int, list[list[int]]] = {}
+    windows: list[list[int]] = []
+    total, round_ = 0, 0
+    while total < max_tokens:
+        took = False
+        for i, f in enumerate(order):
+            if i not in pieces:  # tokenized when first needed: a small budget reads few files
+                ids = tokenizer(read_text(f), add_special_tokens=False)["input_ids"]
+                cut = [ids[s:s + size] for s in range(0, len(ids), size)]
+                pieces[i] = [c for c in cut if len(c) >= MIN_WINDOW]
+                rng.shuffle(pieces[i])
+            if round_ < len(pieces[i]):
+                piece = pieces[i][round_][:max_tokens - total]
+                windows.append(([bos] if bos is not None else []) + piece)
+                total += len(piece)
+                took = True
+                if total >= max_tokens:
+                    break
+        if not took:  # every file exhausted: fewer tokens than asked
+            break
+        round_ += 1
+    return windows
+
+
+@torch.no_grad()
+def collect_states(model, windows: Sequence[Sequence[int]], layers: Sequence[int], skip_first: bool = True,
+                   desc: str = "forward") -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """({K: hidden states [N, hidden] float32}, token ids [N]) for every position of every window (the first of
+    each left out when `skip_first`, the <s>): `hidden_states[K]` of one forward per window, the output of the
+    first K decoder layers (K=0: the embeddings). The LM head is not run: the decoder stack alone."""
+    num_layers = model.config.num_hidden_layers
+    if any(k < 0 or k >= num_layers for k in layers):
+        raise ValueError(f"split points must lie in [0, {num_layers}) for a {num_layers}-layer model: got {list(layers)}"
+                         f" (hidden_states[{num_layers}] is after the final norm, which no device sends)")
+    decoder = model.get_decoder()
+    device = next(model.parameters()).device
+    states: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
+    tokens: list[torch.Tensor] = []
+    start = 1 if skip_first else 0
+    for window in tqdm(windows, desc=desc, unit="win", file=sys.stderr, leave=False):
+        ids = torch.tensor(window, dtype=torch.long, device=device)[None]
+        hidden = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        for k in layers:
+            states[k].append(hidden[k][0, start:].float().cpu())
+        tokens.append(ids[0, start:].cpu())
+    return {k: torch.cat(v) for k, v in states.items()}, torch.cat(tokens)
+
+
+# ----------------------------------------------------------------------------------------------- probes
+
+@dataclass
+class Probe:
+    """A trained inversion probe: standardisation, a network over the seen classes, the classes' token ids."""
+    kind: str
+    net: nn.Module
+    mean: torch.Tensor
+    std: torch.Tensor
+    classes: torch.Tensor  # token id of each output
+    train_loss: float  # mean cross-entropy of the last epoch
+
+    @torch.no_grad()
+    def topk(self, states: torch.Tensor, k: int, batch: int = 4096) -> torch.Tensor:
+        """The k most likely token ids per row, best first: [N, min(k, classes)]."""
+        self.net.eval()
+        out = []
+        for i in range(0, len(states), batch):
+            logits = self.net((states[i:i + batch] - self.mean) / self.std)
+            out.append(self.classes[logits.topk(min(k, logits.shape[1]), dim=1).indices])
+        return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
+
+
+def make_net(kind: str, hidden: int, classes: int, width: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(hidden, classes)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, classes))
+    raise ValueError(f"unknown probe kind {kind!r}")
+
+
+PROBE_KINDS = ("linear", "mlp")
+
+
+def train_probe(states: torch.Tensor, tokens: torch.Tensor, kind: str = "linear", epochs: int = 4,
+                width: int = 1024, batch_size: int = 512, lr: float = 2e-3, seed: int = 0,
+                desc: str | None = None) -> Probe:
+    """Fit a `kind` probe ("linear" or "mlp") that predicts tokens[i] from states[i]: inputs standardised with these
+    states' per-feature mean and std, outputs the token ids present in `tokens`, Adam with a cosine-decayed rate
+    from `lr`, `epochs` shuffled passes in minibatches. Seeded: the same arguments give the same probe."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the layers' initialisation
+    mean, std = states.mean(0), states.std(0).clamp_min(1e-6)
+    classes, targets = torch.unique(tokens, return_inverse=True)
+    net = make_net(kind, states.shape[1], len(classes), width)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(states) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    net.train()
+    loss_sum = 0.0
+    bar = tqdm(total=total_steps, desc=desc or kind, unit="step", file=sys.stderr, leave=False)
+    for _ in range(epochs):
+        order = torch.randperm(len(states), generator=generator)
+        loss_sum = 0.0
+        for i in range(0, len(states), batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(net((states[idx] - mean) / std), targets[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            bar.update()
+    bar.close()
+    net.eval()
+    return Probe(kind, net, mean, std, classes, loss_sum / len(states))
+
+
+def evaluate(probe: Probe, states: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """{"top1", "top5"}: the fraction of rows whose token id the probe names first / among its five best."""
+    if len(tokens) == 0:
+        return {"top1": float("nan"), "top5": float("nan")}
+    guesses = probe.topk(states, 5)
+    hits = guesses == tokens[:, None]
+    return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(1).float().mean().item()}
+
+
+def baselines(train_tokens: torch.Tensor, eval_tokens: torch.Tensor) -> dict:
+    """The references that need no hidden state: the majority token's recovery rate (top-5: the five most
+    frequent training tokens) and the coverage (held-out tokens whose id occurs among the training tokens)."""
+    ids, counts = torch.unique(train_tokens, return_counts=True)
+    ranked = ids[counts.argsort(descending=True, stable=True)]
+    return {"majority_token": int(ranked[0]),
+            "majority_top1": (eval_tokens == ranked[0]).float().mean().item(),
+            "majority_top5": torch.isin(eval_tokens, ranked[:5]).float().mean().item(),
+            "coverage": torch.isin(eval_tokens, ids).float().mean().item()}
+
+
+def measure_layer(k: int, train_states: torch.Tensor, train_tokens: torch.Tensor, eval_states: torch.Tensor,
+                  eval_tokens: torch.Tensor, kinds: Sequence[str] = PROBE_KINDS, epochs: int = 4, width: int = 1024,
+                  batch_size: int = 512, lr: float = 2e-3, seed: int = 0) -> dict:
+    """Train every probe kind on one split point's states and score it on the held-out states: the row for K=k,
+    its figures those of the probe with the best held-out top-1."""
+    started = time.perf_counter()
+    probes = {}
+    for kind in kinds:
+        probe = train_probe(train_states, train_tokens, kind, epochs, width, batch_size, lr, seed, desc=f"K={k} {kind}")
+        probes[kind] = {**evaluate(probe, eval_states, eval_tokens), "train_loss": probe.train_loss}
+    best = max(probes, key=lambda kind: probes[kind]["top1"])
+    return {"input_layers": k, "label": "embedding" if k == 0 else f"after {k} layer{'s' * (k != 1)}",
+            "top1": probes[best]["top1"], "top5": probes[best]["top5"], "probe": best, "probes": probes,
+            "seconds": time.perf_counter() - started}
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hat.common.default_model import reference_model_dir
+    from hat.common.reference_corpus import split_corpus
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    model_dir = args.model or reference_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    num_layers = model.config.num_hidden_layers
+    if max(args.layers) >= num_layers:
+        raise SystemExit(f"--input-layers: K must be below the model's {num_layers} layers (the cloud runs at least one)")
+
+    train_files, heldout = split_corpus()
+    log(f"{len(train_files)} training files, {len(heldout)} held-out; K = {', '.join(map(str, args.layers))}; "
+        f"{torch.get_num_threads()} torch threads")
+    train_windows = sample_windows(train_files, tokenizer, args.train_tokens, args.seq_len, args.seed)
+    eval_windows = sample_windows(heldout, tokenizer, args.eval_tokens, args.seq_len, args.seed + 1)
+    train_states, train_tokens = collect_states(model, train_windows, args.layers, desc="forward (train)")
+    eval_states, eval_tokens = collect_states(model, eval_windows, args.layers, desc="forward (held-out)")
+    del model
+    collect_s = time.perf_counter() - started
+    reference = baselines(train_tokens, eval_tokens)
+    log(f"{len(train_tokens)} training and {len(eval_tokens)} held-out positions ({len(train_windows)} + "
+        f"{len(eval_windows)} windows) in {collect_s:.0f} s; majority baseline {reference['majority_top1']:.3f}, "
+        f"coverage {reference['coverage']:.3f}")
+
+    rows = []
+    for k in args.layers:
+        row = measure_layer(k, train_states.pop(k), train_tokens, eval_states.pop(k), eval_tokens, args.probe_kinds,
+                            args.epochs, args.probe_width, args.batch_size, args.lr, args.seed)
+        rows.append(row)
+        log(f"K={k}: top-1 {row['top1']:.3f}, top-5 {row['top5']:.3f} ({row['probe']}) in {row['seconds']:.0f} s")
+    total_s = time.perf_counter() - started
+
+    report(args, rows, reference, len(train_tokens), len(eval_tokens), collect_s, total_s)
+    if args.json:
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        settings["model"] = str(model_dir)
+        result = {"settings": settings, "train_tokens": len(train_tokens), "eval_tokens": len(eval_tokens),
+                  "num_layers": num_layers, "baseline": reference, "rows": rows,
+                  "published": {"model": PUBLISHED["model"],
+                                "recovered": {str(k): v for k, v in PUBLISHED["recovered"].items()}},
+                  "collect_seconds": collect_s, "total_seconds": total_s}
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def report(args, rows: list[dict], reference: dict, n_train: int, n_eval: int, collect_s: float, total_s: float) -> None:
+    print(f"\nToken recovery from the uplink hidden states (reference model, held-out text): {n_train} training and "
+          f"{n_eval} held-out positions, windows of {args.seq_len}, {args.epochs} epochs, MLP width {args.probe_width}, "
+          f"seed {args.seed}")
+    kinds = args.probe_kinds
+    header = f"{'K':>3}  {'hidden states':<16}{'top-1':>8}{'top-5':>8}  {'best':<8}" + "".join(
+        f"{kind + ' top-1':>14}" for kind in kinds) + f"{'time s':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['input_layers']:>3}  {r['label']:<16}{r['top1']:>8.3f}{r['top5']:>8.3f}  {r['probe']:<8}"
+              + "".join(f"{r['probes'][kind]['top1']:>14.3f}" for kind in kinds) + f"{r['seconds']:>8.0f}")
+    print(f"\nMajority baseline (always token {reference['majority_token']}): top-1 {reference['majority_top1']:.3f}, "
+          f"top-5 {reference['majority_top5']:.3f}. Coverage (held-out tokens seen in training, the ceiling of a learned "
+          f"probe): {reference['coverage']:.3f}.")
+    published = ", ".join(f"{v:.0%} at K={k}" for k, v in PUBLISHED["recovered"].items())
+    print(f"Published for a {PUBLISHED['model']} model: {published}; this is a 10.8M model, compare the trend only.")
+    print(f"Time: {collect_s:.0f} s reading and running the model, {total_s:.0f} s in all.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
