@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .device_limits import DeviceLimitsConfig
+
 WORKER_ROLES = ("all", "prefill", "decode")  # roles of a process that runs the middle part
 
 
@@ -35,6 +37,7 @@ class CloudConfig:
     handoff_timeout_s: float = 10.0  # decode: longest wait for a handed-off session's KV before its FORWARDs fail
     keys_dir: str = ""  # `hat keys` folder: the cloud's identity and allowed/ devices; "" = unencrypted (loopback only)
     insecure: bool = False  # allow unencrypted planes on addresses other machines can reach (trusted networks only)
+    device_limits: DeviceLimitsConfig = DeviceLimitsConfig()  # per-connection message rate, per-device sessions
 
     def __post_init__(self):
         if self.role not in WORKER_ROLES:
@@ -77,6 +80,7 @@ class RouterConfig:
     drain_timeout_s: float = 30.0  # at shutdown, how long running sessions may take to finish
     keys_dir: str = ""  # `hat keys` folder: the cloud's identity and allowed/ devices; "" = unencrypted (loopback only)
     insecure: bool = False  # allow unencrypted planes on addresses other machines can reach (trusted networks only)
+    device_limits: DeviceLimitsConfig = DeviceLimitsConfig()  # per-connection message rate, per-device sessions
 
     def __post_init__(self):
         if self.disaggregation not in DISAGGREGATION_POLICIES:

@@ -30,6 +30,7 @@ from hat.common.wire import WireError, WireLimits
 
 from .cluster_protocol import ClusterError, decode_cluster_header, encode_cluster
 from .config import CloudConfig
+from .device_limits import DeviceLimits
 from .device_registry import DeviceRegistry
 from .latency_model import CloudLatencyModel
 from .metrics import CloudMetrics
@@ -71,6 +72,7 @@ class DataServer:
         self._depth = getattr(worker.part, "stages", 1)  # batches in flight at once (a pipeline's stages)
         self._in_flight: deque = deque()  # (jobs, began_us, began, timed) submitted to the pipeline, oldest first
         self.security = None  # CloudSecurity of a cloud that serves devices with keys: each message's sender is checked
+        self.limits_per_device = DeviceLimits(config.device_limits, config.overload_retry_ms)  # devices served directly
 
     def pending_work(self) -> tuple[int, float]:
         """Tokens and query-key pairs of the FORWARDs waiting for a batch (read from another thread: a snapshot)."""
@@ -115,6 +117,8 @@ class DataServer:
                 while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     frames = self.socket.recv_multipart(copy=False)
                     if frames[0].bytes:
+                        if self.registry is not None and not self._within_rate(frames):
+                            continue
                         self._inbox.put((now_us(), frames))
                     else:
                         self._handle_cluster(frames, from_peer=False)
@@ -168,6 +172,8 @@ class DataServer:
                 if self.registry is not None and not self.registry.is_registered(header.device_id):
                     raise WireError(pb.NOT_REGISTERED, f"device {header.device_id!r} has not registered with the "
                                                         "control plane")
+                if self.registry is not None and not self.store.holds(header.session_id, owner):
+                    self.limits_per_device.check_sessions(header.device_id, self.store.sessions_of(header.device_id))
                 if self.draining:
                     raise WireError(pb.OVERLOADED, "the cloud is shutting down and takes no new sessions")
                 c = self.config
@@ -192,6 +198,22 @@ class DataServer:
                 raise WireError(pb.MALFORMED, f"the cloud does not accept {pb.MessageKind.Name(header.kind)} messages")
         except WireError as exc:
             self._reply_error(owner, header or exc.header, exc)
+
+    def _within_rate(self, frames: list) -> bool:
+        """On the socket thread: a device connection over its message rate is answered OVERLOADED here, at once
+        (not logged one by one: a flood would flood the log; `limits_per_device.refusals` counts them)."""
+        try:
+            self.limits_per_device.check_rate(frames[0].bytes)
+            return True
+        except WireError as exc:
+            try:
+                request = wire.decode(frames[1:], self.limits).header
+            except WireError:
+                request = None
+            self.stats.errors += 1
+            self.socket.send_multipart([frames[0].bytes, *wire.encode(
+                wire.error_header(request, exc.code, str(exc), exc.retry_after_ms))], copy=False)
+            return False
 
     def _handle_cluster(self, frames: list, from_peer: bool) -> None:
         """On the socket thread, so a handoff never waits for a forward: a KV layer from a peer, or

@@ -28,6 +28,7 @@ from hat.common.wire import WireError, WireLimits
 
 from .cluster_protocol import ClusterError, cluster_header, decode_cluster_header, encode_cluster
 from .config import RouterConfig
+from .device_limits import DeviceLimits, max_frame_bytes
 from .device_registry import DeviceRegistry
 from .metrics import CloudMetrics, MetricsServer
 from .router_control import RouterControl
@@ -63,6 +64,8 @@ class Router:
         self.manifest = load_manifest(config.bundle, part="cloud")
         spec = load_model_spec(config.bundle)
         self.limits = WireLimits(max_tensor_bytes=config.max_tokens_per_message * spec.hidden_size * 4)
+        self.hidden_size = spec.hidden_size
+        self.device_limits = DeviceLimits(config.device_limits, config.overload_retry_ms)
         self.registry = DeviceRegistry(self.manifest)
         self.table = WorkerTable(config.disaggregation, config.worker_timeout_s, config.rebalance_margin,
                                  config.move_cooldown_s)
@@ -87,7 +90,8 @@ class Router:
         self.security = device_plane_security(c.keys_dir, c.insecure, [c.data_address, c.control_address], self._context)
         if not is_loopback(c.worker_address):
             log.warning("the workers' link on %s is not encrypted: keep it on a private network", c.worker_address)
-        self._devices = self._bind(zmq.ROUTER, c.data_address, self.security)
+        self._devices = self._bind(zmq.ROUTER, c.data_address, self.security,
+                                   max_frame_bytes(c.max_tokens_per_message, self.hidden_size))
         self._workers = self._bind(zmq.ROUTER, c.worker_address)
         self._workers.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone worker raises instead of vanishing
         self.data_address = self._devices.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -104,9 +108,10 @@ class Router:
                  self.worker_address)
         return self
 
-    def _bind(self, kind: int, address: str, security: CloudSecurity | None = None) -> zmq.Socket:
+    def _bind(self, kind: int, address: str, security: CloudSecurity | None = None, max_frame: int = -1) -> zmq.Socket:
         socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_frame)
         if security is not None:
             security.protect(socket)
         socket.bind(address)
@@ -138,6 +143,7 @@ class Router:
     def _from_device(self, frames: list) -> None:
         owner, header = frames[0].bytes, None
         try:
+            self.device_limits.check_rate(owner)
             message = wire.decode(frames[1:], self.limits)
             header = message.header
             if self.security is not None:
@@ -167,6 +173,9 @@ class Router:
         existing = self.table.sessions.get(header.session_id)
         if existing is not None and existing.meta.owner != owner:
             raise WireError(pb.SESSION_EXISTS, f"session {header.session_id!r} belongs to another connection")
+        if existing is None:
+            held = sum(1 for s in self.table.sessions.values() if s.meta.device_id == header.device_id)
+            self.device_limits.check_sessions(header.device_id, held)
         positions = header.max_positions or self.control.max_context
         worker = self.table.pick_prefill(positions)
         if worker is None:

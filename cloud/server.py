@@ -16,6 +16,7 @@ import zmq
 from .config import CloudConfig
 from .control_service import ControlService
 from .data_server import DataServer
+from .device_limits import max_frame_bytes
 from .device_registry import DeviceRegistry
 from .kv_budget import KVBudget
 from .latency_model import CloudLatencyModel
@@ -89,6 +90,7 @@ class CloudServer:
         self.security = device_plane_security(c.keys_dir, c.insecure, [c.data_address, c.control_address], self._context)
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(c.max_tokens_per_message, self.part.spec.hidden_size))
         if self.security is not None:
             self.security.protect(socket)
         socket.bind(c.data_address)

@@ -62,6 +62,17 @@ class SessionStore:
             self._sessions[session_id] = session
             return session
 
+    def sessions_of(self, device_id: str) -> int:
+        """Open sessions of one device id."""
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.device_id == device_id)
+
+    def holds(self, session_id: str, owner: bytes) -> bool:
+        """Whether `owner` already has this session (an OPEN of it is a re-open, not a new session)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            return session is not None and session.owner == owner
+
     def get(self, session_id: str, owner: bytes) -> CloudSession:
         with self._lock:
             session = self._sessions.get(session_id)
