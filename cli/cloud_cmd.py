@@ -48,6 +48,11 @@ def add_parser(commands) -> None:
     p.add_argument("--kv-budget-gb", type=float, default=2.0,
                    help="KV memory all sessions may hold, GiB; new sessions wait beyond it (default: %(default)s)")
     p.add_argument("--metrics", default="", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--device-rate", type=float, default=2000.0, metavar="MSG_PER_S",
+                   help="all/router: messages per second one device connection may send (beyond a burst of 500: "
+                        "OVERLOADED); 0 = no limit (default: %(default)s)")
+    p.add_argument("--device-sessions", type=int, default=64,
+                   help="all/router: sessions one device id may hold open (default: %(default)s)")
     p.add_argument("--keys", default="", metavar="DIR",
                    help="all/router: encrypt and authenticate the devices' planes (CURVE, TLS) with the cloud identity "
                         "and allowed/ devices in DIR (`hat keys generate`, `hat keys add`); required on addresses "
@@ -57,6 +62,12 @@ def add_parser(commands) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running sessions may take to finish before the server stops")
     p.set_defaults(run=run_serve)
+
+
+def device_limits(args):
+    from hat.cloud.device_limits import DeviceLimitsConfig
+
+    return DeviceLimitsConfig(messages_per_s=args.device_rate, sessions_per_device=args.device_sessions)
 
 
 def run_serve(args) -> int:
@@ -77,7 +88,8 @@ def run_serve(args) -> int:
                              kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)), metrics_address=args.metrics,
                              drain_timeout_s=args.drain_timeout, role=args.role, router_address=args.router,
                              kv_address=args.kv_address, worker_id=args.worker_id,
-                             pipeline_stages=args.pipeline_stages, keys_dir=args.keys, insecure=args.insecure)
+                             pipeline_stages=args.pipeline_stages, keys_dir=args.keys, insecure=args.insecure,
+                             device_limits=device_limits(args))
     except ValueError as exc:
         raise SystemExit(f"hat cloud serve: error: {exc}") from None
     server = CloudServer(config).start()
@@ -111,7 +123,8 @@ def _serve_router(args, stop: threading.Event) -> int:
     config = RouterConfig(bundle=args.bundle, data_address=args.data, control_address=args.control,
                           worker_address=args.workers, disaggregation=args.disaggregation,
                           session_idle_timeout_s=args.idle_timeout, metrics_address=args.metrics,
-                          drain_timeout_s=args.drain_timeout, keys_dir=args.keys, insecure=args.insecure)
+                          drain_timeout_s=args.drain_timeout, keys_dir=args.keys, insecure=args.insecure,
+                          device_limits=device_limits(args))
     router = Router(config).start()
     metrics = f" metrics=http://{router.metrics_address}/metrics" if router.metrics_address else ""
     secure = f" keys={router.security.identity.name}" if router.security else ""
