@@ -54,11 +54,12 @@ def add_parser(commands) -> None:
     p.add_argument("--device-sessions", type=int, default=64,
                    help="all/router: sessions one device id may hold open (default: %(default)s)")
     p.add_argument("--keys", default="", metavar="DIR",
-                   help="all/router: encrypt and authenticate the devices' planes (CURVE, TLS) with the cloud identity "
-                        "and allowed/ devices in DIR (`hat keys generate`, `hat keys add`); required on addresses "
-                        "other than loopback")
+                   help="encrypt and authenticate with the cloud identity in DIR (`hat keys generate`): all/router: "
+                        "the devices' planes (CURVE, TLS; devices in DIR/allowed, `hat keys add`) and the workers' "
+                        "link; prefill/decode: the same folder, for the links to the router and between workers. "
+                        "Required on addresses other than loopback")
     p.add_argument("--insecure", action="store_true",
-                   help="all/router: serve unencrypted on addresses other machines reach (trusted networks only)")
+                   help="run unencrypted on addresses other machines reach (trusted networks only)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running sessions may take to finish before the server stops")
     p.set_defaults(run=run_serve)

@@ -127,7 +127,10 @@ class DataServer:
                     self._handle_cluster(self.kv_socket.recv_multipart(copy=False), from_peer=True)
             if self.agent is not None and time.monotonic() - last_heartbeat > self.config.heartbeat_interval_s:
                 last_heartbeat = time.monotonic()
-                self.socket.send_multipart(self.agent.announcement())
+                try:  # never blocks: with no router connected (not up yet, or refusing our key) a beat is skipped
+                    self.socket.send_multipart(self.agent.announcement(), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
             if replies in ready:
                 while replies.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self.socket.send_multipart(replies.recv_multipart(copy=False), copy=False)

@@ -33,7 +33,7 @@ from .device_registry import DeviceRegistry
 from .metrics import CloudMetrics, MetricsServer
 from .router_control import RouterControl
 from .router_policy import RoutedSession, WorkerInfo, WorkerTable
-from .security import CloudSecurity, device_plane_security, is_loopback, start_control_plane
+from .security import CloudSecurity, device_plane_security, start_control_plane
 
 log = logging.getLogger("hat.cloud")
 
@@ -87,9 +87,8 @@ class Router:
 
     def start(self) -> "Router":
         c = self.config
-        self.security = device_plane_security(c.keys_dir, c.insecure, [c.data_address, c.control_address], self._context)
-        if not is_loopback(c.worker_address):
-            log.warning("the workers' link on %s is not encrypted: keep it on a private network", c.worker_address)
+        self.security = device_plane_security(c.keys_dir, c.insecure, [c.data_address, c.control_address,
+                                                                        c.worker_address], self._context)
         self._devices = self._bind(zmq.ROUTER, c.data_address, self.security,
                                    max_frame_bytes(c.max_tokens_per_message, self.hidden_size))
         self._workers = self._bind(zmq.ROUTER, c.worker_address)
@@ -108,12 +107,16 @@ class Router:
                  self.worker_address)
         return self
 
-    def _bind(self, kind: int, address: str, security: CloudSecurity | None = None, max_frame: int = -1) -> zmq.Socket:
+    def _bind(self, kind: int, address: str, devices: CloudSecurity | None = None, max_frame: int = -1) -> zmq.Socket:
+        """A socket for devices (protected by `devices`: the devices' allow-list) or, without, for the workers
+        (protected, when the cloud has keys, to admit the cloud's own key only)."""
         socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, max_frame)
-        if security is not None:
-            security.protect(socket)
+        if devices is not None:
+            devices.protect(socket)
+        elif self.security is not None:
+            self.security.protect_cluster_server(socket)
         socket.bind(address)
         return socket
 

@@ -23,6 +23,7 @@ from .allow_list import AllowList
 
 log = logging.getLogger(__name__)
 ZAP_DOMAIN = "hat"  # the ZAP domain the devices' socket asks the handler about
+CLUSTER_ZAP_DOMAIN = "hat-cluster"  # the router's worker socket and the workers' KV sockets: the cloud's own key only
 
 
 class CloudSecurity:
@@ -43,6 +44,7 @@ class CloudSecurity:
         self._authenticator = ThreadAuthenticator(context, log=logging.getLogger("hat.cloud.zap"))
         self._authenticator.start()
         self._authenticator.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self)
+        self._authenticator.configure_curve_callback(domain=CLUSTER_ZAP_DOMAIN, credentials_provider=_OwnKeyOnly(self))
         return self
 
     def callback(self, domain: str, client_key: bytes) -> bool:
@@ -60,6 +62,18 @@ class CloudSecurity:
         socket.curve_publickey = self.identity.public.curve_public
         socket.curve_server = True
         socket.zap_domain = ZAP_DOMAIN.encode()
+
+    def protect_cluster_server(self, socket: zmq.Socket) -> None:
+        """A socket other cloud processes connect to (the router's worker socket, a worker's KV socket): CURVE,
+        admitting only the cloud's own key, which every process of the cloud holds (call before bind)."""
+        self.protect(socket)
+        socket.zap_domain = CLUSTER_ZAP_DOMAIN.encode()
+
+    def protect_cluster_client(self, socket: zmq.Socket) -> None:
+        """A socket that connects to another process of the cloud (call before connect)."""
+        own = self.identity.public.curve_public
+        socket.curve_serverkey, socket.curve_publickey = own, own
+        socket.curve_secretkey = self.identity.curve_secret
 
     def device_of(self, frame: zmq.Frame) -> str | None:
         """The allowed device a received frame came from (ZAP's User-Id is its CURVE key), None once revoked."""
@@ -109,6 +123,26 @@ class CloudSecurity:
 
         state["roots"] = self.allowed.certificates()
         return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=True)
+
+
+class _OwnKeyOnly:
+    """ZAP credentials for the cluster's sockets: the cloud's own CURVE key, nothing else."""
+
+    def __init__(self, security: CloudSecurity):
+        self.security = security
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        if client_key == self.security.identity.public.curve_public:
+            return True
+        log.warning("refused a cluster connection from key %s: not this cloud's key", client_key.decode()[:12],
+                    extra={"event": "cluster_refused"})
+        return False
+
+
+def cluster_security(keys_dir: str, insecure: bool, addresses: list[str], context: zmq.Context) -> CloudSecurity | None:
+    """The security of a worker's links to its router and its peers (the same cloud identity as the router's)."""
+    require_keys(addresses, keys_dir, insecure, "this worker's links")
+    return CloudSecurity(keys_dir).start(context) if keys_dir else None
 
 
 def device_plane_security(keys_dir: str, insecure: bool, addresses: list[str],

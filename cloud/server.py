@@ -23,7 +23,7 @@ from .latency_model import CloudLatencyModel
 from .metrics import CloudMetrics, MetricsServer
 from .middle_worker import MiddleWorker, load_middle_part
 from .pipeline_stages import PipelineConfig, load_pipelined_middle_part
-from .security import CloudSecurity, device_plane_security, start_control_plane
+from .security import CloudSecurity, cluster_security, device_plane_security, start_control_plane
 from .session_store import SessionStore
 from .stats import CloudStats
 from .worker_agent import WorkerAgent, advertised
@@ -62,7 +62,8 @@ class CloudServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._grpc: grpc.Server | None = None
-        self.security: CloudSecurity | None = None  # CURVE and TLS of the devices' planes (role all, with keys)
+        self.security: CloudSecurity | None = None  # with keys: CURVE and TLS of the devices' planes (role all), or
+        # CURVE of a worker's links to its router and peers (prefill, decode)
         self.data_address = self.control_address = self.metrics_address = self.kv_address = ""
         self.agent: WorkerAgent | None = None  # set for a prefill or decode worker
 
@@ -103,15 +104,22 @@ class CloudServer:
 
     def _start_worker(self) -> DataServer:
         """Bind the KV socket, connect to the router as a prefill or decode worker (it registers on its own)."""
+        c = self.config
+        self.security = cluster_security(c.keys_dir, c.insecure, [c.router_address, c.kv_address], self._context)
         kv_socket = self._context.socket(zmq.PULL)
         kv_socket.setsockopt(zmq.LINGER, 0)
-        kv_socket.bind(self.config.kv_address)
+        if self.security is not None:
+            self.security.protect_cluster_server(kv_socket)
+        kv_socket.bind(c.kv_address)
         self.kv_address = advertised(kv_socket.getsockopt_string(zmq.LAST_ENDPOINT))
-        self.agent = WorkerAgent(self.config, self.manifest, self.store, self.latency, self.kv_address, self._context)
+        self.agent = WorkerAgent(c, self.manifest, self.store, self.latency, self.kv_address, self._context,
+                                 self.security.protect_cluster_client if self.security is not None else None)
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.agent.worker_id.encode())
-        socket.connect(self.config.router_address)
+        if self.security is not None:
+            self.security.protect_cluster_client(socket)
+        socket.connect(c.router_address)
         self.data_address = self.config.router_address
         return DataServer(self.config, socket, self.store, None, self.worker, self.stats, self.latency, self.metrics,
                           self.agent, kv_socket)

@@ -59,9 +59,10 @@ def advertised(address: str) -> str:
 
 class WorkerAgent:
     def __init__(self, config: CloudConfig, manifest: BundleManifest, store: SessionStore,
-                 latency: CloudLatencyModel, kv_address: str, context: zmq.Context):
+                 latency: CloudLatencyModel, kv_address: str, context: zmq.Context, protect_peer=None):
         self.config, self.manifest, self.store, self.latency = config, manifest, store, latency
         self._context = context
+        self._protect_peer = protect_peer  # makes a KV socket to a peer a CURVE client (the cloud has keys), or None
         self.kv_address = kv_address  # as advertised to peers
         self.worker_id = config.worker_id or f"{config.role}-{socketlib.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
         self.incoming: dict[str, IncomingSession] = {}
@@ -179,6 +180,8 @@ class WorkerAgent:
         if peer is None:
             peer = self._peers[target] = self._context.socket(zmq.PUSH)
             peer.setsockopt(zmq.LINGER, _PEER_LINGER_MS)
+            if self._protect_peer is not None:
+                self._protect_peer(peer)
             peer.connect(target)
         meta = pb.SessionMeta(session_id=session_id, device_id=session.device_id, owner=session.owner,
                               max_positions=session.cache.max_length, ttft_slo_ms=int(session.ttft_slo_s * 1000),

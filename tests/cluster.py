@@ -47,12 +47,17 @@ def running_cloud(model_dir: Path, input_layers: int, output_layers: int, work_d
                       int(server.control_address.rsplit(":", 1)[1]))
 
 
-def start_worker(router: Router, cloud_dir: Path, role: str, **config_overrides) -> CloudServer:
-    """A prefill or decode worker registered with `router` (the caller stops it)."""
+def start_worker(router: Router, cloud_dir: Path, role: str, register_timeout_s: float = 20.0,
+                 **config_overrides) -> CloudServer:
+    """A prefill or decode worker registered with `router` (the caller stops it; stopped here if it cannot register)."""
     config = CloudConfig(bundle=str(cloud_dir), role=role, router_address=router.worker_address,
                          heartbeat_interval_s=0.1, **config_overrides)
     worker = CloudServer(config).start()
-    worker.wait_registered(20.0)
+    try:
+        worker.wait_registered(register_timeout_s)
+    except BaseException:
+        worker.stop(grace_s=0.1)
+        raise
     return worker
 
 

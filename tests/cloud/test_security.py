@@ -13,7 +13,7 @@ import time
 import pytest
 import zmq
 
-from cluster import running_cloud, running_disaggregated
+from cluster import running_cloud, running_disaggregated, start_worker
 from hat.cli.main import main
 from hat.common import wire
 from hat.common.keys import SecurityConfigError, is_loopback, load_public
@@ -115,14 +115,21 @@ def test_a_device_cannot_speak_for_another(tiny_checkpoint, tmp_path, keys):
             _generate(cluster, model, keys_dir=keys["orin-01"], device_id="orin-02")
 
 
-def test_router_serves_keyed_devices(tiny_checkpoint, tmp_path, keys):
+def test_router_and_workers_with_keys(tiny_checkpoint, tmp_path, keys):
+    """Router, prefill and decode workers share the cloud's keys: devices are admitted as by a single process, the
+    worker links and the KV handoff between workers run over CURVE, and a worker without the keys cannot join."""
     model_dir = tiny_checkpoint("llama_tied_bias")
-    with running_disaggregated(model_dir, 2, 1, tmp_path, prefill=1, decode=1,
-                               router_overrides={"keys_dir": keys["cloud"]}) as cluster:
+    with running_cloud(model_dir, 2, 1, tmp_path / "plain") as cluster:
+        plain = _generate(cluster, DeviceModel.load(cluster.device_dir))
+    with running_disaggregated(model_dir, 2, 1, tmp_path / "keyed", prefill=1, decode=1, keys_dir=keys["cloud"],
+                               router_overrides={"keys_dir": keys["cloud"], "disaggregation": "always"}) as cluster:
         model = DeviceModel.load(cluster.device_dir)
-        assert len(_generate(cluster, model, keys_dir=keys["orin-01"])) == 12
+        assert _generate(cluster, model, keys_dir=keys["orin-01"]) == plain
+        assert cluster.server.counters.handoffs >= 1  # the session's KV went from the prefill to the decode worker
         with pytest.raises(CloudError, match="allow-list"):
             _generate(cluster, model, keys_dir=keys["intruder"], control_timeout_s=1.5)
+        with pytest.raises(RuntimeError, match="no answer from the router"):
+            start_worker(cluster.server, cluster.cloud_dir, "decode", register_timeout_s=2.0)
 
 
 def test_exposed_addresses_need_keys_or_insecure(tiny_checkpoint, tmp_path, caplog):
