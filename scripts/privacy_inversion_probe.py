@@ -7,12 +7,12 @@ script plays that attacker on the reference model: a probe learns to map the hid
 the token at t (a learned inversion) from text the attacker has (the reference corpus's training split),
 and is scored on text it never saw (the held-out split).
 
-Per K (--input-layers, each also gets row K=0, the raw embeddings, as a check that the probe works):
+Per K of --input-layers, and first K=0 (the raw embeddings: a check that the probe works; --skip-embedding):
   1. Windows of --seq-len tokens (<s> then up to seq-len - 1 tokens of one file; files in a seeded random
      order, round robin: every file's first window before any file's second) up to --train-tokens prompt
-     tokens from training files and --eval-tokens from held-out files. One forward per window gives every
-     layer's output (`hidden_states[K]`, exactly what a device with `--input-layers K` sends, float32);
-     the <s> position is not counted.
+     tokens from training files and --eval-tokens from held-out files. One forward pass per window (windows
+     of equal length batched) gives every layer's output (`hidden_states[K]`, exactly what a device with
+     `--input-layers K` sends, float32); the <s> position is not counted.
   2. Two probes on the training pairs, inputs standardised per feature with the training mean and std
      (the hidden states' scale grows with depth): a softmax classifier (Linear(hidden, classes)) and an MLP
      (Linear -> GELU -> Linear, --probe-width wide), Adam with a cosine-decayed rate, --epochs passes in
@@ -30,10 +30,12 @@ context), a lower bound on what a stronger one recovers. The split point is the 
 shows what it costs in privacy.
 
 Time: the defaults (K = 0,1,2,3,4,6,8,10; 40000 training and 20000 held-out tokens; 4 epochs; width 1024)
-take about 11 minutes on this project's 2-core CPU machine while another job shares it (about 1.2 minutes
-to read and run the model, then about 75 s per K, most of it the MLP probe); peak memory is about
-1 GB (every K's hidden states at once). More training tokens make a stronger attacker and cost time
-linearly.
+take about 7 to 13 minutes on this project's 2-core CPU machine, the spread being how busy another job keeps
+its cores: measured at these sizes, 26-36 s to read the text and run the model once, then 47-81 s per K (most
+of it the MLP probe), times 8 rows. torch's default of one thread per core suffers when another job holds a
+core (the model's forward ran ten times slower on 2 threads than on 1 there): try --threads 1 on a shared
+machine. Peak memory is about 1.3 GB (every K's hidden states are held at once). Time grows linearly with
+--train-tokens and --epochs; more training tokens make a stronger attacker (they raise the coverage).
 """
 from __future__ import annotations
 
@@ -54,6 +56,9 @@ from tqdm import tqdm
 
 PUBLISHED = {"model": "7B", "recovered": {2: 0.59, 8: 0.35}}  # the published figure, top-1 per split point
 MIN_WINDOW = 16  # a file's tail shorter than this many tokens is not a window
+PROBE_KINDS = ("linear", "mlp")
+# Adam's peak rate per kind: the best held-out top-1 among 2e-3 to 3e-2 at K = 2 and 8 of the reference model
+DEFAULT_LR = {"linear": 1e-2, "mlp": 5e-3}
 
 
 def log(message: str) -> None:
@@ -78,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4, help="passes over the training pairs (default: %(default)s)")
     p.add_argument("--probe-width", type=int, default=1024, help="the MLP probe's hidden width (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=512, help="minibatch (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam's peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, help="Adam's peak learning rate, every probe (default: "
+                   + ", ".join(f"{kind} {lr:g}" for kind, lr in DEFAULT_LR.items()) + ")")
     p.add_argument("--probes", default="linear,mlp", help="probes trained per K (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -138,26 +144,34 @@ def sample_windows(files: Sequence, tokenizer, max_tokens: int, seq_len: int, se
 
 @torch.no_grad()
 def collect_states(model, windows: Sequence[Sequence[int]], layers: Sequence[int], skip_first: bool = True,
-                   desc: str = "forward") -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """({K: hidden states [N, hidden] float32}, token ids [N]) for every position of every window (the first of
-    each left out when `skip_first`, the <s>): `hidden_states[K]` of one forward per window, the output of the
-    first K decoder layers (K=0: the embeddings). The LM head is not run: the decoder stack alone."""
+                   batch_size: int = 8, desc: str = "forward") -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """({K: hidden states [N, hidden] float32}, token ids [N]) for every position of every window, in order (the
+    first of each left out when `skip_first`, the <s>): `hidden_states[K]` of one forward per window, the output of
+    the first K decoder layers (K=0: the embeddings). Windows of equal length run together, up to `batch_size` at a
+    time (no padding: each is computed as if alone). The LM head is not run: the decoder stack alone."""
     num_layers = model.config.num_hidden_layers
     if any(k < 0 or k >= num_layers for k in layers):
-        raise ValueError(f"split points must lie in [0, {num_layers}) for a {num_layers}-layer model: got {list(layers)}"
-                         f" (hidden_states[{num_layers}] is after the final norm, which no device sends)")
+        raise ValueError(f"split points must lie in [0, {num_layers}) for a {num_layers}-layer model: got "
+                         f"{list(layers)} (hidden_states[{num_layers}] is after the final norm, which no device sends)")
     decoder = model.get_decoder()
     device = next(model.parameters()).device
-    states: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
-    tokens: list[torch.Tensor] = []
     start = 1 if skip_first else 0
-    for window in tqdm(windows, desc=desc, unit="win", file=sys.stderr, leave=False):
-        ids = torch.tensor(window, dtype=torch.long, device=device)[None]
-        hidden = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-        for k in layers:
-            states[k].append(hidden[k][0, start:].float().cpu())
-        tokens.append(ids[0, start:].cpu())
-    return {k: torch.cat(v) for k, v in states.items()}, torch.cat(tokens)
+    by_length: dict[int, list[int]] = {}
+    for i, window in enumerate(windows):
+        by_length.setdefault(len(window), []).append(i)
+    batches = [group[j:j + batch_size] for group in by_length.values() for j in range(0, len(group), batch_size)]
+    per_window: list[dict[int, torch.Tensor]] = [{}] * len(windows)
+    with tqdm(total=len(windows), desc=desc, unit="win", file=sys.stderr, leave=False) as bar:
+        for batch in batches:
+            ids = torch.tensor([windows[i] for i in batch], dtype=torch.long, device=device)
+            hidden = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+            for row, i in enumerate(batch):
+                per_window[i] = {k: hidden[k][row, start:].float().cpu() for k in layers}
+            bar.update(len(batch))
+    states = {k: torch.cat([w[k] for w in per_window]) if windows else torch.empty(0, model.config.hidden_size)
+              for k in layers}
+    tokens = torch.tensor([t for window in windows for t in window[start:]], dtype=torch.long)
+    return states, tokens
 
 
 # ----------------------------------------------------------------------------------------------- probes
@@ -191,15 +205,16 @@ def make_net(kind: str, hidden: int, classes: int, width: int) -> nn.Module:
     raise ValueError(f"unknown probe kind {kind!r}")
 
 
-PROBE_KINDS = ("linear", "mlp")
 
 
 def train_probe(states: torch.Tensor, tokens: torch.Tensor, kind: str = "linear", epochs: int = 4,
-                width: int = 1024, batch_size: int = 512, lr: float = 2e-3, seed: int = 0,
+                width: int = 1024, batch_size: int = 512, lr: float | None = None, seed: int = 0,
                 desc: str | None = None) -> Probe:
     """Fit a `kind` probe ("linear" or "mlp") that predicts tokens[i] from states[i]: inputs standardised with these
     states' per-feature mean and std, outputs the token ids present in `tokens`, Adam with a cosine-decayed rate
-    from `lr`, `epochs` shuffled passes in minibatches. Seeded: the same arguments give the same probe."""
+    from `lr` (None: the kind's DEFAULT_LR), `epochs` shuffled passes in minibatches. Seeded: the same arguments
+    (and torch thread count) give the same probe."""
+    lr = DEFAULT_LR[kind] if lr is None else lr
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the layers' initialisation
     mean, std = states.mean(0), states.std(0).clamp_min(1e-6)
@@ -251,7 +266,7 @@ def baselines(train_tokens: torch.Tensor, eval_tokens: torch.Tensor) -> dict:
 
 def measure_layer(k: int, train_states: torch.Tensor, train_tokens: torch.Tensor, eval_states: torch.Tensor,
                   eval_tokens: torch.Tensor, kinds: Sequence[str] = PROBE_KINDS, epochs: int = 4, width: int = 1024,
-                  batch_size: int = 512, lr: float = 2e-3, seed: int = 0) -> dict:
+                  batch_size: int = 512, lr: float | None = None, seed: int = 0) -> dict:
     """Train every probe kind on one split point's states and score it on the held-out states: the row for K=k,
     its figures those of the probe with the best held-out top-1."""
     started = time.perf_counter()
@@ -276,6 +291,9 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # subnormal floats (tiny gradients and Adam moments once a probe fits, as on the embeddings) slow the CPU's
+    # arithmetic several times over: flushing them to zero changes no figure and spares that time
+    torch.set_flush_denormal(True)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -283,8 +301,10 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     num_layers = model.config.num_hidden_layers
+    parameters = sum(p.numel() for p in model.parameters())
     if max(args.layers) >= num_layers:
-        raise SystemExit(f"--input-layers: K must be below the model's {num_layers} layers (the cloud runs at least one)")
+        raise SystemExit(f"--input-layers: K must be below the model's {num_layers} layers "
+                         "(the cloud runs at least one)")
 
     train_files, heldout = split_corpus()
     log(f"{len(train_files)} training files, {len(heldout)} held-out; K = {', '.join(map(str, args.layers))}; "
@@ -308,12 +328,12 @@ def main(argv=None) -> int:
         log(f"K={k}: top-1 {row['top1']:.3f}, top-5 {row['top5']:.3f} ({row['probe']}) in {row['seconds']:.0f} s")
     total_s = time.perf_counter() - started
 
-    report(args, rows, reference, len(train_tokens), len(eval_tokens), collect_s, total_s)
+    report(args, rows, reference, parameters, len(train_tokens), len(eval_tokens), collect_s, total_s)
     if args.json:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         settings["model"] = str(model_dir)
         result = {"settings": settings, "train_tokens": len(train_tokens), "eval_tokens": len(eval_tokens),
-                  "num_layers": num_layers, "baseline": reference, "rows": rows,
+                  "num_layers": num_layers, "parameters": parameters, "baseline": reference, "rows": rows,
                   "published": {"model": PUBLISHED["model"],
                                 "recovered": {str(k): v for k, v in PUBLISHED["recovered"].items()}},
                   "collect_seconds": collect_s, "total_seconds": total_s}
@@ -321,10 +341,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def report(args, rows: list[dict], reference: dict, n_train: int, n_eval: int, collect_s: float, total_s: float) -> None:
-    print(f"\nToken recovery from the uplink hidden states (reference model, held-out text): {n_train} training and "
-          f"{n_eval} held-out positions, windows of {args.seq_len}, {args.epochs} epochs, MLP width {args.probe_width}, "
-          f"seed {args.seed}")
+def report(args, rows: list[dict], reference: dict, parameters: int, n_train: int, n_eval: int, collect_s: float,
+           total_s: float) -> None:
+    print(f"\nToken recovery from the uplink hidden states ({args.model or 'reference model'}, held-out text): "
+          f"{n_train} training and {n_eval} held-out positions, windows of {args.seq_len}, {args.epochs} epochs, "
+          f"MLP width {args.probe_width}, seed {args.seed}")
     kinds = args.probe_kinds
     header = f"{'K':>3}  {'hidden states':<16}{'top-1':>8}{'top-5':>8}  {'best':<8}" + "".join(
         f"{kind + ' top-1':>14}" for kind in kinds) + f"{'time s':>8}"
@@ -337,7 +358,8 @@ def report(args, rows: list[dict], reference: dict, n_train: int, n_eval: int, c
           f"top-5 {reference['majority_top5']:.3f}. Coverage (held-out tokens seen in training, the ceiling of a learned "
           f"probe): {reference['coverage']:.3f}.")
     published = ", ".join(f"{v:.0%} at K={k}" for k, v in PUBLISHED["recovered"].items())
-    print(f"Published for a {PUBLISHED['model']} model: {published}; this is a 10.8M model, compare the trend only.")
+    print(f"Published for a {PUBLISHED['model']} model: {published}; this model has {parameters / 1e6:.1f}M parameters: "
+          "compare the trend only.")
     print(f"Time: {collect_s:.0f} s reading and running the model, {total_s:.0f} s in all.")
 
 
