@@ -165,7 +165,8 @@ def start_control_plane(servicer, address: str, workers: int,
     """The gRPC control plane on `address` (TLS with client certificates when `security`), started; and the address
     it bound (port 0 resolved)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    hat_pb2_grpc.add_HatControlServicer_to_server(servicer, server)
+    hat_pb2_grpc.add_HatControlServicer_to_server(servicer if security is None else _AllowedCallers(servicer, security),
+                                                  server)
     if security is not None:
         port = server.add_secure_port(address, security.grpc_credentials())
     else:
@@ -174,6 +175,28 @@ def start_control_plane(servicer, address: str, workers: int,
         raise OSError(f"cannot bind the control plane to {address}")
     server.start()
     return server, f"{address.rsplit(':', 1)[0]}:{port}"
+
+
+class _AllowedCallers:
+    """The control servicer behind a check that the caller's certificate is still on the allow-list: a TLS
+    connection outlives a revocation, so each RPC is checked, as each data-plane message is."""
+
+    def __init__(self, servicer, security: CloudSecurity):
+        self._servicer, self._security = servicer, security
+
+    def __getattr__(self, name: str):
+        method = getattr(self._servicer, name)
+        if not name[:1].isupper():  # not an RPC
+            return method
+
+        def checked(request, context):
+            names = context.auth_context().get("x509_common_name") or []
+            if not names or names[0].decode() not in self._security.allowed.names():
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              "this device's key is not (or no longer) on the cloud's allow-list")
+            return method(request, context)
+
+        return checked
 
 
 def peer_mismatch(context: grpc.ServicerContext, device_id: str) -> str | None:

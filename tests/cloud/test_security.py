@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+import grpc
 import pytest
 import zmq
 
@@ -103,6 +104,9 @@ def test_revocation_applies_to_the_next_message(tiny_checkpoint, tmp_path, keys,
             with pytest.raises(CloudError, match="allow-list") as refused:
                 generator.generate_ids(generator.encode(PROMPT), 4)  # same connection, next OPEN
             assert refused.value.code == pb.UNAUTHORIZED
+            with pytest.raises(grpc.RpcError) as denied:  # the control plane's open TLS connection: next RPC
+                connection.stats()
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(CloudError, match="allow-list"):  # a new connection: refused at the TLS handshake
             _generate(cluster, model, keys_dir=keys["orin-01"], control_timeout_s=1.5)
 
