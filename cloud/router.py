@@ -76,6 +76,7 @@ class Router:
         self._register_metrics()
         self._inflight: dict[tuple[bytes, int], InFlight] = {}
         self._handoff_ids = itertools.count(1)
+        self._quarantine: dict[bytes, float] = {}  # worker identity taken for dead -> when its heartbeats count again
         self._context = zmq.Context()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -274,6 +275,8 @@ class Router:
     def _on_heartbeat(self, identity: bytes, header: pb.ClusterHeader) -> None:
         worker = self.table.workers.get(identity)
         if worker is None:
+            if time.monotonic() < self._quarantine.get(identity, 0.0):
+                return  # sent before it was taken for dead (ZeroMQ delivers a gone peer's queued messages): stale
             reason = self._refusal(header)
             if reason:
                 self._send_cluster(identity, cluster_header(pb.WORKER_REFUSED, reason=reason), must=False)
@@ -335,6 +338,9 @@ class Router:
         if worker is None:
             return
         self.counters.workers_lost += 1
+        # its heartbeats still queued here must not register it again; a worker that is alive keeps beating and is
+        # taken back once this passes
+        self._quarantine[identity] = time.monotonic() + self.config.worker_timeout_s
         log.warning("worker %s (%s) lost: %s; %d sessions must be re-sent", worker.name, worker.role, why,
                     len(worker.sessions), extra={"event": "worker_lost"})
         for key, flight in list(self._inflight.items()):
