@@ -49,12 +49,16 @@ class CloudSecurity:
 
     def callback(self, domain: str, client_key: bytes) -> bool:
         """ZAP: admit an allowed key; log a refused one (once per key)."""
-        device = self.allowed.by_curve_key(client_key)
-        if device is None and client_key not in self._refused:
+        if self.allowed.by_curve_key(client_key) is not None:
+            return True
+        self.log_refusal(client_key, "a data-plane connection", "not on the allow-list", "device_refused")
+        return False
+
+    def log_refusal(self, client_key: bytes, what: str, why: str, event: str) -> None:
+        """Warn of a refused key once: a peer retrying its handshake must not flood the log."""
+        if client_key not in self._refused:
             self._refused.add(client_key)
-            log.warning("refused a data-plane connection from key %s: not on the allow-list", client_key.decode()[:12],
-                        extra={"event": "device_refused"})
-        return device is not None
+            log.warning("refused %s from key %s: %s", what, client_key.decode()[:12], why, extra={"event": event})
 
     def protect(self, socket: zmq.Socket) -> None:
         """Make a socket that devices connect to a CURVE server (call before bind)."""
@@ -104,25 +108,24 @@ class CloudSecurity:
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         """TLS with client certificates: the trust store is the allow-list's certificates, re-read per handshake."""
-        def configuration():
-            roots = self.allowed.certificates()
+        def configuration(roots: bytes):
             # never None: gRPC would then trust the system's public CAs; with no device allowed, the cloud's own
             # certificate (whose key no device holds) stands in
             return grpc.ssl_server_certificate_configuration(
                 [(self.identity.tls_key, self.identity.public.certificate)],
                 root_certificates=roots or self.identity.public.certificate)
 
-        state = {"roots": None}
+        current = {"roots": self.allowed.certificates()}
 
         def fetch():  # None: nothing changed since the last handshake
             roots = self.allowed.certificates()
-            if roots == state["roots"]:
+            if roots == current["roots"]:
                 return None
-            state["roots"] = roots
-            return configuration()
+            current["roots"] = roots
+            return configuration(roots)
 
-        state["roots"] = self.allowed.certificates()
-        return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=True)
+        return grpc.dynamic_ssl_server_credentials(configuration(current["roots"]), fetch,
+                                                   require_client_authentication=True)
 
 
 class _OwnKeyOnly:
@@ -134,8 +137,7 @@ class _OwnKeyOnly:
     def callback(self, domain: str, client_key: bytes) -> bool:
         if client_key == self.security.identity.public.curve_public:
             return True
-        log.warning("refused a cluster connection from key %s: not this cloud's key", client_key.decode()[:12],
-                    extra={"event": "cluster_refused"})
+        self.security.log_refusal(client_key, "a cluster connection", "not this cloud's key", "cluster_refused")
         return False
 
 
@@ -190,8 +192,7 @@ class _AllowedCallers:
             return method
 
         def checked(request, context):
-            names = context.auth_context().get("x509_common_name") or []
-            if not names or names[0].decode() not in self._security.allowed.names():
+            if caller_name(context) not in self._security.allowed.names():
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               "this device's key is not (or no longer) on the cloud's allow-list")
             return method(request, context)
@@ -199,10 +200,16 @@ class _AllowedCallers:
         return checked
 
 
+def caller_name(context: grpc.ServicerContext) -> str | None:
+    """The common name of an RPC's client certificate (the device's key name), None without TLS."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if names else None
+
+
 def peer_mismatch(context: grpc.ServicerContext, device_id: str) -> str | None:
     """Why an RPC may not speak for `device_id`: its client certificate names another device. None when it may
     (or without TLS, where nothing names the caller)."""
-    names = context.auth_context().get("x509_common_name") or []
-    if names and names[0].decode() != device_id:
-        return f"device id {device_id!r} is not the id of this device's key ({names[0].decode()!r})"
+    caller = caller_name(context)
+    if caller is not None and caller != device_id:
+        return f"device id {device_id!r} is not the id of this device's key ({caller!r})"
     return None

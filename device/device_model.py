@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from hat.common.adapter import AdapterConfig, DraftAdapter
+from hat.common.adapter import DraftAdapter
 from hat.common.bundle import BundleManifest, load_manifest
 from hat.common.checkpoint import load_tensors
 from hat.common.kv_cache import KVCache
@@ -43,35 +43,27 @@ class DeviceModel:
         its default)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir, part="device")
         spec = load_model_spec(bundle_dir)
-        if backend == "onnxruntime":
-            return cls._load_onnx(Path(bundle_dir), manifest, spec, threads)
-        tensors = load_tensors(bundle_dir, lambda name: True)
-        n, k, m = manifest.num_layers, manifest.input_layers, manifest.output_layers
-        input_part = ModelPart.from_tensors(spec, 0, k, tensors, embedding=True, device=device)
-        output_part = ModelPart.from_tensors(spec, n - m, n, tensors, head=True, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(str(bundle_dir), local_files_only=True)
-        adapter = None
-        if (Path(bundle_dir) / ADAPTER_DIR).is_dir():
-            adapter = DraftAdapter.load(Path(bundle_dir) / ADAPTER_DIR, spec, input_part.dtype, device)
-            adapter.config.check_matches(manifest.source_fingerprint, k, m)
-        return cls(manifest, spec, tokenizer, input_part, output_part, stop_token_ids(bundle_dir, spec, tokenizer),
-                   adapter)
-
-    @classmethod
-    def _load_onnx(cls, bundle_dir: Path, manifest: BundleManifest, spec: ModelSpec, threads: int) -> "DeviceModel":
-        from .onnx_backend import load_onnx_parts
-
         adapter_dir = bundle_dir / ADAPTER_DIR if (bundle_dir / ADAPTER_DIR).is_dir() else None
-        if adapter_dir is not None:
-            AdapterConfig.load(adapter_dir).check_matches(manifest.source_fingerprint, manifest.input_layers,
-                                                          manifest.output_layers)
-        parts = load_onnx_parts(bundle_dir, manifest, spec, adapter_dir, threads)
+        if backend == "onnxruntime":
+            from .onnx_backend import load_onnx_parts
+
+            parts = load_onnx_parts(bundle_dir, manifest, spec, adapter_dir, threads)
+            input_part, output_part, adapter = parts.input_part, parts.output_part, parts.adapter
+            backend = f"onnxruntime ({', '.join(parts.providers)})"
+        else:
+            tensors = load_tensors(bundle_dir, lambda name: True)
+            n, k, m = manifest.num_layers, manifest.input_layers, manifest.output_layers
+            input_part = ModelPart.from_tensors(spec, 0, k, tensors, embedding=True, device=device)
+            output_part = ModelPart.from_tensors(spec, n - m, n, tensors, head=True, device=device)
+            adapter = DraftAdapter.load(adapter_dir, spec, input_part.dtype, device) if adapter_dir else None
+        if adapter is not None:
+            adapter.config.check_matches(manifest.source_fingerprint, manifest.input_layers, manifest.output_layers)
         tokenizer = AutoTokenizer.from_pretrained(str(bundle_dir), local_files_only=True)
-        return cls(manifest, spec, tokenizer, parts.input_part, parts.output_part,
-                   stop_token_ids(bundle_dir, spec, tokenizer), parts.adapter,
-                   f"onnxruntime ({', '.join(parts.providers)})")
+        return cls(manifest, spec, tokenizer, input_part, output_part, stop_token_ids(bundle_dir, spec, tokenizer),
+                   adapter, backend)
 
     def run_input(self, token_ids: list[int], start: int, input_cache: KVCache,
                   adapter_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

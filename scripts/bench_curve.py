@@ -77,15 +77,14 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=20, help="round trips per block (after one untimed)")
     args = p.parse_args(argv)
     from hat.cloud.security import CloudSecurity
-    from hat.common.keys import ALLOWED_DIR, generate_identity
+    from hat.cli.keys_cmd import install_public
+    from hat.common.keys import ALLOWED_DIR, PUBLIC_CURVE, generate_identity
 
     with tempfile.TemporaryDirectory(prefix="hat-bench-curve-") as tmp:
         generate_identity(f"{tmp}/cloud", "cloud")
         device = generate_identity(f"{tmp}/device", "device")
-        allowed = Path(tmp) / "cloud" / ALLOWED_DIR  # what `hat keys add` does: the device's public files
-        allowed.mkdir()
-        for suffix in (".crt", ".key"):
-            (allowed / f"device{suffix}").write_bytes((Path(tmp) / "device" / f"device{suffix}").read_bytes())
+        install_public(device.public, Path(tmp) / "device" / ("device" + PUBLIC_CURVE),  # `hat keys add`
+                       Path(tmp) / "cloud" / ALLOWED_DIR)
         security = CloudSecurity(f"{tmp}/cloud")
         echoes = {"plain": Echo(None), "curve": Echo(security)}
         context = zmq.Context()

@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, reference_model_dir
-    from hat.common.keys import ALLOWED_DIR, SERVER_DIR, generate_identity
+    from hat.cli.keys_cmd import install_public
+    from hat.common.keys import ALLOWED_DIR, PUBLIC_CURVE, SERVER_DIR, generate_identity
     from hat.common.reference_corpus import heldout_files, read_text
     from hat.common.split import split_checkpoint
     from hat.testbed.local_cloud import local_cloud_process
@@ -124,17 +125,13 @@ def main(argv=None) -> int:
                                                  Path(tmp) / "bundle", dtype="float32")
         extra, device_keys = (), [""] * args.devices
         if args.secure:
-            cloud = generate_identity(Path(tmp) / "cloud", "cloud")
-            (Path(tmp) / "cloud" / ALLOWED_DIR).mkdir()
-            for i in range(args.devices):
+            cloud_folder = Path(tmp) / "cloud"
+            cloud = generate_identity(cloud_folder, "cloud").public
+            for i in range(args.devices):  # `hat keys add`, both ways
                 folder = Path(tmp) / f"device-{i}"
-                generate_identity(folder, f"soak-{i}")
-                (folder / SERVER_DIR).mkdir()
-                for suffix in (".crt", ".key"):  # what `hat keys add` does, both ways
-                    (Path(tmp) / "cloud" / ALLOWED_DIR / f"soak-{i}{suffix}").write_bytes(
-                        (folder / f"soak-{i}{suffix}").read_bytes())
-                    (folder / SERVER_DIR / f"cloud{suffix}").write_bytes(
-                        (Path(tmp) / "cloud" / f"{cloud.name}{suffix}").read_bytes())
+                device = generate_identity(folder, f"soak-{i}").public
+                install_public(device, folder / (device.name + PUBLIC_CURVE), cloud_folder / ALLOWED_DIR)
+                install_public(cloud, cloud_folder / (cloud.name + PUBLIC_CURVE), folder / SERVER_DIR)
                 device_keys[i] = str(folder)
             extra = ("--keys", str(Path(tmp) / "cloud"))
         with local_cloud_process(cloud_dir, threads=1, extra_args=extra) as cloud_process:
