@@ -15,6 +15,7 @@ class CloudCostTracker:
     def __init__(self, link: CloudLink):
         self._link = link
         self.ratio = 1.0
+        self._ratio_samples = 0
         self._own_fit = CostFit(128)
 
     def refresh(self) -> None:
@@ -45,5 +46,7 @@ class CloudCostTracker:
         published = self.published()
         if published is not None and batch_sessions:
             predicted = published[0].predict(tokens, start)
-            if predicted > 0:
-                self.ratio += _CLOUD_WEIGHT * (compute_s / predicted - self.ratio)
+            if predicted > 0:  # the first measurement replaces the neutral prior
+                weight = _CLOUD_WEIGHT if self._ratio_samples else 1.0
+                self.ratio += weight * (compute_s / predicted - self.ratio)
+                self._ratio_samples += 1

@@ -2,6 +2,7 @@
 current with the timing of every prompt chunk it runs."""
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -11,13 +12,15 @@ from hat.common.layers import SequenceSpan
 
 from .device_model import DeviceModel
 
+FINAL_REPEATS = 5  # timings of the head whose median is final_s
+FORGET = 0.85  # weight of a timing relative to the next newer one: the fits follow the device's present speed
 
 
 class DeviceProfile:
     def __init__(self, window: int = 128):
-        self.input = CostFit(window)  # input part (and the draft adapter's cache) over one chunk
-        self.output = CostFit(window)  # output part over one reply
-        self.final_s = 0.0  # head and sampling of the first token (the newest measurement)
+        self.input = CostFit(window, forget=FORGET)  # input part (and the draft adapter's cache) over one chunk
+        self.output = CostFit(window, forget=FORGET)  # output part over one reply
+        self.final_s = 0.0  # head and sampling of the first token (the profile's median)
 
     def add_input(self, tokens: int, start: int, seconds: float) -> None:
         self.input.add(tokens, attended(tokens, start), seconds)
@@ -44,9 +47,13 @@ class DeviceProfile:
                     self.add_input(tokens, start, input_s)
                     if out.num_layers:
                         self.add_output(tokens, start, output_s)
-        began = time.perf_counter()
-        out.logits(torch.zeros(1, model.spec.hidden_size, dtype=out.dtype, device=out.device)).argmax()
-        self.final_s = time.perf_counter() - began
+        last = torch.zeros(1, model.spec.hidden_size, dtype=out.dtype, device=out.device)
+        times = []
+        for _ in range(FINAL_REPEATS + 1):  # the first is a warm-up
+            began = time.perf_counter()
+            out.logits(last).argmax()
+            times.append(time.perf_counter() - began)
+        self.final_s = statistics.median(times[1:])
         return self
 
     @staticmethod

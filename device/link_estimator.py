@@ -71,6 +71,7 @@ class LinkEstimator:
         self.up = _Direction(prior_uplink_bytes_per_s, weight)
         self.down = _Direction(prior_downlink_bytes_per_s, weight)
         self.prior_rtt_s = prior_rtt_s
+        self._late_down_offset_s: float | None = None  # the least downlink offset read from late replies (upper bound)
 
     @property
     def estimate(self) -> LinkEstimate:
@@ -95,13 +96,18 @@ class LinkEstimator:
             self.down.reset_offset(reply.received_s - h.sent_us / 1e6)
         else:
             self.down.reset_offset(self.down.offset_s)
+            bound = reply.received_s - h.sent_us / 1e6  # read late: an upper bound on the downlink's offset
+            self._late_down_offset_s = bound if self._late_down_offset_s is None else min(self._late_down_offset_s, bound)
 
     @property
     def rtt_s(self) -> float:
-        """The two directions' offsets hold the clock offset with opposite signs: their sum is the round trip."""
-        if self.up.offset_s is None or self.down.offset_s is None:
+        """The two directions' offsets hold the clock offset with opposite signs: their sum is the round trip.
+        Before any punctual reply, a late one's offset stands in for the downlink's: an overstatement by the time
+        the reply waited, and nearer than the prior."""
+        down = self.down.offset_s if self.down.offset_s is not None else self._late_down_offset_s
+        if self.up.offset_s is None or down is None:
             return self.prior_rtt_s
-        return max(0.0, self.up.offset_s + self.down.offset_s)
+        return max(0.0, self.up.offset_s + down)
 
     def on_reply(self, reply: wire.DataMessage, up_bytes: int, down_bytes: int) -> None:
         """A reply to a request of `up_bytes` (both as counted on the wire)."""

@@ -225,15 +225,17 @@ def test_late_read_opened_does_not_inflate_the_round_trip():
 
 def test_first_late_read_opened_fixes_the_uplink_only():
     """A first OPENED read late sets the uplink's offset (the cloud stamps arrivals) but not the downlink's (the read
-    delay would be taken for latency): the uplink rate is measured, the downlink keeps its prior, the round trip
-    its prior, until a reply taken punctually (the CLOSED) gives the downlink's offset."""
+    delay would be taken for latency): the uplink rate is measured, the downlink keeps its prior, and the round trip
+    is the late read's upper bound (true 20 ms + 10 ms late, nearer than the 500 ms prior), until a reply taken
+    punctually (the CLOSED) gives the downlink's offset."""
     link = SimulatedLink(up_rate=4e6, down_rate=6e6)
     estimator = LinkEstimator(prior_downlink_bytes_per_s=1e6, prior_rtt_s=0.5)
     arrives, fields = link.request(1000.0, TINY, TINY, kind=pb.OPENED)
     estimator.on_open(reply(fields, 1000.0, arrives + 0.01, punctual=False))
     end = train(estimator, link, arrives + 0.01, count=20)
     assert estimator.estimate.uplink_bytes_per_s == pytest.approx(link.up_rate, rel=0.05)
-    assert estimator.estimate.downlink_bytes_per_s == 1e6 and estimator.estimate.rtt_s == 0.5
+    assert estimator.estimate.downlink_bytes_per_s == 1e6
+    assert estimator.estimate.rtt_s == pytest.approx(0.030, abs=1e-3)
     at = end + 0.1
     arrives, fields = link.request(at, TINY, TINY, kind=pb.CLOSED)
     estimator.on_close(reply(fields, at, arrives))
@@ -270,3 +272,19 @@ def test_late_read_opened_after_the_cloud_clock_moved_back():
     assert estimator.estimate.rtt_s == pytest.approx(0.020, abs=1e-3)
     train(estimator, link, open_session(estimator, link, arrives + 1.0), count=20)
     assert_rates(estimator, link)
+
+
+def test_late_reads_bound_the_round_trip_by_the_least_lateness():
+    """Sessions whose OPENED and CLOSED are all read late (a busy device): the round trip is the true one plus the
+    least lateness seen (never the prior), and a punctual reply then gives the true one."""
+    link = SimulatedLink(up_rate=4e6, down_rate=6e6)
+    estimator = LinkEstimator(prior_rtt_s=0.5)
+    at = 1000.0
+    for late_s in (0.03, 0.004, 0.012):
+        arrives, fields = link.request(at, TINY, TINY, kind=pb.OPENED)
+        estimator.on_open(reply(fields, at, arrives + late_s, punctual=False))
+        at = arrives + 1.0
+    assert estimator.estimate.rtt_s == pytest.approx(0.020 + 0.004, abs=1e-4)
+    arrives, fields = link.request(at, TINY, TINY, kind=pb.CLOSED)
+    estimator.on_close(reply(fields, at, arrives))
+    assert estimator.estimate.rtt_s == pytest.approx(0.020, abs=1e-4)

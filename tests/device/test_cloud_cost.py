@@ -1,0 +1,37 @@
+"""The cloud's cost as a device sees it (hat.device.cloud_cost): the cloud's published predictor scaled by a moving
+ratio of the compute times replies report to it."""
+from __future__ import annotations
+
+import pytest
+
+from hat.common.proto import hat_pb2 as pb
+from hat.device.cloud_cost import CloudCostTracker
+
+
+class PublishedPredictor:
+    """A link whose cloud publishes a fixed predictor: 2 ms + 50 us a token."""
+
+    def __init__(self):
+        self.cloud_latency = pb.LatencyReply(base_us=2000, per_token_us=50)
+
+    def refresh_latency(self):
+        return self.cloud_latency
+
+
+def test_the_first_measurement_replaces_the_neutral_ratio_and_later_ones_move_it():
+    """A cloud 4x slower than it publishes: one chunk's compute time sets the ratio to 4 (a loaded cloud is planned
+    for from its first reply), and a later 2x chunk moves it part of the way, not all of it."""
+    tracker = CloudCostTracker(PublishedPredictor())
+    assert tracker.cost()[0].predict(100) == pytest.approx(7e-3)
+    tracker.observe(100, 0, 4 * 7e-3, batch_sessions=1)
+    assert tracker.ratio == pytest.approx(4.0)
+    assert tracker.cost()[0].predict(100) == pytest.approx(28e-3)
+    tracker.observe(100, 0, 2 * 7e-3, batch_sessions=1)
+    assert 2.0 < tracker.ratio < 4.0
+
+
+def test_a_reply_that_reports_no_batch_leaves_the_ratio():
+    """batch_sessions 0: a cloud that does not say how its compute time was shared; the time is not compared."""
+    tracker = CloudCostTracker(PublishedPredictor())
+    tracker.observe(100, 0, 1.0, batch_sessions=0)
+    assert tracker.ratio == 1.0
