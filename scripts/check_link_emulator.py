@@ -31,10 +31,11 @@ send time (down).
   arrival - rtt_s / 2 - the pass-through one-way time of a lone 256 KiB message, and the straddler's start
   and end are extrapolated from the arrivals before and after it at their own slopes.
 
-Each setting is measured up to --attempts times (this machine is shared and noisy); the first attempt that
-passes is reported, else the last, with its number. Exit status 1 if any check is off by more than 5%.
+Each setting is measured up to --attempts times (this machine is shared and noisy), the k-th attempt after
+waiting (k - 1) x --settle seconds; the first attempt that passes is reported, else the last, with its
+number. Exit status 1 if any check is off by more than 5%.
 
-    python scripts/check_link_emulator.py [--quick] [--attempts 3] [--tolerance 0.05]
+    python scripts/check_link_emulator.py [--quick] [--attempts 3] [--tolerance 0.05] [--settle 1]
 """
 from __future__ import annotations
 
@@ -407,9 +408,11 @@ def settings(quick: bool) -> list[LinkProfile]:
             LinkProfile(50e6, 50e6, 0.0), LinkProfile(INF, INF, 0.05)]
 
 
-def run_checks(quick: bool = False, attempts: int = 3, tolerance: float = 0.05,
+def run_checks(quick: bool = False, attempts: int = 3, tolerance: float = 0.05, settle_s: float = 1.0,
                out=sys.stdout) -> tuple[list[Row], dict[str, float]]:
-    """Measure every setting through one shim (a port each, and a pass-through port); (rows, floors)."""
+    """Measure every setting through one shim (a port each, and a pass-through port); (rows, floors). A setting
+    measured again waits `settle_s` times its attempt's number first: a burst of noise on a shared machine lasts
+    seconds, and an attempt right after a spoiled one is often spoiled too."""
     profiles = settings(quick)
     trace_setting = TraceSetting()
     server = EchoServer()
@@ -441,10 +444,18 @@ def run_checks(quick: bool = False, attempts: int = 3, tolerance: float = 0.05,
             rows: list[Row] = []
             jobs = [(lambda a=address, p=profile: check_setting(server, a, floor_client, p, quick, tolerance))
                     for address, profile in zip(addresses[1:], profiles)]
-            bulk_floor = Delays(bulk_up_s, bulk_down_s, bulk_up_s + bulk_down_s)
-            jobs.append(lambda: check_trace(server, shim, len(addresses) - 1, trace_setting, bulk_floor, tolerance))
+
+            def trace_job() -> list[Row]:
+                # the floor measured afresh for each attempt: one spoiled by a busy moment would spoil them all
+                up_s, down_s = measure_bulk_one_way(server, floor_client, 9)
+                return check_trace(server, shim, len(addresses) - 1, trace_setting, Delays(up_s, down_s, up_s + down_s),
+                                   tolerance)
+
+            jobs.append(trace_job)
             for job in jobs:
                 for attempt in range(1, attempts + 1):
+                    if attempt > 1:
+                        time.sleep(settle_s * (attempt - 1))
                     try:
                         found = job()
                     except RuntimeError as error:  # a step that fell badly, a lost reply: measure again
@@ -482,9 +493,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two settings and the trace, fewer samples")
     parser.add_argument("--attempts", type=int, default=3, help="tries per setting before it fails")
     parser.add_argument("--tolerance", type=float, default=0.05, help="largest relative error allowed")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds to wait before a second attempt (twice that before a third, and so on)")
     args = parser.parse_args()
     began = time.perf_counter()
-    rows, floors = run_checks(args.quick, args.attempts, args.tolerance)
+    rows, floors = run_checks(args.quick, args.attempts, args.tolerance, args.settle)
     print(format_table(rows, floors))
     failed = [row for row in rows if not row.ok]
     worst = max(abs(row.error) for row in rows if row.error is not None)
