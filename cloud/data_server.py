@@ -109,7 +109,7 @@ class DataServer:
         timeout_ms = self.config.poll_interval_s * 1000
         if self.agent is not None:
             timeout_ms = min(timeout_ms, self.config.heartbeat_interval_s * 1000)
-            self.socket.send_multipart(self.agent.announcement(pb.WORKER_REGISTER))
+            self._announce(pb.WORKER_REGISTER)
         last_heartbeat = time.monotonic()
         while not stop.is_set():
             ready = dict(poller.poll(timeout=timeout_ms))
@@ -127,13 +127,18 @@ class DataServer:
                     self._handle_cluster(self.kv_socket.recv_multipart(copy=False), from_peer=True)
             if self.agent is not None and time.monotonic() - last_heartbeat > self.config.heartbeat_interval_s:
                 last_heartbeat = time.monotonic()
-                try:  # never blocks: with no router connected (not up yet, or refusing our key) a beat is skipped
-                    self.socket.send_multipart(self.agent.announcement(), flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+                self._announce()
             if replies in ready:
                 while replies.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self.socket.send_multipart(replies.recv_multipart(copy=False), copy=False)
+
+    def _announce(self, kind: int = pb.HEARTBEAT) -> None:
+        """Register with the router or beat; never blocks: with no router connection (the router refused our key,
+        or dropped us) the message is skipped, and the next heartbeat tries again (a heartbeat registers too)."""
+        try:
+            self.socket.send_multipart(self.agent.announcement(kind), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _engine_loop(self, stop: threading.Event) -> None:
         last_housekeeping = time.monotonic()
