@@ -11,6 +11,7 @@ the predicted time to the first token comes from the pipeline's cost model.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import statistics
@@ -53,6 +54,7 @@ MODES = ([("adaptive", ChunkingConfig())] + [(f"fixed{n}", ChunkingConfig(fixed_
 # is 1e-5 of the tensor's largest magnitude: the tiny random models' middle keys/values reach ~5, and there a
 # whole-prompt float32 run is itself ~1e-5 away from a float64 transformers run.
 ATOL = 1e-5
+TRACE_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "trace_ttft_prediction.py"
 
 
 def fixed_sizes(tokens: int, size: int) -> list[int]:
@@ -530,3 +532,20 @@ def test_a_fast_links_rate_recovers_from_one_slow_sample():
         train(estimator, link, open_session(estimator, link, at_s=link.down_free + 0.1), count=1,
               up_bytes=chunk, down_bytes=chunk)
     assert estimator.estimate.uplink_bytes_per_s > 0.2 * link.up_rate, estimator.estimate
+
+
+def test_the_trace_script_prints_a_ratio_per_mode(capsys):
+    """scripts/trace_ttft_prediction.py on the reference model: a line per prompt and a positive median ratio of
+    predicted to measured TTFT for each mode asked for; bad arguments are usage errors."""
+    spec = importlib.util.spec_from_file_location("trace_ttft_prediction", TRACE_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(["--prompts", "2", "--warmup", "2"])
+    assert exit_.value.code == 2
+    assert script.main(["--prompt-tokens", "40", "--prompts", "2", "--warmup", "1", "--busy", "0",
+                        "--modes", "none", "adaptive"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith(("none ", "adaptive ")) for line in out.splitlines()) == 4
+    summary = dict(line.split()[:2] for line in out.split("median over prompts", 1)[1].splitlines()[1:] if line.strip())
+    assert set(summary) == {"none", "adaptive"} and all(float(v) > 0 for v in summary.values()), out
