@@ -92,12 +92,13 @@ class LinkEstimator:
         if not (h.arrival_us and h.sent_us and reply.received_s):
             return  # a cloud that does not stamp its replies: rates stay at their priors
         self.up.reset_offset(h.arrival_us / 1e6 - reply.request_sent_s)
+        down_offset = reply.received_s - h.sent_us / 1e6
         if reply.punctual:
-            self.down.reset_offset(reply.received_s - h.sent_us / 1e6)
-        else:
+            self.down.reset_offset(down_offset)
+        else:  # read late: only an upper bound on the downlink's offset
             self.down.reset_offset(self.down.offset_s)
-            bound = reply.received_s - h.sent_us / 1e6  # read late: an upper bound on the downlink's offset
-            self._late_down_offset_s = bound if self._late_down_offset_s is None else min(self._late_down_offset_s, bound)
+            late = self._late_down_offset_s
+            self._late_down_offset_s = down_offset if late is None else min(late, down_offset)
 
     @property
     def rtt_s(self) -> float:

@@ -11,7 +11,6 @@ the predicted time to the first token comes from the pipeline's cost model.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import statistics
@@ -23,6 +22,7 @@ import torch
 
 from checkpoints import TOKENIZER_TEXT
 from cluster import running_cloud
+from script_loader import load_script
 from hat.cli.main import main
 from hat.common.cost_fit import LinearCost
 from hat.common.layers import SequenceSpan
@@ -54,7 +54,6 @@ MODES = ([("adaptive", ChunkingConfig())] + [(f"fixed{n}", ChunkingConfig(fixed_
 # is 1e-5 of the tensor's largest magnitude: the tiny random models' middle keys/values reach ~5, and there a
 # whole-prompt float32 run is itself ~1e-5 away from a float64 transformers run.
 ATOL = 1e-5
-TRACE_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "trace_ttft_prediction.py"
 
 
 def fixed_sizes(tokens: int, size: int) -> list[int]:
@@ -537,9 +536,7 @@ def test_a_fast_links_rate_recovers_from_one_slow_sample():
 def test_the_trace_script_prints_a_ratio_per_mode(capsys):
     """scripts/trace_ttft_prediction.py on the reference model: a line per prompt and a positive median ratio of
     predicted to measured TTFT for each mode asked for; bad arguments are usage errors."""
-    spec = importlib.util.spec_from_file_location("trace_ttft_prediction", TRACE_SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("trace_ttft_prediction")
     with pytest.raises(SystemExit) as exit_:
         script.parse_args(["--prompts", "2", "--warmup", "2"])
     assert exit_.value.code == 2

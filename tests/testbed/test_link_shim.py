@@ -7,22 +7,19 @@ The delay model and the traces are checked exactly, with made-up clock readings.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import struct
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import zmq
 
 from hat.testbed.link_shim import LinkModel, LinkProfile, LinkShim
 from hat.testbed.link_traces import BandwidthTrace, wifi_like_trace
+from script_loader import load_script
 
-CHECK_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_link_emulator.py"
 
 INF = float("inf")
 SLACK_S = 0.0005  # loopback and scheduling overhead allowed on top of the relative tolerance
@@ -404,14 +401,11 @@ def test_each_port_gives_its_devices_its_own_profile(echo):
             break
 
 
-def test_the_check_script_quick_run_is_within_5_percent(monkeypatch):
+def test_the_check_script_quick_run_is_within_5_percent():
     """scripts/check_link_emulator.py --quick: delay and throughput at two settings, and a trace's rate switch
     (throughput before and after the step, the straddling message split at it), all within 5% (each setting
     measured up to five times)."""
-    spec = importlib.util.spec_from_file_location("check_link_emulator", CHECK_SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look their module up there
-    spec.loader.exec_module(script)
+    script = load_script("check_link_emulator")
     rows, floors = script.run_checks(quick=True, attempts=5, settle_s=1.0)  # a loaded CI machine can spoil three in a row
     assert {row.quantity for row in rows} >= {"uplink", "downlink", "round trip", "uplink before", "uplink after",
                                               "downlink before", "downlink after", "straddling message"}
