@@ -46,20 +46,13 @@ ZERO_COST = LinearCost(0.0, 0.0, 0.0)
 
 class CostFit:
     """The newest `window` timings of one part and the LinearCost fitted to them (least squares, no
-    negative coefficient: a coefficient that comes out negative is dropped and the rest refitted).
+    negative coefficient: a coefficient that comes out negative is dropped and the rest refitted)."""
 
-    `forget` below 1 weighs each timing `forget` times its next newer one (exponential forgetting), so the fit
-    follows a machine whose speed changed (start-up load, a power mode) within a few timings, while the older
-    ones still pin the shapes the newer ones do not cover."""
-
-    def __init__(self, window: int = 256, fallback: LinearCost = ZERO_COST, forget: float = 1.0):
+    def __init__(self, window: int = 256, fallback: LinearCost = ZERO_COST):
         if window < 3:
             raise ValueError(f"window must hold at least 3 timings, got {window}")
-        if not 0 < forget <= 1:
-            raise ValueError(f"forget must be in (0, 1], got {forget}")
         self._samples: deque[tuple[float, float, float, float]] = deque(maxlen=window)
         self._fallback = fallback
-        self._forget = forget
         self._fit: LinearCost | None = fallback
 
     def add(self, tokens: float, attended_pairs: float, seconds: float) -> None:
@@ -81,8 +74,6 @@ class CostFit:
         if len(self._samples) < 2:
             return self._fallback if not self._samples else _per_token_only(self._samples)
         data = np.asarray(self._samples)
-        if self._forget < 1:  # rows scaled by the square root of their weights: weighted least squares
-            data = data * np.sqrt(self._forget ** np.arange(len(data) - 1, -1, -1.0))[:, None]
         features, seconds = data[:, :3], data[:, 3]
         active = [0, 1, 2]
         while active:

@@ -13,13 +13,12 @@ from hat.common.layers import SequenceSpan
 from .device_model import DeviceModel
 
 FINAL_REPEATS = 5  # timings of the head whose median is final_s
-FORGET = 0.85  # weight of a timing relative to the next newer one: the fits follow the device's present speed
 
 
 class DeviceProfile:
     def __init__(self, window: int = 128):
-        self.input = CostFit(window, forget=FORGET)  # input part (and the draft adapter's cache) over one chunk
-        self.output = CostFit(window, forget=FORGET)  # output part over one reply
+        self.input = CostFit(window)  # input part (and the draft adapter's cache) over one chunk
+        self.output = CostFit(window)  # output part over one reply
         self.final_s = 0.0  # head and sampling of the first token (the profile's median)
 
     def add_input(self, tokens: int, start: int, seconds: float) -> None:

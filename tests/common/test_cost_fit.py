@@ -24,8 +24,8 @@ def timings(cost: LinearCost, count: int, seed: int, noise: float = 0.0, max_tok
     return out
 
 
-def fitted(samples, window: int = 256, fallback: LinearCost = ZERO_COST, forget: float = 1.0) -> CostFit:
-    fit = CostFit(window=window, fallback=fallback, forget=forget)
+def fitted(samples, window: int = 256, fallback: LinearCost = ZERO_COST) -> CostFit:
+    fit = CostFit(window=window, fallback=fallback)
     for tokens, pairs, seconds in samples:
         fit.add(tokens, pairs, seconds)
     return fit
@@ -115,25 +115,6 @@ def test_window_forgets_old_samples():
     assert fit.cost.per_token_s != pytest.approx(new.per_token_s, rel=1e-3)  # one old timing still pulls
     fit.add(*changed[-1])
     assert_close(fit.cost, new, rel=1e-6)
-
-
-def test_forgetting_follows_a_slowdown_within_a_few_timings():
-    """A machine 3x slower after 60 timings (of random shapes): with forget=0.7 the fit predicts the new cost within
-    5% after 20 new timings, where the unforgetting fit is still off by more than 25%; with noise-free timings of
-    one unchanged cost, forgetting changes nothing."""
-    before, after = TRUE, TRUE.scaled(3.0)
-    for forget, worst in ((0.7, 0.05), (1.0, None)):
-        fit = fitted(timings(before, 60, seed=4) + timings(after, 20, seed=5), forget=forget)
-        for tokens, start in ((16, 0), (256, 0), (64, 2048)):
-            error = abs(fit.cost.predict(tokens, start) / after.predict(tokens, start) - 1)
-            assert error < worst if worst else error > 0.25, (forget, tokens, start, error)
-    assert_close(fitted(timings(TRUE, 40, seed=6), forget=0.7).cost, TRUE, rel=1e-6)
-
-
-@pytest.mark.parametrize("forget", [0.0, -0.5, 1.5])
-def test_forget_must_be_a_weight_in_0_1(forget):
-    with pytest.raises(ValueError, match="forget"):
-        CostFit(forget=forget)
 
 
 def test_empty_fit_returns_the_fallback():
