@@ -11,6 +11,8 @@ def add_parser(commands) -> None:
     p = commands.add_parser("generate", help="generate text on this device with the cloud's middle layers")
     p.add_argument("--bundle", required=True, help="device bundle folder (BUNDLE/device from `hat split`)")
     p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template, ready for its answer")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     add_sampling_args(p)
     add_speculation_args(p)
@@ -112,7 +114,8 @@ def run(args) -> int:
     set_threads(args.threads)
     sampling = SamplingParams(args.temperature, args.top_p, args.seed)
     result = generate_once(args.bundle, link_config(args), args.prompt, args.max_new_tokens, sampling,
-                           stream=not args.json, speculation_args=args, backend=args.backend, threads=args.threads)
+                           stream=not args.json, speculation_args=args, backend=args.backend, threads=args.threads,
+                           chat=args.chat)
     if args.json:
         print(json.dumps(result.to_json()))
     return 0
@@ -140,10 +143,11 @@ def connected_generator(bundle: str, link_config, speculation_args, backend: str
 
 
 def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sampling, stream: bool, speculation_args,
-                  backend: str = "torch", threads: int = 0):
+                  backend: str = "torch", threads: int = 0, chat: bool | None = False):
+    """One generation; `chat`: through the chat template (None: when the model has one)."""
     with connected_generator(bundle, link_config, speculation_args, backend, threads) as generator:
         on_text = (lambda text: print(text, end="", flush=True)) if stream else None
-        result = generator.generate(prompt, max_new_tokens, sampling, on_text=on_text)
+        result = generator.generate(prompt, max_new_tokens, sampling, on_text=on_text, chat=chat)
     if stream:
         print()
         print(summary_line(result), file=sys.stderr)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cloud_cmd, demo_cmd, device_cmd, export_onnx_cmd, generate_cmd, keys_cmd, log_format, split_cmd, testbed_cmd, train_adapter_cmd
+from . import (cloud_cmd, convert_gguf_cmd, demo_cmd, device_cmd, export_onnx_cmd, generate_cmd, keys_cmd, log_format,
+               pull_cmd, split_cmd, testbed_cmd, train_adapter_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=["text", "json"], default="text",
                         help="json: one JSON object per line, with fields such as session, device and code")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pull_cmd.add_parser(commands)
+    convert_gguf_cmd.add_parser(commands)
     split_cmd.add_parser(commands)
     cloud_cmd.add_parser(commands)
     generate_cmd.add_parser(commands)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 def add_parser(commands) -> None:
     p = commands.add_parser("split", help="cut a checkpoint into a device bundle and a cloud bundle")
-    p.add_argument("model_dir", help="local transformers checkpoint folder (config.json + *.safetensors + tokenizer)")
+    p.add_argument("model_dir", help="a transformers checkpoint folder (config.json + *.safetensors + tokenizer), or a store name "
+                                          "(`hat pull --list`: smollm2-135m-instruct, reference)")
     p.add_argument("--input-layers", "-K", type=int, required=True, help="decoder layers on the device before the cloud")
     p.add_argument("--output-layers", "-M", type=int, required=True, help="decoder layers on the device after the cloud")
     p.add_argument("--out", required=True, help="bundle folder: OUT/device and OUT/cloud are written")

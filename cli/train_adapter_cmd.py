@@ -10,7 +10,7 @@ def add_parser(commands) -> None:
     C = AdapterTrainConfig(model_dir="", input_layers=0, output_layers=0, out="")  # the defaults
 
     p = commands.add_parser("train-adapter", help="distil the device's draft adapter from the full model")
-    p.add_argument("--model", required=True, help="the full checkpoint folder (the teacher)")
+    p.add_argument("--model", required=True, help="the full checkpoint (the teacher): a folder or a store name (`hat pull --list`)")
     p.add_argument("--input-layers", "-K", type=int, default=DEFAULT_INPUT_LAYERS, help="K of the split")
     p.add_argument("--output-layers", "-M", type=int, default=DEFAULT_OUTPUT_LAYERS, help="M of the split")
     p.add_argument("--out", required=True, help="adapter folder to write")
@@ -39,12 +39,13 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     from hat.common.adapter_train_config import AdapterTrainConfig
     from hat.common.adapter_training import evaluate_adapter, train_adapter
+    from hat.common.model_store import resolve_model
 
     from .generate_cmd import set_threads
 
     set_threads(args.threads)
     config = AdapterTrainConfig(
-        model_dir=args.model, input_layers=args.input_layers, output_layers=args.output_layers, out=args.out,
+        model_dir=str(resolve_model(args.model)), input_layers=args.input_layers, output_layers=args.output_layers, out=args.out,
         width=args.width, depth=args.depth, intermediate_size=args.intermediate_size, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, ce_weight=args.ce_weight, seed=args.seed,
         data=args.data, eval_every=args.eval_every, eval_windows=args.eval_windows, eval_chains=args.eval_chains,

@@ -12,6 +12,7 @@ from .bundle import BundleManifest
 from .checkpoint import DTYPE_NAMES, fingerprint, load_tensors, parse_dtype
 from .model_part import EMBED, LM_HEAD, NORM, layer_index
 from .model_spec import load_model_spec
+from .model_store import resolve_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -37,7 +38,7 @@ def split_checkpoint(model_dir: str | Path, input_layers: int, output_layers: in
                      dtype: str | None = None, adapter: str | Path | None = None) -> tuple[Path, Path]:
     """Write OUT/device and OUT/cloud; returns their paths. The device bundle carries the draft adapter
     `adapter` (default: the checkpoint's own for this split, when it ships one) under OUT/device/adapter."""
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir, out = resolve_model(model_dir), Path(out)
     spec = load_model_spec(model_dir)
     n = spec.num_layers
     validate_split(n, input_layers, output_layers)

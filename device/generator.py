@@ -84,13 +84,23 @@ class SplitGenerator:
         generation, so the chunk planner plans with the new speed. Safe to call from any thread."""
         self._reprofile.set()
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.model.tokenizer(prompt)["input_ids"]
+    def encode(self, prompt: str, chat: bool | None = False) -> list[int]:
+        """`prompt`'s token ids; `chat`: as the one user message of the tokenizer's chat template (None: when the
+        tokenizer has one), ready for the assistant's answer."""
+        tokenizer = self.model.tokenizer
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat and not has_template:
+            raise ValueError("this model's tokenizer has no chat template: send the prompt as it is (without --chat)")
+        if not (chat or (chat is None and has_template)):
+            return tokenizer(prompt)["input_ids"]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote its own special tokens
 
     def generate(self, prompt: str, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+                 on_text: Callable[[str], None] | None = None, chat: bool | None = False) -> GenerationResult:
         started = time.perf_counter()
-        return self.generate_ids(self.encode(prompt), max_new_tokens, sampling, on_text, started)
+        return self.generate_ids(self.encode(prompt, chat), max_new_tokens, sampling, on_text, started)
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),

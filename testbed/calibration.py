@@ -73,8 +73,8 @@ def _link_seconds(group, up_bytes: float, down_bytes: float) -> float:
 
 def calibrate(scenario: Scenario, results_dir: str | Path) -> tuple[dict[str, SystemCosts], dict[str, list]]:
     """Per system of the run (its results' names): the SystemCosts, and the SimRequests it served."""
-    from hat.common.default_model import reference_model_dir
     from hat.common.model_spec import load_model_spec
+    from hat.common.model_store import resolve_model
 
     results_dir = Path(results_dir)
     costs_path = results_dir / CALIBRATION_FILE
@@ -86,7 +86,7 @@ def calibrate(scenario: Scenario, results_dir: str | Path) -> tuple[dict[str, Sy
         results = load_results(results_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise CalibrationError(f"cannot read the run in {results_dir}: {exc}") from None
-    spec = load_model_spec(reference_model_dir() if scenario.model == "reference" else scenario.model)
+    spec = load_model_spec(resolve_model(scenario.model))
     up_bytes = spec.hidden_size * parse_dtype(scenario.dtype).itemsize
     groups = _device_groups(scenario)
     clouds = [LinearCost(**d["cloud"]) for dumps in device_costs.values() for d in dumps if d.get("cloud")]

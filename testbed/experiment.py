@@ -34,15 +34,15 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     """Run every system of `scenario`; returns the folder holding results, plots and summary."""
     from transformers import AutoTokenizer
 
-    from hat.common.default_model import reference_model_dir
     from hat.common.model_spec import load_model_spec
+    from hat.common.model_store import resolve_model
     from hat.common.split import split_checkpoint
 
     from .report import write_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = reference_model_dir() if scenario.model == "reference" else Path(scenario.model)
+    model_dir = resolve_model(scenario.model, pull_missing=True)
     with tempfile.TemporaryDirectory(prefix="hat-testbed-") as tmp:
         device_dir, cloud_dir = split_checkpoint(model_dir, scenario.input_layers, scenario.output_layers,
                                                  Path(tmp) / "bundle", scenario.dtype)

@@ -2,7 +2,7 @@
 compared and the SLO targets, read from a YAML file (`hat testbed run SCENARIO.yaml`).
 
     name: specbench
-    model: reference            # the packaged reference model, or a checkpoint folder
+    model: reference            # a store name (reference, smollm2-135m-instruct) or a checkpoint folder
     split: {input_layers: 2, output_layers: 1}
     devices:                    # groups of identical emulated devices
       - {count: 2, class: jetson-agx-orin, power: [[0, MAXN]], link: {up_MBps: 10, down_MBps: 15, rtt_ms: 20}}
@@ -72,7 +72,7 @@ class WorkloadSpec:
 @dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
-    model: str  # "reference" or a checkpoint folder
+    model: str  # a store name ("reference", "smollm2-135m-instruct", ...) or a checkpoint folder
     input_layers: int
     output_layers: int
     devices: tuple[DeviceGroup, ...]
