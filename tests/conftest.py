@@ -83,3 +83,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct's folder in the model store ($HAT_HOME), pulled first if missing. Where it cannot be
+    had the test is skipped, except while CI is set: there the real-model tests must run, so it fails."""
+    import os
+
+    from hat.common.model_store import DEFAULT_MODEL, resolve_model
+
+    try:
+        return resolve_model(DEFAULT_MODEL, pull_missing=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{DEFAULT_MODEL} could not be obtained, and CI must run the real-model tests: {exc}")
+        pytest.skip(f"{DEFAULT_MODEL} could not be obtained: {exc}")

@@ -8,17 +8,16 @@ produces for the same tokenized prompt, end-of-sequence stop included.
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from checkpoints import FAMILIES, TOKENIZER_TEXT
 from cluster import running_cloud
+from greedy_oracle import assert_same_greedy, hf_greedy
 from hat.common.sampling import SamplingParams
 from hat.device.generator import PromptTooLongError
 
 NEW_TOKENS = 16
 CONTEXT = 256  # max_position_embeddings of the tiny checkpoints
-TIE = 1e-4  # logits closer than this are a tie in float32 (the runtime matches transformers to ~1e-5)
 
 # One-token prompt (the tokenizer only prepends <s>), short ones, code, and a long (~150-token) prompt
 # that crosses mistral's 12-token sliding window many times over.
@@ -34,35 +33,6 @@ CASES = [
     ("qwen3", 2, 1), ("qwen3", 1, 4),
 ]
 assert {f for f, _, _ in CASES} == set(FAMILIES)
-
-_HF: dict = {}
-
-
-def hf_model(model_dir):
-    if str(model_dir) not in _HF:
-        _HF[str(model_dir)] = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return _HF[str(model_dir)]
-
-
-@torch.no_grad()
-def hf_greedy(model_dir, ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy new tokens (it stops early at an end-of-sequence id, which it keeps)."""
-    out = hf_model(model_dir).generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                       do_sample=False, max_new_tokens=max_new_tokens)
-    return out[0, len(ids):].tolist()
-
-
-@torch.no_grad()
-def assert_same_greedy(model_dir, ids: list[int], got: list[int], expected: list[int]) -> None:
-    """got == expected, except that a divergence at a genuine float32 near-tie (transformers' logits of the
-    two tokens within TIE) ends the comparison: summation order may pick either token there."""
-    if got != expected:
-        i = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
-        if i is not None:
-            logits = hf_model(model_dir)(torch.tensor([ids + expected[:i]])).logits[0, -1]
-            if float(logits[expected[i]] - logits[got[i]]) < TIE:
-                return
-        assert got == expected, f"prompt of {len(ids)} tokens; first difference at new token {i}"
 
 
 def test_prompt_lengths(tiny_checkpoint):
