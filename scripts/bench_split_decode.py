@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     log(f"memory bandwidth: streaming read of {BANDWIDTH_BUFFER_BYTES >> 20} MiB at {args.threads} threads")
     bandwidth = memory_bandwidth(args.threads)
     # a decode step reads every weight once, except the embedding (one row; a tied head reads it as the head)
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in whole.named_parameters()
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in whole.named_parameters(remove_duplicate=False)
                        if not name.startswith("model.embed_tokens."))
 
     figures = {
