@@ -9,12 +9,14 @@ itself as a process against the same cloud.
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -195,14 +197,11 @@ def test_malformed_requests_get_openai_errors(served, method, path, body, status
 
 
 def test_busy_device_gets_503_then_serves(served):
-    assert served.server.lock.acquire(timeout=30)
-    try:
+    with device_held(served.server):
         status, reply = request(served, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
-    finally:
-        served.server.lock.release()
     assert status == 503 and reply["error"]["code"] == "busy" and reply["error"]["type"] == "server_error"
     # a connection that sends nothing does not hold anything up, and after every refusal a request still works
-    idle = http.client.HTTPConnection(served.server.httpd.server_address[0], served.server.httpd.server_address[1])
+    idle = http.client.HTTPConnection(*served.server.address)
     idle.connect()
     status, reply = request(served, "POST", "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 3,
                                                                 "temperature": 0})
@@ -234,9 +233,19 @@ def test_hat_device_serve_process(served):
             proc.wait()
 
 
+@contextmanager
+def device_held(server: OpenAIServer):
+    """The device taken as a running generation takes it: through the server's gate, on the server's loop."""
+    asyncio.run_coroutine_threadsafe(server.gate.acquire(30), server.http.loop).result(timeout=30)
+    try:
+        yield
+    finally:
+        server.http.loop.call_soon_threadsafe(server.gate.release)
+
+
 def request(served, method: str, path: str, body=None) -> tuple[int, dict]:
     """One raw HTTP request; (status, the JSON body)."""
-    host, port = served.server.httpd.server_address[:2]
+    host, port = served.server.address
     conn = http.client.HTTPConnection(host, port, timeout=60)
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data is not None else {})
