@@ -33,6 +33,7 @@ from hat.common.uvicorn_thread import HttpTimeouts, UvicornThread
 
 from .api_generation import GenerationGate, GenerationJob, Outcome, run_generation
 from .api_metrics import ApiMetrics
+from .generator import GenerationCancelled
 from .openai_schema import ApiError, GenerationRequest, parse_chat, parse_completion
 
 if TYPE_CHECKING:
@@ -55,6 +56,20 @@ class ServeConfig:
     shutdown_s: float = 5.0  # on stop, requests in flight get this long to finish, then their generation ends
     default_max_tokens: int = 16  # max_tokens when a request leaves it out (OpenAI's completions default)
     model_name: str = ""  # the model id served (empty: the caller's choice, usually the bundle's model name)
+
+
+SHUT_DOWN = ApiError(503, "the server is shutting down: the generation was ended", "server_error",
+                     code="shutting_down")
+
+
+def _wait(condition, timeout_s: float) -> bool:
+    """Poll `condition` (from a thread other than the server's) until true or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 class _ClientGone(Exception):
@@ -102,6 +117,7 @@ class OpenAIServer:
                                    "speculative": str(generator.speculation is not None).lower()})
         self.created = int(time.time())
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hat-generation")  # the generation thread
+        self._job: GenerationJob | None = None  # the running generation
         timeouts = HttpTimeouts(head_s=config.read_timeout_s, keep_alive_s=config.keep_alive_s,
                                 shutdown_s=config.shutdown_s)
         self.http = UvicornThread(_Guard(_app(self), config.read_timeout_s, self.metrics), config.host, config.port,
@@ -121,15 +137,26 @@ class OpenAIServer:
         return self
 
     def stop(self) -> None:
-        """Refuse new work and answer waiting requests 503, give running ones `shutdown_s`, end the generation."""
-        loop = self.http.loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self.gate.close)
-            except RuntimeError:  # the loop closed meanwhile
-                pass
+        """Refuse new work and answer waiting requests 503; give the running generation `shutdown_s` to finish, then
+        end it (its stream ends with a 503 error event); stop serving."""
+        loop, grace = self.http.loop, self.config.shutdown_s
+        if loop is not None and self._on_loop(loop, self.gate.close):
+            if not _wait(lambda: not self.gate.busy, grace) and self._on_loop(loop, self._cancel_running):
+                _wait(lambda: not self.gate.busy, grace)
         self.http.stop()
         self._executor.shutdown(wait=True)
+
+    @staticmethod
+    def _on_loop(loop: asyncio.AbstractEventLoop, call) -> bool:
+        try:
+            loop.call_soon_threadsafe(call)
+            return True
+        except RuntimeError:  # the loop has closed
+            return False
+
+    def _cancel_running(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
 
     def __enter__(self):
         return self.start()
@@ -195,6 +222,7 @@ class OpenAIServer:
         except BaseException:
             self.gate.release()
             raise
+        self._job = job
         job.future.add_done_callback(self._generation_ended)
         reply = _Reply(parsed, self.model_id)
         if parsed.stream:
@@ -204,12 +232,13 @@ class OpenAIServer:
         except _ClientGone:
             job.cancel()
             return Response(status_code=499)
+        except GenerationCancelled:
+            raise SHUT_DOWN from None
         return JSONResponse(reply.response(outcome))
 
     def _generation_ended(self, future: asyncio.Future) -> None:
         """On the loop, when the generation thread is done: the next request gets the device; the metrics."""
-        from .generator import GenerationCancelled
-
+        self._job = None
         self.gate.release()
         error = future.exception()
         if error is None:
@@ -281,6 +310,8 @@ class _EventStream(Response):
             await send(_event(reply.chunk(text)))
         try:
             outcome = await self.job.outcome()
+        except GenerationCancelled:
+            await send(_event(SHUT_DOWN.body()))
         except ApiError as exc:
             await send(_event(exc.body()))
         except Exception as exc:  # the 200 is out: the error goes in the stream
