@@ -65,9 +65,19 @@ class _HeadTimeoutProtocol(AutoHTTPProtocol):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on HOST:PORT (port 0: any free one); an address in use raises here, in the caller."""
+    """A listening TCP socket on HOST:PORT (port 0: any free one); an address in use raises here, in the caller.
+    Made with protocol IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections of
+    such a socket, and with it on, a kept-alive request waits for the client's delayed ACK (about 40 ms)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=128)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class UvicornThread:
