@@ -10,7 +10,7 @@ from starlette.routing import Route
 from .uvicorn_thread import HttpTimeouts, UvicornThread
 
 # a scrape is one short request: the head, keep-alive and shutdown waits of a metrics endpoint
-METRICS_TIMEOUTS = HttpTimeouts(head_s=10.0, keep_alive_s=5.0, shutdown_s=1.0)
+METRICS_TIMEOUTS = HttpTimeouts(head_s=10.0, write_s=10.0, keep_alive_s=5.0, shutdown_s=1.0)
 
 
 class _AsgiEndpoint:

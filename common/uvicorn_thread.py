@@ -24,44 +24,62 @@ log = logging.getLogger(__name__)
 class HttpTimeouts:
     head_s: float = 30.0  # a request's line and headers must arrive within this of the connection's opening (or of
     # the previous response's end on a kept-alive connection); else the connection is closed
+    write_s: float = 30.0  # a response the client does not take (the send buffer stays full) this long: the
+    # connection is dropped (the app's next send sees the client gone)
     keep_alive_s: float = 5.0  # a kept-alive connection idle this long is closed (uvicorn's timeout_keep_alive)
     shutdown_s: float = 5.0  # on stop, requests in flight get this long to finish before they are cancelled
     start_s: float = 30.0  # longest wait for the server to start serving
 
 
-class _HeadTimeoutProtocol(AutoHTTPProtocol):
-    """uvicorn's HTTP protocol (httptools when installed, else h11) with the one read timeout uvicorn leaves out:
-    a request head that does not arrive in time. (uvicorn's keep-alive timer stops at the first byte, so a client
-    that sends a byte and stalls would hold its connection for ever.)"""
-    head_timeout_s: float = HttpTimeouts.head_s  # set on the subclass each server makes
+class _TimedProtocol(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with the two timeouts uvicorn leaves out:
+    a request head that does not arrive in time (uvicorn's keep-alive timer stops at the first byte, so a client
+    that sends a byte and stalls would hold its connection for ever), and a client that stops reading (a send would
+    wait for it for ever). Both cost nothing per request: timers run only while waiting."""
+    timeouts: HttpTimeouts = HttpTimeouts()  # set on the subclass each server makes
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._head_timer = self._write_timer = None
         self._arm_head_timer()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._arm_head_timer()
 
+    def pause_writing(self) -> None:  # the send buffer is full
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.timeouts.write_s, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        self._write_timer = _cancelled(self._write_timer)
+        super().resume_writing()
+
     def connection_lost(self, exc) -> None:
-        self._cancel_head_timer()
+        self._head_timer = _cancelled(self._head_timer)
+        self._write_timer = _cancelled(self._write_timer)
         super().connection_lost(exc)
 
     def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out, self.cycle)
-
-    def _cancel_head_timer(self) -> None:
-        timer = getattr(self, "_head_timer", None)
-        if timer is not None:
-            timer.cancel()
-            self._head_timer = None
+        _cancelled(self._head_timer)
+        self._head_timer = self.loop.call_later(self.timeouts.head_s, self._head_timed_out, self.cycle)
 
     def _head_timed_out(self, cycle_when_armed) -> None:
         waiting = self.cycle is cycle_when_armed and (self.cycle is None or self.cycle.response_complete)
         if waiting and not self.transport.is_closing():  # no new request head arrived since the timer was armed
-            log.info("closing a connection whose request head did not arrive within %g s", self.head_timeout_s)
+            log.info("closing a connection whose request head did not arrive within %g s", self.timeouts.head_s)
             self.transport.close()
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        log.warning("dropping a connection whose client took no response data for %g s", self.timeouts.write_s)
+        self.transport.abort()  # (close() would wait to flush the unread data)
+
+
+def _cancelled(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -87,7 +105,7 @@ class UvicornThread:
                  access_log: bool = False):
         self.socket = bind(host, port)
         self.address: tuple[str, int] = self.socket.getsockname()[:2]
-        protocol = type("HeadTimeoutProtocol", (_HeadTimeoutProtocol,), {"head_timeout_s": timeouts.head_s})
+        protocol = type("TimedProtocol", (_TimedProtocol,), {"timeouts": timeouts})
         config = uvicorn.Config(app, http=protocol, ws="none", lifespan="off", log_config=None,
                                 access_log=access_log, timeout_keep_alive=timeouts.keep_alive_s,
                                 timeout_graceful_shutdown=timeouts.shutdown_s)

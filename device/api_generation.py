@@ -99,13 +99,19 @@ class GenerationGate:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def take(self) -> bool:
+        """Take the device if it is free and nobody waits; False otherwise (then `acquire` waits for it)."""
+        if self.busy or self._waiters or self.closed:
+            return False
+        self.busy = True
+        return True
+
     async def acquire(self, timeout_s: float) -> None:
         """Wait for the device (ApiError 503 if closed, the queue is full, or `timeout_s` passes); the caller then
         owns it until `release()`."""
         if self.closed:
             raise _busy("the server is shutting down", "shutting_down")
-        if not self.busy and not self._waiters:
-            self.busy = True
+        if self.take():
             return
         if len(self._waiters) >= self.max_waiting:
             raise _busy(f"the device is busy and {len(self._waiters)} requests already wait; retry later", "busy")
@@ -150,19 +156,25 @@ class GenerationGate:
 _END = object()  # the generation thread's last item
 
 
-class GenerationJob:
-    """`run(on_delta, cancel)` on `executor` (the generation thread); `deltas()` yields its text on the event loop
-    as it comes, `outcome()` its result. `cancel()` (from the loop) ends it before its next round."""
+def _ignore(text: str) -> None:
+    pass
 
-    def __init__(self, run: Callable[[Callable[[str], None], threading.Event], Outcome], executor: Executor):
+
+class GenerationJob:
+    """`run(on_delta, cancel)` on `executor` (the generation thread); with `stream`, `deltas()` yields its text on
+    the event loop as it comes (without, the text stays on the generation thread: no wake-up of the loop a delta);
+    `outcome()` its result. `cancel()` (from the loop) ends it before its next round."""
+
+    def __init__(self, run: Callable[[Callable[[str], None], threading.Event], Outcome], executor: Executor,
+                 stream: bool):
         self.loop = asyncio.get_running_loop()
         self._cancel = threading.Event()
         self._deltas: asyncio.Queue = asyncio.Queue()
-        self.future: asyncio.Future = self.loop.run_in_executor(executor, self._run, run)
+        self.future: asyncio.Future = self.loop.run_in_executor(executor, self._run, run, stream)
 
-    def _run(self, run) -> Outcome:
+    def _run(self, run, stream: bool) -> Outcome:
         try:
-            return run(self._hand_over, self._cancel)
+            return run(self._hand_over if stream else _ignore, self._cancel)
         finally:
             self._hand_over(_END)
 

@@ -76,10 +76,6 @@ class _ClientGone(Exception):
     """The client disconnected before its answer was complete."""
 
 
-class _SlowClient(Exception):
-    """A response write did not go out within the read timeout (the client stopped reading)."""
-
-
 async def _disconnected(receive) -> None:
     """Returns once the client is gone (after the body is read, an ASGI server's receive() waits for that)."""
     while (await receive())["type"] != "http.disconnect":
@@ -118,10 +114,10 @@ class OpenAIServer:
         self.created = int(time.time())
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hat-generation")  # the generation thread
         self._job: GenerationJob | None = None  # the running generation
-        timeouts = HttpTimeouts(head_s=config.read_timeout_s, keep_alive_s=config.keep_alive_s,
-                                shutdown_s=config.shutdown_s)
-        self.http = UvicornThread(_Guard(_app(self), config.read_timeout_s, self.metrics), config.host, config.port,
-                                  "openai-api", timeouts, access_log=True)
+        timeouts = HttpTimeouts(head_s=config.read_timeout_s, write_s=config.read_timeout_s,
+                                keep_alive_s=config.keep_alive_s, shutdown_s=config.shutdown_s)
+        self.http = UvicornThread(_Guard(_app(self), self.metrics), config.host, config.port, "openai-api", timeouts,
+                                  access_log=True)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -213,12 +209,13 @@ class OpenAIServer:
         parsed = (parse_chat(body, self.model_id, c.default_max_tokens, self.tokenizer) if chat
                   else parse_completion(body, self.model_id, c.default_max_tokens))
         ids = self.prompt_ids(parsed)
+        if not self.gate.take():  # the device is busy: wait in the queue, unless the client goes away
+            try:
+                await _unless_gone(self.gate.acquire(c.queue_timeout_s), request.receive)
+            except _ClientGone:
+                return Response(status_code=499)
         try:
-            await _unless_gone(self.gate.acquire(c.queue_timeout_s), request.receive)
-        except _ClientGone:
-            return Response(status_code=499)
-        try:
-            job = GenerationJob(partial(run_generation, self.generator, parsed, ids), self._executor)
+            job = GenerationJob(partial(run_generation, self.generator, parsed, ids), self._executor, parsed.stream)
         except BaseException:
             self.gate.release()
             raise
@@ -370,11 +367,11 @@ def _app(api: OpenAIServer) -> FastAPI:
 
 
 class _Guard:
-    """The outermost ASGI layer: a path's trailing slash is dropped, every response write has the read timeout,
-    every answered request is counted by endpoint and status (499: the client went away first)."""
+    """The outermost ASGI layer: a path's trailing slash is dropped, and every answered request is counted by
+    endpoint and status (499: the client went away first)."""
 
-    def __init__(self, app, write_timeout_s: float, metrics: ApiMetrics):
-        self.app, self.write_timeout_s, self.metrics = app, write_timeout_s, metrics
+    def __init__(self, app, metrics: ApiMetrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -382,19 +379,13 @@ class _Guard:
         path = scope["path"].rstrip("/") or "/"
         status = 499
 
-        async def timed_send(message) -> None:
+        async def counted_send(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            try:
-                await asyncio.wait_for(send(message), self.write_timeout_s)
-            except asyncio.TimeoutError:
-                raise _SlowClient from None
+            await send(message)
 
         try:
-            await self.app({**scope, "path": path}, receive, timed_send)
-        except _SlowClient:
-            log.warning("a client did not take a response write within %g s: its connection is closed",
-                        self.write_timeout_s)
+            await self.app({**scope, "path": path}, receive, counted_send)
         finally:
             self.metrics.request(path, status)
