@@ -29,8 +29,8 @@ class _LinkBytes(Collector):
 
 
 class ApiMetrics:
-    def __init__(self, waiting: Callable[[], int], running: Callable[[], bool], link_bytes: Callable[[], tuple[int, int]],
-                 backend: dict[str, str]):
+    def __init__(self, waiting: Callable[[], int], running: Callable[[], bool],
+                 link_bytes: Callable[[], tuple[int, int]], backend: dict[str, str]):
         """`waiting`, `running` and `link_bytes` are read when scraped: requests queued for the device, whether a
         generation runs, the data plane's (bytes sent, bytes received)."""
         self.registry = r = CollectorRegistry()

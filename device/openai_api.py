@@ -58,8 +58,8 @@ class ServeConfig:
     model_name: str = ""  # the model id served (empty: the caller's choice, usually the bundle's model name)
 
 
-SHUT_DOWN = ApiError(503, "the server is shutting down: the generation was ended", "server_error",
-                     code="shutting_down")
+def _shut_down() -> ApiError:
+    return ApiError(503, "the server is shutting down: the generation was ended", "server_error", code="shutting_down")
 
 
 def _wait(condition, timeout_s: float) -> bool:
@@ -230,14 +230,14 @@ class OpenAIServer:
             job.cancel()
             return Response(status_code=499)
         except GenerationCancelled:
-            raise SHUT_DOWN from None
+            raise _shut_down() from None
         return JSONResponse(reply.response(outcome))
 
     def _generation_ended(self, future: asyncio.Future) -> None:
         """On the loop, when the generation thread is done: the next request gets the device; the metrics."""
         self._job = None
         self.gate.release()
-        error = future.exception()
+        error = GenerationCancelled() if future.cancelled() else future.exception()
         if error is None:
             self.metrics.generation(future.result())
         else:
@@ -308,7 +308,7 @@ class _EventStream(Response):
         try:
             outcome = await self.job.outcome()
         except GenerationCancelled:
-            await send(_event(SHUT_DOWN.body()))
+            await send(_event(_shut_down().body()))
         except ApiError as exc:
             await send(_event(exc.body()))
         except Exception as exc:  # the 200 is out: the error goes in the stream

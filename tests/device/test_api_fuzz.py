@@ -11,7 +11,7 @@ import socket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_api_serving import second_server
-from test_openai_api import MODEL, PROMPT, request, served  # noqa: F401 (a fixture)
+from test_openai_api import MODEL, PROMPT, served  # noqa: F401 (a fixture)
 
 from fuzzing import mutate
 from hat.device.openai_schema import ApiError, GenerationRequest, parse_chat, parse_completion

@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +21,7 @@ from contextlib import contextmanager
 import pytest
 from openai import APIError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
-from test_openai_api import MODEL, NEW_TOKENS, PROMPT, device_held, request, served  # noqa: F401 (a fixture)
+from test_openai_api import MODEL, NEW_TOKENS, PROMPT, device_held, request, serve_process, served  # noqa: F401
 
 from hat.device.generator import GenerationCancelled
 from hat.device.openai_api import OpenAIServer, ServeConfig
@@ -288,17 +285,7 @@ def test_sigint_mid_stream_stops_hat_device_serve_cleanly(served):
     """`hat device serve` streaming a long generation: SIGINT ends the process with status 0 and no traceback, the
     generation ended at once (--shutdown-timeout 0), and the stream ends with OpenAI's error event (shutting_down)."""
     assert len(served.greedy(served.tokenizer(PROMPT)["input_ids"], LONG)) == LONG  # no end-of-sequence: only a stop
-    cluster = served.cluster
-    command = [sys.executable, "-m", "hat.cli.main", "device", "serve", "--bundle", str(cluster.device_dir),
-               "--cloud", "127.0.0.1", "--data-port", str(cluster.data_port), "--control-port",
-               str(cluster.control_port), "--port", "0", "--threads", "1", "--shutdown-timeout", "0",
-               "--telemetry-interval", "0"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("ready http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
-        url, model = line.split()[1], line.split()[2].removeprefix("model=")
+    with serve_process(served, "--shutdown-timeout", "0", "--telemetry-interval", "0") as (proc, url, model):
         client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
         stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=LONG, temperature=0, stream=True)
         chunks = iter(stream)
@@ -310,7 +297,3 @@ def test_sigint_mid_stream_stops_hat_device_serve_cleanly(served):
         assert proc.wait(timeout=30) == 0, proc.stderr.read()
         errors = proc.stderr.read()
         assert "Traceback" not in errors, errors
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -211,22 +211,29 @@ def test_busy_device_gets_503_then_serves(served):
 
 def test_hat_device_serve_process(served):
     """The command itself: ready line, /v1/models, a completion, SIGTERM ends it cleanly."""
-    cluster = served.cluster
-    command = [sys.executable, "-m", "hat.cli.main", "device", "serve", "--bundle", str(cluster.device_dir),
-               "--cloud", "127.0.0.1", "--data-port", str(cluster.data_port), "--control-port",
-               str(cluster.control_port), "--port", "0", "--threads", "1", "--default-max-tokens", "3"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("ready http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
-        url, model = line.split()[1], line.split()[2].removeprefix("model=")
+    with serve_process(served, "--default-max-tokens", "3") as (proc, url, model):
         assert model == served.server.generator.model.manifest.source_name  # the checkpoint's folder name
         client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == [model]
         assert client.completions.create(model=model, prompt=PROMPT, temperature=0).usage.completion_tokens <= 3
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+@contextmanager
+def serve_process(served, *flags: str):
+    """`hat device serve FLAGS` as a process against the module's cloud: (the process, its API's URL, the model id)
+    once it is ready; killed at the end if still running."""
+    cluster = served.cluster
+    command = [sys.executable, "-m", "hat.cli.main", "device", "serve", "--bundle", str(cluster.device_dir),
+               "--cloud", "127.0.0.1", "--data-port", str(cluster.data_port), "--control-port",
+               str(cluster.control_port), "--port", "0", "--threads", "1", *flags]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        yield proc, line.split()[1], line.split()[2].removeprefix("model=")
     finally:
         if proc.poll() is None:
             proc.kill()
