@@ -19,7 +19,7 @@ from hat.device.openai_schema import ApiError, GenerationRequest, parse_chat, pa
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "seed",
           "stop", "stream", "stream_options", "echo", "suffix", "best_of", "logprobs", "tools", "role", "content",
           "type", "text", "include_usage", "user"]
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | st.floats(allow_nan=False)
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | st.floats(allow_nan=False, allow_subnormal=False)
                     | st.text(max_size=6) | st.sampled_from(["user", "assistant", "text", MODEL, PROMPT]),
                     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
                         st.sampled_from(FIELDS) | st.text(max_size=6), inner, max_size=5), max_leaves=16)
