@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from starlette.requests import ClientDisconnect
 from hat.common.metrics_endpoint import metrics_route
 from hat.common.uvicorn_thread import HttpTimeouts, UvicornThread
 
-from .api_generation import GenerationGate, GenerationJob, Outcome, run_generation
+from .api_generation import GenerationGate, GenerationJob, run_generation
 from .api_metrics import ApiMetrics
+from .api_responses import ClientGone, EventStream, Reply, shut_down_error, unless_gone
 from .generator import GenerationCancelled
 from .openai_schema import ApiError, GenerationRequest, parse_chat, parse_completion
 
@@ -58,10 +58,6 @@ class ServeConfig:
     model_name: str = ""  # the model id served (empty: the caller's choice, usually the bundle's model name)
 
 
-def _shut_down() -> ApiError:
-    return ApiError(503, "the server is shutting down: the generation was ended", "server_error", code="shutting_down")
-
-
 def _wait(condition, timeout_s: float) -> bool:
     """Poll `condition` (from a thread other than the server's) until true or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
@@ -70,30 +66,6 @@ def _wait(condition, timeout_s: float) -> bool:
             return False
         time.sleep(0.01)
     return True
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its answer was complete."""
-
-
-async def _disconnected(receive) -> None:
-    """Returns once the client is gone (after the body is read, an ASGI server's receive() waits for that)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_gone(awaitable, receive):
-    """`awaitable`'s result, unless the client disconnects first (_ClientGone; `awaitable` is cancelled)."""
-    work, watch = asyncio.ensure_future(awaitable), asyncio.ensure_future(_disconnected(receive))
-    try:
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not work.done():
-            work.cancel()
-    if work not in done:
-        raise _ClientGone
-    return work.result()
 
 
 class OpenAIServer:
@@ -211,8 +183,8 @@ class OpenAIServer:
         ids = self.prompt_ids(parsed)
         if not self.gate.take():  # the device is busy: wait in the queue, unless the client goes away
             try:
-                await _unless_gone(self.gate.acquire(c.queue_timeout_s), request.receive)
-            except _ClientGone:
+                await unless_gone(self.gate.acquire(c.queue_timeout_s), request.receive)
+            except ClientGone:
                 return Response(status_code=499)
         try:
             job = GenerationJob(partial(run_generation, self.generator, parsed, ids), self._executor, parsed.stream)
@@ -221,16 +193,16 @@ class OpenAIServer:
             raise
         self._job = job
         job.future.add_done_callback(self._generation_ended)
-        reply = _Reply(parsed, self.model_id)
+        reply = Reply(parsed, self.model_id)
         if parsed.stream:
-            return _EventStream(reply, job)
+            return EventStream(reply, job)
         try:
-            outcome = await _unless_gone(job.outcome(), request.receive)
-        except _ClientGone:
+            outcome = await unless_gone(job.outcome(), request.receive)
+        except ClientGone:
             job.cancel()
             return Response(status_code=499)
         except GenerationCancelled:
-            raise _shut_down() from None
+            raise shut_down_error() from None
         return JSONResponse(reply.response(outcome))
 
     def _generation_ended(self, future: asyncio.Future) -> None:
@@ -242,84 +214,6 @@ class OpenAIServer:
             self.metrics.generation(future.result())
         else:
             self.metrics.ended_early("cancelled" if isinstance(error, GenerationCancelled) else "error")
-
-
-class _Reply:
-    """The OpenAI-shaped bodies of one request's answer (one id for all its chunks)."""
-
-    def __init__(self, request: GenerationRequest, model_id: str):
-        self.request, self.model_id = request, model_id
-        self.id = ("chatcmpl-" if request.chat else "cmpl-") + secrets.token_hex(12)
-
-    def head(self, chunk: bool) -> dict:
-        chat = self.request.chat
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": int(time.time()), "model": self.model_id}
-
-    def response(self, outcome: Outcome) -> dict:
-        if self.request.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text}, "logprobs": None,
-                      "finish_reason": outcome.finish_reason}
-        else:
-            choice = {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
-        return {**self.head(chunk=False), "choices": [choice], "usage": outcome.usage(), "hat": outcome.hat}
-
-    def chunk(self, delta: str | None, finish: str | None = None, role: bool = False) -> dict:
-        if self.request.chat:
-            content = {} if delta is None else {"content": delta}
-            choice = {"index": 0, "delta": {"role": "assistant", **content} if role else content}
-        else:
-            choice = {"index": 0, "text": delta or ""}
-        extra = {"usage": None} if self.request.include_usage else {}
-        return {**self.head(chunk=True), "choices": [{**choice, "logprobs": None, "finish_reason": finish}], **extra}
-
-    def usage_chunk(self, outcome: Outcome) -> dict:
-        return {**self.head(chunk=True), "choices": [], "usage": outcome.usage(), "hat": outcome.hat}
-
-
-def _event(payload: dict | str) -> dict:
-    data = payload if isinstance(payload, str) else json.dumps(payload)
-    return {"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True}
-
-
-class _EventStream(Response):
-    """A generation's text as Server-Sent Events, while the client stays; once it goes, the generation ends."""
-
-    def __init__(self, reply: _Reply, job: GenerationJob):
-        super().__init__(media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        del self.headers["content-length"]
-        self.reply, self.job = reply, job
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await _unless_gone(self._send_all(send), receive)
-        except _ClientGone:
-            log.info("the client went away mid-stream: its generation ends")
-        finally:
-            self.job.cancel()  # (nothing to end once it has finished)
-
-    async def _send_all(self, send) -> None:
-        reply = self.reply
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        if reply.request.chat:
-            await send(_event(reply.chunk("", role=True)))
-        async for text in self.job.deltas():
-            await send(_event(reply.chunk(text)))
-        try:
-            outcome = await self.job.outcome()
-        except GenerationCancelled:
-            await send(_event(_shut_down().body()))
-        except ApiError as exc:
-            await send(_event(exc.body()))
-        except Exception as exc:  # the 200 is out: the error goes in the stream
-            log.error("streamed generation failed", exc_info=exc)
-            await send(_event(ApiError(500, f"internal error: {exc}", "server_error").body()))
-        else:
-            await send(_event({**reply.chunk(None, outcome.finish_reason), "hat": outcome.hat}))
-            if reply.request.include_usage:
-                await send(_event(reply.usage_chunk(outcome)))
-        await send(_event("[DONE]"))
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _app(api: OpenAIServer) -> FastAPI:
