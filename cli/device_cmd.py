@@ -39,10 +39,16 @@ def add_serve_parser(actions) -> None:
                    help="max_tokens of requests that leave it out")
     p.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s,
                    help="seconds a request waits for the running generation (one at a time) before a 503")
+    p.add_argument("--max-queue", type=positive_int, default=d.max_queue,
+                   help="requests that may wait for the running generation; more get 503 at once")
     p.add_argument("--max-body-bytes", type=positive_int, default=d.max_body_bytes,
                    help="larger request bodies get 413")
     p.add_argument("--read-timeout", type=float, default=d.read_timeout_s,
-                   help="timeout of each socket read or write on a client connection, seconds")
+                   help="seconds a request's head, its body, and each response write may take on a client connection")
+    p.add_argument("--keep-alive", type=float, default=d.keep_alive_s,
+                   help="seconds an idle kept-alive client connection stays open")
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_s,
+                   help="on SIGINT or SIGTERM, seconds running requests get to finish before their generation ends")
     p.add_argument("--telemetry-interval", type=float, default=5.0,
                    help="seconds between telemetry reports to the cloud (jetson-stats on a Jetson, psutil elsewhere; "
                         "a power-mode change re-profiles the device for the chunk planner); 0: none")
@@ -57,11 +63,12 @@ def model_id(bundle: str, manifest) -> str:
 def run_serve(args) -> int:
     from hat.device.openai_api import LOOPBACK, OpenAIServer, ServeConfig
 
-    if args.queue_timeout < 0 or args.read_timeout <= 0:
-        raise ValueError("--queue-timeout must be >= 0 and --read-timeout > 0")
+    if args.queue_timeout < 0 or args.read_timeout <= 0 or args.keep_alive <= 0 or args.shutdown_timeout < 0:
+        raise ValueError("--queue-timeout and --shutdown-timeout must be >= 0, --read-timeout and --keep-alive > 0")
     set_threads(args.threads)
-    config = ServeConfig(host=args.host, port=args.port, queue_timeout_s=args.queue_timeout,
+    config = ServeConfig(host=args.host, port=args.port, queue_timeout_s=args.queue_timeout, max_queue=args.max_queue,
                          max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout,
+                         keep_alive_s=args.keep_alive, shutdown_s=args.shutdown_timeout,
                          default_max_tokens=args.default_max_tokens, model_name=args.model_name)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

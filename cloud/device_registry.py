@@ -6,6 +6,8 @@ import logging
 import math
 import threading
 
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+
 from hat.common.bundle import BundleManifest, BundleMismatchError, check_compatible
 from hat.common.proto import hat_pb2 as pb
 from hat.common.wire import MAX_ID_CHARS
@@ -17,11 +19,6 @@ TELEMETRY_GAUGES = (  # (metric, TelemetryReport field, help)
     ("hat_device_gpu_load", "gpu_load", "GPU load a device reported, 0..1 (negative: no reading)"),
     ("hat_device_temperature_celsius", "temperature_c", "hottest sensor a device reported (0: no reading)"),
 )
-
-
-def _label(value: str) -> str:
-    """A Prometheus label value, escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class DeviceRegistry:
@@ -75,19 +72,20 @@ class DeviceRegistry:
                      report.power_mode or "?", extra={"device": report.device_id, "event": "power_mode"})
         return pb.TelemetryAck(registered=known)
 
-    def telemetry_lines(self) -> list[str]:
-        """Per-device gauges in Prometheus' text format, from the newest reports."""
+    def telemetry_families(self) -> list[Metric]:
+        """Per-device gauges (prometheus_client families), from the newest reports."""
         with self._lock:
             reports = sorted(self._telemetry.items())
-        lines = []
+        families = []
         for name, field, help_text in TELEMETRY_GAUGES:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-            lines += [f'{name}{{device="{_label(device)}"}} {getattr(r, field)!r}' for device, r in reports]
-        lines += ["# HELP hat_device_power_mode_info the device's power mode (nvpmodel name)",
-                  "# TYPE hat_device_power_mode_info gauge"]
-        lines += [f'hat_device_power_mode_info{{device="{_label(device)}",mode="{_label(r.power_mode)}",'
-                  f'source="{_label(r.source)}"}} 1' for device, r in reports]
-        return lines
+            family = GaugeMetricFamily(name, help_text, labels=["device"])
+            for device, report in reports:
+                family.add_metric([device], getattr(report, field))
+            families.append(family)
+        modes = InfoMetricFamily("hat_device_power_mode", "the device's power mode (nvpmodel name)", labels=["device"])
+        for device, report in reports:
+            modes.add_metric([device], {"mode": report.power_mode, "source": report.source})
+        return families + [modes]
 
     def is_registered(self, device_id: str) -> bool:
         with self._lock:

@@ -1,38 +1,30 @@
-"""The cloud's metrics in Prometheus' text exposition format, served over HTTP (`--metrics HOST:PORT`).
+"""The cloud's metrics (a cloud server, a router, a worker) through prometheus_client, served at GET /metrics
+(`--metrics HOST:PORT`, hat.common.metrics_endpoint).
 
-Counters and histograms are recorded by the data plane; gauges are read when scraped. Written here
-rather than with prometheus_client: the format is a few lines of text, and the cloud keeps no
-dependency it does not need.
+Counters and histograms the data plane records are prometheus_client's Counter and Histogram; values the server
+keeps anyway (sessions, KV blocks, ...) are read when scraped, by a collector. Each CloudMetrics has its own
+CollectorRegistry, not the process-wide default one: a router and workers in one process (the tests, the testbed)
+keep their metrics apart, and nothing another library registers leaks into ours.
+
+Processes that fork: every serving process (cloud server, router, each worker) is its own scrape target with its
+own registry; a pipeline's stage processes are spawned, not forked, and record nothing (the serving process
+records their forwards). So prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR) is not used, and must
+not be set for these processes: it would move the values into files shared by every registry of the process.
 """
 from __future__ import annotations
 
-import bisect
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+import logging
+import os
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("hat.cloud")
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-
-    def lines(self, name: str) -> list[str]:
-        out, running = [], 0
-        for bound, count in zip((*self.buckets, float("inf")), self.counts):
-            running += count
-            le = "+Inf" if bound == float("inf") else f"{bound:g}"
-            out.append(f'{name}_bucket{{le="{le}"}} {running}')
-        return out + [f"{name}_sum {self.sum:.6f}", f"{name}_count {running}"]
-
 
 HISTOGRAMS = {  # name: (help, buckets)
     "hat_batch_sessions": ("sessions in one forward of the middle part", COUNT_BUCKETS),
@@ -48,91 +40,59 @@ HISTOGRAMS = {  # name: (help, buckets)
 }
 
 
+def warn_if_multiprocess_mode() -> None:
+    """prometheus_client picks its multiprocess values at import when PROMETHEUS_MULTIPROC_DIR is set (see above)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        log.warning("PROMETHEUS_MULTIPROC_DIR is set: hat's metrics are per process and do not use prometheus_client's "
+                    "multiprocess mode; unset it, or two registries in one process may mix their values")
+
+
+class _ReadWhenScraped(Collector):
+    """The gauges and counters a CloudMetrics reads from the server at each scrape, and its labelled families."""
+
+    def __init__(self, metrics: "CloudMetrics"):
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        for name, (help_text, read) in list(self.metrics.gauges.items()):
+            yield GaugeMetricFamily(name, help_text, value=read())
+        for name, (help_text, read) in list(self.metrics.counters.items()):
+            yield CounterMetricFamily(name, help_text, value=read())
+        for family in list(self.metrics.families):
+            yield from family()
+
+
 class CloudMetrics:
     def __init__(self):
-        self._lock = threading.Lock()
-        self.histograms = {name: Histogram(buckets) for name, (_, buckets) in HISTOGRAMS.items()}
-        self.tokens = {"prefill": 0, "decode": 0}  # middle-part tokens by kind of FORWARD
-        self.errors: dict[str, int] = {}  # ERROR replies by code
-        self.slo_misses = {"ttft": 0, "tbt": 0}  # cloud-side prefills and round intervals over their session's target
+        warn_if_multiprocess_mode()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.histograms = {name: Histogram(name, help_text, buckets=buckets, registry=r)
+                           for name, (help_text, buckets) in HISTOGRAMS.items()}
+        self.tokens = Counter("hat_tokens_total", "middle-part tokens by kind of FORWARD", ["kind"], registry=r)
+        self.errors = Counter("hat_errors_total", "ERROR replies by code", ["code"], registry=r)
+        self.slo_misses = Counter("hat_slo_misses_total", "cloud-side prefills (ttft) and round intervals (tbt) over "
+                                  "their session's target", ["kind"], registry=r)
+        for counter, kinds in ((self.tokens, ("prefill", "decode")), (self.slo_misses, ("ttft", "tbt"))):
+            for kind in kinds:  # shown at 0 from the start
+                counter.labels(kind)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}  # name: (help, read when scraped)
         self.counters: dict[str, tuple[str, Callable[[], float]]] = {}  # name: (help, read when scraped)
-        self.families: list[Callable[[], list[str]]] = []  # labelled families, their lines read when scraped
+        self.families: list[Callable[[], Iterable[Metric]]] = []  # labelled families, made when scraped
+        r.register(_ReadWhenScraped(self))
 
     def observe(self, name: str, value: float) -> None:
-        with self._lock:
-            self.histograms[name].observe(value)
+        self.histograms[name].observe(value)
 
     def add_tokens(self, kind: str, count: int) -> None:
-        with self._lock:
-            self.tokens[kind] += count
+        self.tokens.labels(kind).inc(count)
 
     def add_error(self, code: str) -> None:
-        with self._lock:
-            self.errors[code] = self.errors.get(code, 0) + 1
+        self.errors.labels(code).inc()
 
     def add_slo_miss(self, kind: str) -> None:
-        with self._lock:
-            self.slo_misses[kind] += 1
+        self.slo_misses.labels(kind).inc()
 
     def render(self) -> str:
-        lines = []
-        for name, (help_text, read) in self.gauges.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_number(read())}"]
-        for name, (help_text, read) in self.counters.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {_number(read())}"]
-        for family in self.families:
-            lines += family()
-        with self._lock:
-            lines += ["# HELP hat_tokens_total middle-part tokens by kind of FORWARD", "# TYPE hat_tokens_total counter"]
-            lines += [f'hat_tokens_total{{kind="{kind}"}} {count}' for kind, count in self.tokens.items()]
-            lines += ["# HELP hat_errors_total ERROR replies by code", "# TYPE hat_errors_total counter"]
-            lines += [f'hat_errors_total{{code="{code}"}} {count}' for code, count in sorted(self.errors.items())]
-            lines += ["# HELP hat_slo_misses_total cloud-side prefills (ttft) and round intervals (tbt) over their "
-                      "session's target", "# TYPE hat_slo_misses_total counter"]
-            lines += [f'hat_slo_misses_total{{kind="{kind}"}} {count}' for kind, count in self.slo_misses.items()]
-            for name, histogram in self.histograms.items():
-                lines += [f"# HELP {name} {HISTOGRAMS[name][0]}", f"# TYPE {name} histogram", *histogram.lines(name)]
-        return "\n".join(lines) + "\n"
-
-
-def _number(value: float) -> str:
-    """Exact for whole numbers (a counter past 10**6 must not lose digits), full precision otherwise."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-class MetricsServer:
-    """GET /metrics on `address` (HOST:PORT, port 0 = any free), on a thread of its own."""
-
-    def __init__(self, metrics: CloudMetrics, address: str):
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"metrics address must be HOST:PORT, got {address!r}")
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                body = metrics.render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # scrapes are not worth a log line each
-                pass
-
-        self._server = ThreadingHTTPServer((host, int(port)), Handler)
-        self._server.daemon_threads = True
-        self.address = f"{host}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hat-metrics", daemon=True)
-
-    def start(self) -> "MetricsServer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        """The exposition in Prometheus' text format (what GET /metrics serves a plain scraper)."""
+        return generate_latest(self.registry).decode()

@@ -22,6 +22,7 @@ import zmq
 from hat.common import wire
 from hat.common.bundle import load_manifest
 from hat.common.cost_fit import attended
+from hat.common.metrics_endpoint import MetricsServer
 from hat.common.model_spec import load_model_spec
 from hat.common.proto import hat_pb2 as pb
 from hat.common.wire import WireError, WireLimits
@@ -30,7 +31,7 @@ from .cluster_protocol import ClusterError, cluster_header, decode_cluster_heade
 from .config import RouterConfig
 from .device_limits import DeviceLimits, max_frame_bytes
 from .device_registry import DeviceRegistry
-from .metrics import CloudMetrics, MetricsServer
+from .metrics import CloudMetrics
 from .router_control import RouterControl
 from .router_policy import RoutedSession, WorkerInfo, WorkerTable
 from .security import CloudSecurity, device_plane_security, start_control_plane
@@ -99,7 +100,7 @@ class Router:
         self._grpc, self.control_address = start_control_plane(self.control, c.control_address, c.grpc_workers,
                                                                self.security)
         if c.metrics_address:
-            self._metrics_server = MetricsServer(self.metrics, c.metrics_address).start()
+            self._metrics_server = MetricsServer(self.metrics.registry, c.metrics_address).start()
             self.metrics_address = self._metrics_server.address
         self._thread = threading.Thread(target=self._loop, name="hat-router", daemon=True)
         self._thread.start()
@@ -371,7 +372,7 @@ class Router:
 
     def _register_metrics(self) -> None:
         c, table = self.counters, self.table
-        self.metrics.families.append(self.registry.telemetry_lines)
+        self.metrics.families.append(self.registry.telemetry_families)
         self.metrics.gauges.update({
             "hat_router_sessions": ("sessions routed", lambda: len(table.sessions)),
             "hat_router_workers": ("workers alive", lambda: len(table.workers)),

@@ -13,6 +13,8 @@ import grpc
 import torch
 import zmq
 
+from hat.common.metrics_endpoint import MetricsServer
+
 from .config import CloudConfig
 from .control_service import ControlService
 from .data_server import DataServer
@@ -20,7 +22,7 @@ from .device_limits import max_frame_bytes
 from .device_registry import DeviceRegistry
 from .kv_budget import KVBudget
 from .latency_model import CloudLatencyModel
-from .metrics import CloudMetrics, MetricsServer
+from .metrics import CloudMetrics
 from .middle_worker import MiddleWorker, load_middle_part
 from .pipeline_stages import PipelineConfig, load_pipelined_middle_part
 from .security import CloudSecurity, cluster_security, device_plane_security, start_control_plane
@@ -76,7 +78,7 @@ class CloudServer:
         self.control.pending_work = data.pending_work
         self._register_metrics(data)
         if self.config.metrics_address:
-            self._metrics_server = MetricsServer(self.metrics, self.config.metrics_address).start()
+            self._metrics_server = MetricsServer(self.metrics.registry, self.config.metrics_address).start()
             self.metrics_address = self._metrics_server.address
         self._thread = threading.Thread(target=self._serve, args=(data,), name="hat-data-plane", daemon=True)
         self._thread.start()
@@ -144,7 +146,7 @@ class CloudServer:
 
     def _register_metrics(self, data: DataServer) -> None:
         m, budget, stats = self.metrics, self.budget, self.stats
-        m.families.append(self.registry.telemetry_lines)
+        m.families.append(self.registry.telemetry_families)
         m.gauges.update({
             "hat_sessions": ("sessions held", lambda: len(self.store)),
             "hat_pending_forwards": ("FORWARDs waiting for a batch", lambda: len(data._pending)),

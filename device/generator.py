@@ -43,6 +43,10 @@ class PromptTooLongError(ValueError):
     """The prompt does not fit the model's context."""
 
 
+class GenerationCancelled(Exception):
+    """`generate_ids`' `cancel` was set: the generation ended before its next round (its session is closed)."""
+
+
 @dataclass(slots=True)
 class _Generation:
     """One generation's state on the device."""
@@ -107,7 +111,9 @@ class SplitGenerator:
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-                     on_text: Callable[[str], None] | None = None, started: float | None = None) -> GenerationResult:
+                     on_text: Callable[[str], None] | None = None, started: float | None = None,
+                     cancel: threading.Event | None = None) -> GenerationResult:
+        """`cancel`, set from another thread, ends the generation before its next round (GenerationCancelled)."""
         started = time.perf_counter() if started is None else started
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -155,6 +161,8 @@ class SplitGenerator:
                 int(torch.randint(2 ** 62, (1,), generator=rng)))) if self.speculation else None
             carried: Draft | None = None
             while not done:
+                if cancel is not None and cancel.is_set():
+                    raise GenerationCancelled
                 if on_text is not None:
                     stream.update(generated)
                 if drafter is None:

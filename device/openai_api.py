@@ -1,26 +1,40 @@
-"""`hat device serve`'s local OpenAI-compatible HTTP API (standard library only).
+"""`hat device serve`'s local OpenAI-compatible HTTP API: FastAPI on uvicorn, on a thread of its own.
 
-GET /v1/models, GET /health, POST /v1/completions and /v1/chat/completions, plain JSON or Server-Sent Events
-(`stream: true`). Responses follow OpenAI's schema, plus a `hat` object with the generation's timing.
+GET /v1/models, GET /health, GET /metrics (Prometheus), POST /v1/completions and /v1/chat/completions, plain JSON
+or Server-Sent Events (`stream: true`). Responses follow OpenAI's schema, plus a `hat` object with the generation's
+timing. HTTP/1.1 keep-alive; errors carry OpenAI's `{"error": {...}}` body.
 
-The device holds one model, so one generation runs at a time: a request waits for the running one for at
-most `queue_timeout_s`, then gets 503. Requests are checked before they wait (400 for malformed ones). Every
-socket operation has a `read_timeout_s` timeout, bodies over `max_body_bytes` are refused (413) unread, and a
-client that goes away mid-stream ends its generation. Errors carry OpenAI's `{"error": {...}}` body.
+The device holds one model, so one generation runs at a time (api_generation.GenerationGate): requests are checked
+first (400 for malformed ones), then wait in arrival order, at most `max_queue` of them, each for at most
+`queue_timeout_s` (then 503). A request's head and body must each arrive within `read_timeout_s`, and each response
+write must go out within it; bodies over `max_body_bytes` are refused (413) unread. A client that goes away, while
+waiting or mid-generation, is seen at once (the ASGI disconnect message) and its generation ends before its next
+round, which frees the device for the next request.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import secrets
-import statistics
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from functools import partial
 from typing import TYPE_CHECKING
 
-from .openai_schema import ApiError, GenerationRequest, StopCutter, parse_chat, parse_completion
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from hat.common.metrics_endpoint import metrics_route
+from hat.common.uvicorn_thread import HttpTimeouts, UvicornThread
+
+from .api_generation import GenerationGate, GenerationJob, run_generation
+from .api_metrics import ApiMetrics
+from .api_responses import ClientGone, EventStream, Reply, shut_down_error, unless_gone
+from .generator import GenerationCancelled
+from .openai_schema import ApiError, GenerationRequest, parse_chat, parse_completion
 
 if TYPE_CHECKING:
     from .generator import SplitGenerator
@@ -35,28 +49,23 @@ class ServeConfig:
     host: str = LOOPBACK  # address to bind; anything but loopback lets others on the network use the model
     port: int = 8000  # TCP port (0: any free port)
     queue_timeout_s: float = 30.0  # longest wait for the running generation to finish before answering 503
+    max_queue: int = 64  # requests waiting for the device beyond this many get 503 at once
     max_body_bytes: int = 1 << 20  # larger request bodies are refused with 413
-    read_timeout_s: float = 30.0  # timeout of every socket read (and write) on a client connection
+    read_timeout_s: float = 30.0  # a request's head, its body, and each response write must take at most this
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
+    shutdown_s: float = 5.0  # on stop, requests in flight get this long to finish, then their generation ends
     default_max_tokens: int = 16  # max_tokens when a request leaves it out (OpenAI's completions default)
     model_name: str = ""  # the model id served (empty: the caller's choice, usually the bundle's model name)
 
 
-class _Stopped(Exception):
-    """Raised from the text callback to end a generation early (a stop string; a client gone)."""
-
-
-@dataclass(slots=True)
-class Outcome:
-    """One finished generation as the API reports it."""
-    text: str  # the completion, cut before a stop string
-    finish_reason: str  # "stop" or "length"
-    prompt_tokens: int  # tokens in the prompt
-    completion_tokens: int  # tokens generated (re-counted from the text when a stop string ended it early)
-    hat: dict  # timing and traffic: ttft_ms, tbt_ms (mean), accept_len, speculative, chunks, bytes_up, bytes_down
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+def _wait(condition, timeout_s: float) -> bool:
+    """Poll `condition` (from a thread other than the server's) until true or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 class OpenAIServer:
@@ -68,28 +77,54 @@ class OpenAIServer:
         self.chat_template = "tokenizer" if getattr(self.tokenizer, "chat_template", None) else "fallback"
         if self.chat_template == "fallback":
             log.warning("the tokenizer has no chat template: chat messages are sent as 'role: content' lines")
-        self.lock = threading.Lock()  # one generation at a time
+        self.gate = GenerationGate(config.max_queue)
+        link = generator.link
+        self.metrics = ApiMetrics(lambda: self.gate.waiting, lambda: self.gate.busy,
+                                  lambda: (link.bytes_up, link.bytes_down),
+                                  {"backend": generator.model.backend, "model": self.model_id,
+                                   "speculative": str(generator.speculation is not None).lower()})
         self.created = int(time.time())
-        handler = type("Handler", (_Handler,), {"api": self, "timeout": config.read_timeout_s})
-        self.httpd = ThreadingHTTPServer((config.host, config.port), handler)
-        self.httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="hat-generation")  # the generation thread
+        self._job: GenerationJob | None = None  # the running generation
+        timeouts = HttpTimeouts(head_s=config.read_timeout_s, write_s=config.read_timeout_s,
+                                keep_alive_s=config.keep_alive_s, shutdown_s=config.shutdown_s)
+        self.http = UvicornThread(_Guard(_app(self), self.metrics), config.host, config.port, "openai-api", timeouts,
+                                  access_log=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.http.address
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = self.address
         return f"http://{host}:{port}/v1"
 
     def start(self) -> "OpenAIServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="openai-api", daemon=True)
-        self._thread.start()
+        self.http.start()
         return self
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self.httpd.shutdown()
-            self._thread.join()
-        self.httpd.server_close()
+        """Refuse new work and answer waiting requests 503; give the running generation `shutdown_s` to finish, then
+        end it (its stream ends with a 503 error event); stop serving."""
+        loop, grace = self.http.loop, self.config.shutdown_s
+        if loop is not None and self._on_loop(loop, self.gate.close):
+            if not _wait(lambda: not self.gate.busy, grace) and self._on_loop(loop, self._cancel_running):
+                _wait(lambda: not self.gate.busy, grace)
+        self.http.stop()
+        self._executor.shutdown(wait=True)
+
+    @staticmethod
+    def _on_loop(loop: asyncio.AbstractEventLoop, call) -> bool:
+        try:
+            loop.call_soon_threadsafe(call)
+            return True
+        except RuntimeError:  # the loop has closed
+            return False
+
+    def _cancel_running(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
 
     def __enter__(self):
         return self.start()
@@ -113,207 +148,138 @@ class OpenAIServer:
                            param="messages" if request.chat else "prompt", code="context_length_exceeded")
         return ids
 
-    def generate(self, request: GenerationRequest, ids: list[int], on_delta) -> Outcome:
-        """Run one generation (the caller holds the lock); `on_delta(text)` gets the text as it comes."""
-        from .cloud_link import CloudError
+    async def read_json(self, request: Request):
+        """The request's JSON body: 413 past `max_body_bytes` (unread when Content-Length says so), 408 if it does
+        not arrive within `read_timeout_s`, 400 if it is not JSON."""
+        limit, length = self.config.max_body_bytes, request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"the request body has {length} bytes; the limit is {limit}", code="request_too_large")
+        body = bytearray()
 
-        gen, cutter, times = self.generator, StopCutter(request.stop), []
-        up0, down0, started = gen.link.bytes_up, gen.link.bytes_down, time.perf_counter()
-
-        def on_text(delta: str) -> None:
-            times.append(time.perf_counter())
-            out = cutter.feed(delta)
-            if out:
-                on_delta(out)
-            if cutter.stopped:
-                raise _Stopped
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise ApiError(413, f"the request body has more than {limit} bytes", code="request_too_large")
 
         try:
-            result = gen.generate_ids(ids, request.max_tokens, request.sampling, on_text, started)
-        except _Stopped:
-            result = None
-        except ValueError as exc:  # the generator's refusals of the prompt or the budget
-            raise ApiError(400, str(exc)) from None
-        except CloudError as exc:
-            raise ApiError(503, f"the cloud did not serve the request: {exc}", "server_error",
-                           code="cloud_unavailable") from None
-        tail = cutter.finish()
-        if tail:
-            on_delta(tail)
-        if result is not None and not cutter.stopped:
-            return Outcome(cutter.text, result.finish_reason, len(ids), len(result.token_ids), {
-                "ttft_ms": result.ttft_ms, "tbt_ms": statistics.mean(result.tbt_ms) if result.tbt_ms else 0.0,
-                "accept_len": result.accept_len, "speculative": result.speculative, "chunks": result.chunks,
-                "bytes_up": result.bytes_up, "bytes_down": result.bytes_down})
-        gaps = [b - a for a, b in zip(times, times[1:])]
-        return Outcome(cutter.text, "stop", len(ids),
-                       len(self.tokenizer(cutter.seen, add_special_tokens=False)["input_ids"]), {
-                           "ttft_ms": (times[0] - started) * 1000 if times else 0.0,
-                           "tbt_ms": statistics.mean(gaps) * 1000 if gaps else 0.0, "accept_len": None,
-                           "speculative": gen.speculation is not None, "chunks": None,
-                           "bytes_up": gen.link.bytes_up - up0, "bytes_down": gen.link.bytes_down - down0})
-
-
-class _Handler(BaseHTTPRequestHandler):
-    api: OpenAIServer  # set on the subclass each server makes
-    protocol_version = "HTTP/1.0"  # one request per connection; a stream ends when the connection closes
-    server_version = "hat-device"
-
-    def log_message(self, format, *args):  # through logging, not stderr
-        log.info("%s %s", self.address_string(), format % args)
-
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def _dispatch(self, method: str) -> None:
-        routes = {"/v1/models": ("GET", self._models), "/health": ("GET", self._health),
-                  "/v1/completions": ("POST", self._completions), "/v1/chat/completions": ("POST", self._chat)}
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            await asyncio.wait_for(read(), self.config.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.config.read_timeout_s:g} s",
+                           code="timeout") from None
         try:
-            if path not in routes:
-                raise ApiError(404, f"Unknown path: {method} {path}", code="unknown_url")
-            allowed, handle = routes[path]
-            if method != allowed:
-                raise ApiError(405, f"{method} is not allowed on {path}; use {allowed}", code="method_not_allowed")
-            handle()
-        except ApiError as exc:
-            self._json(exc.status, exc.body())
-        except OSError:  # the connection broke or timed out: nothing more can be said on it
-            self.close_connection = True
-        except Exception as exc:
-            log.exception("request failed")
-            self._json(500, ApiError(500, f"internal error: {exc}", "server_error").body())
-
-    def _models(self) -> None:
-        self._json(200, self.api.models())
-
-    def _health(self) -> None:
-        self._json(200, {"status": "ok", "model": self.api.model_id})
-
-    def _completions(self) -> None:
-        api = self.api
-        self._generate(parse_completion(self._body(), api.model_id, api.config.default_max_tokens))
-
-    def _chat(self) -> None:
-        api = self.api
-        self._generate(parse_chat(self._body(), api.model_id, api.config.default_max_tokens, api.tokenizer))
-
-    def _body(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise ApiError(400, "chunked request bodies are not supported; send Content-Length")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise ApiError(400, "a POST needs a valid Content-Length header") from None
-        if length < 0:
-            raise ApiError(400, "a POST needs a valid Content-Length header")
-        if length > self.api.config.max_body_bytes:
-            self.close_connection = True
-            raise ApiError(413, f"the request body has {length} bytes; the limit is {self.api.config.max_body_bytes}",
-                           code="request_too_large")
-        raw = self.rfile.read(length)
-        if len(raw) < length:
-            raise ApiError(400, "the request body ended early")
-        try:
-            return json.loads(raw)
+            return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
 
-    def _generate(self, request: GenerationRequest) -> None:
-        api = self.api
-        ids = api.prompt_ids(request)
-        if not api.lock.acquire(timeout=api.config.queue_timeout_s):
-            raise ApiError(503, f"the device is busy with another generation (waited "
-                                f"{api.config.queue_timeout_s:g} s); retry later", "server_error", code="busy")
+    async def generate(self, request: Request, chat: bool) -> Response:
+        c = self.config
         try:
-            if request.stream:
-                self._stream(request, ids)
-            else:
-                outcome = api.generate(request, ids, lambda text: None)
-                self._json(200, self._response(request, outcome))
-        finally:
-            api.lock.release()
-
-    def _response(self, request: GenerationRequest, outcome: Outcome) -> dict:
-        if request.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text}, "logprobs": None,
-                      "finish_reason": outcome.finish_reason}
-        else:
-            choice = {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
-        return {**self._head(request, chunk=False), "choices": [choice], "usage": outcome.usage(), "hat": outcome.hat}
-
-    def _head(self, request: GenerationRequest, chunk: bool) -> dict:
-        if not hasattr(self, "_id"):
-            self._id = ("chatcmpl-" if request.chat else "cmpl-") + secrets.token_hex(12)
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if request.chat else "text_completion"
-        return {"id": self._id, "object": kind, "created": int(time.time()), "model": self.api.model_id}
-
-    def _stream(self, request: GenerationRequest, ids: list[int]) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        extra = {"usage": None} if request.include_usage else {}
-
-        def chunk(delta: str | None, finish: str | None = None, role: bool = False) -> dict:
-            if request.chat:
-                content = {} if delta is None else {"content": delta}
-                choice = {"index": 0, "delta": {"role": "assistant", **content} if role else content}
-            else:
-                choice = {"index": 0, "text": delta or ""}
-            return {**self._head(request, chunk=True), "choices": [{**choice, "logprobs": None,
-                                                                   "finish_reason": finish}], **extra}
-
-        gone = []
-
-        def send(text: str) -> None:
+            body = await self.read_json(request)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        parsed = (parse_chat(body, self.model_id, c.default_max_tokens, self.tokenizer) if chat
+                  else parse_completion(body, self.model_id, c.default_max_tokens))
+        ids = self.prompt_ids(parsed)
+        if not self.gate.take():  # the device is busy: wait in the queue, unless the client goes away
             try:
-                self._event(chunk(text))
-            except OSError:  # the client went away: end the generation
-                gone.append(True)
-                raise _Stopped from None
-
-        if request.chat:
-            self._event(chunk("", role=True))
+                await unless_gone(self.gate.acquire(c.queue_timeout_s), request.receive)
+            except ClientGone:
+                return Response(status_code=499)
         try:
-            outcome = self.api.generate(request, ids, send)
-        except ApiError as exc:
-            self._event(exc.body())
-        except Exception as exc:  # the 200 is out: the error goes in the stream
-            log.exception("streamed generation failed")
-            self._event(ApiError(500, f"internal error: {exc}", "server_error").body())
+            job = GenerationJob(partial(run_generation, self.generator, parsed, ids), self._executor, parsed.stream)
+        except BaseException:
+            self.gate.release()
+            raise
+        self._job = job
+        job.future.add_done_callback(self._generation_ended)
+        reply = Reply(parsed, self.model_id)
+        if parsed.stream:
+            return EventStream(reply, job)
+        try:
+            outcome = await unless_gone(job.outcome(), request.receive)
+        except ClientGone:
+            job.cancel()
+            return Response(status_code=499)
+        except GenerationCancelled:
+            raise shut_down_error() from None
+        return JSONResponse(reply.response(outcome))
+
+    def _generation_ended(self, future: asyncio.Future) -> None:
+        """On the loop, when the generation thread is done: the next request gets the device; the metrics."""
+        self._job = None
+        self.gate.release()
+        error = GenerationCancelled() if future.cancelled() else future.exception()
+        if error is None:
+            self.metrics.generation(future.result())
         else:
-            if gone:
-                return
-            self._event({**chunk(None, outcome.finish_reason), "hat": outcome.hat})
-            if request.include_usage:
-                self._event({**self._head(request, chunk=True), "choices": [], "usage": outcome.usage(),
-                             "hat": outcome.hat})
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+            self.metrics.ended_early("cancelled" if isinstance(error, GenerationCancelled) else "error")
 
-    def _event(self, payload: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-        self.wfile.flush()
 
-    def _json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+def _app(api: OpenAIServer) -> FastAPI:
+    app = FastAPI(title="hat device API", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        headers = {"Connection": "close"} if exc.status == 413 else None  # the body is left unread
+        return JSONResponse(exc.body(), exc.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            error = ApiError(404, f"Unknown path: {method} {path}", code="unknown_url")
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            error = ApiError(405, f"{method} is not allowed on {path}; use {allowed}", code="method_not_allowed")
+        else:
+            error = ApiError(exc.status_code, str(exc.detail))
+        return JSONResponse(error.body(), error.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:  # (uvicorn logs the traceback)
+        return JSONResponse(ApiError(500, f"internal error: {exc}", "server_error").body(), 500)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse(api.models())
+
+    @app.get("/health")
+    async def health() -> Response:
+        return JSONResponse({"status": "ok", "model": api.model_id})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await api.generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await api.generate(request, chat=True)
+
+    app.router.routes.append(metrics_route(api.metrics.registry))
+    return app
+
+
+class _Guard:
+    """The outermost ASGI layer: a path's trailing slash is dropped, and every answered request is counted by
+    endpoint and status (499: the client went away first)."""
+
+    def __init__(self, app, metrics: ApiMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"].rstrip("/") or "/"
+        status = 499
+
+        async def counted_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app({**scope, "path": path}, receive, counted_send)
+        finally:
+            self.metrics.request(path, status)

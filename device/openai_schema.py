@@ -1,9 +1,16 @@
-"""Requests of the device's OpenAI-compatible API: parsing and checking of /v1/completions and
-/v1/chat/completions bodies, the OpenAI-style error, the chat prompt, and stop-string cutting of streamed text."""
+"""Requests of the device's OpenAI-compatible API: the bodies of /v1/completions and /v1/chat/completions as
+pydantic models (types, ranges, required fields), what they turn into (GenerationRequest), the OpenAI-style error,
+the chat prompt, and stop-string cutting of streamed text.
+
+A refused field is named in the error's `param` as OpenAI does (`messages[0].content`); fields this server does not
+know (`user`, penalties, ...) are ignored, as before; fields it knows but cannot honour (`echo`, `tools`, ...) are
+refused by name."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 if TYPE_CHECKING:  # (torch is imported only when a request is parsed: `hat --help` stays fast)
     from hat.common.sampling import SamplingParams
@@ -36,16 +43,104 @@ class GenerationRequest:
     include_usage: bool  # streaming: send a last chunk with the usage counts (stream_options.include_usage)
 
 
+class _Body(BaseModel):
+    # strict: no coercion ("yes" is not a boolean, 1.0 not an integer); extra: OpenAI fields this server ignores pass
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False  # a last chunk with the usage counts
+
+
+class _GenerationBody(_Body):
+    """The fields both endpoints share."""
+    model: str | None = None  # may be left out (local apps); when given it must name this server's model
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] | None = None  # this server generates one choice per request
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    seed: int | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+
+class CompletionBody(_GenerationBody):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # a string, or a list of one string
+
+
+class TextPart(_Body):
+    type: Literal["text"]  # content parts: text only
+    text: str
+
+
+class Message(_Body):
+    role: NonEmptyStr
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_needed(cls, content, info: ValidationInfo):
+        if content is None and info.data.get("role") != "assistant":
+            raise ValueError("a string or a list of text parts is required (only an assistant message may leave it "
+                             "out)")
+        return content
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatBody(_GenerationBody):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # max_tokens' newer name (max_tokens wins)
+
+
+# fields this server knows but cannot honour: (field, the values that mean "not used")
+UNSUPPORTED = {CompletionBody: (("echo", (None, False)), ("suffix", (None,)), ("best_of", (None, 1)),
+                                ("logprobs", (None, False))),
+               ChatBody: (("tools", (None, [])), ("logprobs", (None, False)))}
+_FIELDS = frozenset().union(*(m.model_fields for m in (CompletionBody, ChatBody, Message, TextPart, StreamOptions)))
+
+
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _param(loc: tuple) -> str | None:
+    """OpenAI's name of the field at pydantic's `loc`: `messages[0].content` (a union member's tag ends it)."""
+    name = ""
+    for key in loc:
+        if isinstance(key, int):
+            name += f"[{key}]"
+        elif key in _FIELDS:
+            name += f".{key}" if name else key
+        else:
+            break
+    return name or None
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _validated(model: type[_Body], body, model_id: str) -> _Body:
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    check_model(body, model_id)
+    try:
+        checked = model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        param = _param(errors[0]["loc"])
+        if errors[0]["type"] == "missing":
+            raise _bad(f"Missing required parameter: '{param}'", param, "missing_required_parameter") from None
+        reasons = dict.fromkeys(e["msg"] for e in errors if _param(e["loc"]) == param)
+        raise _bad(f"Invalid '{param}': {' or '.join(reasons)}", param) from None
+    for name, unused in UNSUPPORTED[model]:
+        if body.get(name) not in unused:
+            raise _bad(f"'{name}' is not supported", name)
+    return checked
 
 
 def check_model(body: dict, model_id: str) -> None:
@@ -61,38 +156,16 @@ def check_model(body: dict, model_id: str) -> None:
 
 
 def parse_completion(body, model_id: str, default_max_tokens: int) -> GenerationRequest:
-    body = _object(body)
-    check_model(body, model_id)
-    if "prompt" not in body:
-        raise _bad("Missing required parameter: 'prompt'", "prompt", "missing_required_parameter")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise _bad("'prompt' must be a string (or a list of one string)", "prompt")
-    if body.get("echo") not in (None, False):
-        raise _bad("'echo' is not supported", "echo")
-    if body.get("suffix") is not None:
-        raise _bad("'suffix' is not supported", "suffix")
-    if body.get("best_of") not in (None, 1):
-        raise _bad("'best_of' must be 1", "best_of")
-    return _common(body, chat=False, prompt=prompt, add_special_tokens=True, default_max_tokens=default_max_tokens)
+    checked = _validated(CompletionBody, body, model_id)
+    prompt = checked.prompt if isinstance(checked.prompt, str) else checked.prompt[0]
+    return _request(checked, False, prompt, True, checked.max_tokens or default_max_tokens)
 
 
 def parse_chat(body, model_id: str, default_max_tokens: int, tokenizer) -> GenerationRequest:
-    body = _object(body)
-    check_model(body, model_id)
-    if "messages" not in body:
-        raise _bad("Missing required parameter: 'messages'", "messages", "missing_required_parameter")
-    messages = body["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list", "messages")
-    checked = [_message(m, i) for i, m in enumerate(messages)]
-    if body.get("tools"):
-        raise _bad("'tools' is not supported", "tools")
-    prompt, templated = chat_prompt(tokenizer, checked)
-    return _common(body, chat=True, prompt=prompt, add_special_tokens=not templated,
-                   default_max_tokens=default_max_tokens)
+    checked = _validated(ChatBody, body, model_id)
+    prompt, templated = chat_prompt(tokenizer, [{"role": m.role, "content": m.text()} for m in checked.messages])
+    max_tokens = checked.max_tokens or checked.max_completion_tokens or default_max_tokens
+    return _request(checked, True, prompt, not templated, max_tokens)
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, bool]:
@@ -107,86 +180,17 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, bool]:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", False
 
 
-def _message(message, index: int) -> dict:
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise _bad(f"{param} must be an object with 'role' and 'content'", param)
-    role, content = message.get("role"), message.get("content")
-    if not isinstance(role, str) or not role:
-        raise _bad(f"{param}.role must be a non-empty string", f"{param}.role")
-    if isinstance(content, list):  # content parts: text only
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise _bad(f"{param}.content: only text parts are supported", f"{param}.content")
-        content = "".join(p["text"] for p in content)
-    if content is None and role == "assistant":
-        content = ""
-    if not isinstance(content, str):
-        raise _bad(f"{param}.content must be a string or a list of text parts", f"{param}.content")
-    return {"role": role, "content": content}
-
-
-def _object(body) -> dict:
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    return body
-
-
-def _common(body: dict, chat: bool, prompt: str, add_special_tokens: bool, default_max_tokens: int) -> GenerationRequest:
-    max_tokens = body.get("max_completion_tokens") if chat and body.get("max_tokens") is None else body.get("max_tokens")
-    param = "max_completion_tokens" if chat and body.get("max_tokens") is None else "max_tokens"
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    if not _is_int(max_tokens) or max_tokens < 1:
-        raise _bad(f"'{param}' must be an integer of at least 1", param)
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise _bad("'n' must be 1: this server generates one choice per request", "n")
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0:
-        raise _bad("'top_p' must be greater than 0", "top_p")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise _bad("'seed' must be an integer", "seed")
-    stream = body.get("stream")
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad("'stream' must be a boolean", "stream")
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not stream:
-            raise _bad("'stream_options' is only allowed with 'stream': true", "stream_options")
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-            raise _bad("'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
-        include_usage = options.get("include_usage", False)
+def _request(body: _GenerationBody, chat: bool, prompt: str, add_special_tokens: bool,
+             max_tokens: int) -> GenerationRequest:
     from hat.common.sampling import SamplingParams
 
-    if body.get("logprobs") not in (None, False):
-        raise _bad("'logprobs' is not supported", "logprobs")
-    return GenerationRequest(chat, prompt, add_special_tokens, max_tokens,
-                             SamplingParams(float(temperature), float(top_p), seed), _stops(body.get("stop")), stream,
-                             include_usage)
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_number(value) or not low <= value <= high:
-        raise _bad(f"'{name}' must be a number from {low:g} to {high:g}", name)
-    return value
-
-
-def _stops(stop) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stops)):
-        raise _bad(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them", "stop")
-    return tuple(stops)
+    if body.stream_options is not None and not body.stream:
+        raise _bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+    stops = () if body.stop is None else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    sampling = SamplingParams(1.0 if body.temperature is None else body.temperature,
+                              1.0 if body.top_p is None else body.top_p, body.seed)
+    return GenerationRequest(chat, prompt, add_special_tokens, max_tokens, sampling, stops, bool(body.stream),
+                             body.stream_options is not None and body.stream_options.include_usage)
 
 
 class StopCutter:

@@ -1,7 +1,8 @@
 """The cloud's Prometheus metrics, scraped over HTTP from a running cloud and from `hat cloud serve --metrics`.
 
 The exposition is valid text format (HELP and TYPE before each family's samples, every sample line
-`name{labels} value` or `name value`), histograms are cumulative with _count equal to the +Inf bucket,
+`name{labels} value` or `name value`; prometheus_client's own parser reads the same samples), histograms are
+cumulative with _count equal to the +Inf bucket,
 and the numbers follow what the cloud did: sessions held, KV blocks, tokens by kind, batches, errors,
 the cloud's view of time to first token.
 """
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
-from cluster import running_cloud
+from cluster import running_cloud, running_disaggregated
 from hat.cloud.metrics import COUNT_BUCKETS, CloudMetrics
 from hat.common.bundle import load_manifest
 from hat.common.proto import hat_pb2 as pb
@@ -136,14 +138,29 @@ def histogram(families: dict[str, Family], name: str) -> Histogram:
     return Histogram(buckets, sums[0], totals[0])
 
 
+def library_parse(text: str) -> dict[tuple, float]:
+    """The exposition through prometheus_client's own parser: {(sample name, sorted labels): value}."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples, key
+            samples[key] = sample.value
+    return samples
+
+
 def scrape(address: str, path: str = "/metrics") -> dict[str, Family]:
+    """GET /metrics, checked by the parser above and by prometheus_client's, which must read the same samples."""
     with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        families = parse(response.read().decode())
+        text = response.read().decode()
+    families = parse(text)
     for name, family in families.items():
         if family.type == "histogram":
             histogram(families, name)
+    ours = {(n, tuple(sorted(ls.items()))): v for f in families.values() for n, ls, v in f.samples}
+    assert library_parse(text) == ours
     return families
 
 
@@ -286,6 +303,26 @@ def test_large_counter_values_are_exact():
     families = parse(metrics.render())
     assert families["hat_forward_batches_total"].value() == 1234567
     assert families["hat_kv_blocks_total"].value() == 87654321
+
+
+def test_router_and_worker_endpoints_parse_and_count_one_generation(tiny_checkpoint, tmp_path):
+    """A router with a prefill and a decode worker, each with its own /metrics (policy "always"): every endpoint
+    parses (both parsers), the router counts its workers and the one handoff, and the workers' middle-part tokens
+    add up to the generation's (prompt on the prefill worker, rounds on the decode worker)."""
+    with running_disaggregated(tiny_checkpoint("llama3"), K, M, tmp_path, prefill=1, decode=1, profile_on_start=False,
+                               metrics_address="127.0.0.1:0", router_overrides={"disaggregation": "always",
+                                                                                "metrics_address": "127.0.0.1:0"}
+                               ) as cluster:
+        with cluster.generator() as gen:
+            result = gen.generate(PROMPT, NEW_TOKENS)
+        router = scrape(cluster.server.metrics_address)
+        prefill, decode = (scrape(worker.metrics_address) for worker in cluster.workers)
+    assert result.recoveries == 0 and len(result.token_ids) >= 2
+    assert router["hat_router_workers"].value() == 2 and router["hat_handoffs_total"].value() == 1
+    assert histogram(router, "hat_handoff_seconds").count == 1
+    assert prefill["hat_tokens_total"].value(kind="prefill") == result.prompt_tokens
+    assert decode["hat_tokens_total"].value(kind="decode") == len(result.token_ids) - 1
+    assert prefill["hat_tokens_total"].value(kind="decode") == decode["hat_tokens_total"].value(kind="prefill") == 0
 
 
 # --------------------------------------------------------------------------------------- the CLI

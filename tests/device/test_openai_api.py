@@ -9,12 +9,14 @@ itself as a process against the same cloud.
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -195,14 +197,11 @@ def test_malformed_requests_get_openai_errors(served, method, path, body, status
 
 
 def test_busy_device_gets_503_then_serves(served):
-    assert served.server.lock.acquire(timeout=30)
-    try:
+    with device_held(served.server):
         status, reply = request(served, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
-    finally:
-        served.server.lock.release()
     assert status == 503 and reply["error"]["code"] == "busy" and reply["error"]["type"] == "server_error"
     # a connection that sends nothing does not hold anything up, and after every refusal a request still works
-    idle = http.client.HTTPConnection(served.server.httpd.server_address[0], served.server.httpd.server_address[1])
+    idle = http.client.HTTPConnection(*served.server.address)
     idle.connect()
     status, reply = request(served, "POST", "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 3,
                                                                 "temperature": 0})
@@ -212,31 +211,48 @@ def test_busy_device_gets_503_then_serves(served):
 
 def test_hat_device_serve_process(served):
     """The command itself: ready line, /v1/models, a completion, SIGTERM ends it cleanly."""
-    cluster = served.cluster
-    command = [sys.executable, "-m", "hat.cli.main", "device", "serve", "--bundle", str(cluster.device_dir),
-               "--cloud", "127.0.0.1", "--data-port", str(cluster.data_port), "--control-port",
-               str(cluster.control_port), "--port", "0", "--threads", "1", "--default-max-tokens", "3"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("ready http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
-        url, model = line.split()[1], line.split()[2].removeprefix("model=")
+    with serve_process(served, "--default-max-tokens", "3") as (proc, url, model):
         assert model == served.server.generator.model.manifest.source_name  # the checkpoint's folder name
         client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == [model]
         assert client.completions.create(model=model, prompt=PROMPT, temperature=0).usage.completion_tokens <= 3
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+@contextmanager
+def serve_process(served, *flags: str):
+    """`hat device serve FLAGS` as a process against the module's cloud: (the process, its API's URL, the model id)
+    once it is ready; killed at the end if still running."""
+    cluster = served.cluster
+    command = [sys.executable, "-m", "hat.cli.main", "device", "serve", "--bundle", str(cluster.device_dir),
+               "--cloud", "127.0.0.1", "--data-port", str(cluster.data_port), "--control-port",
+               str(cluster.control_port), "--port", "0", "--threads", "1", *flags]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        yield proc, line.split()[1], line.split()[2].removeprefix("model=")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
+@contextmanager
+def device_held(server: OpenAIServer):
+    """The device taken as a running generation takes it: through the server's gate, on the server's loop."""
+    asyncio.run_coroutine_threadsafe(server.gate.acquire(30), server.http.loop).result(timeout=30)
+    try:
+        yield
+    finally:
+        server.http.loop.call_soon_threadsafe(server.gate.release)
+
+
 def request(served, method: str, path: str, body=None) -> tuple[int, dict]:
     """One raw HTTP request; (status, the JSON body)."""
-    host, port = served.server.httpd.server_address[:2]
+    host, port = served.server.address
     conn = http.client.HTTPConnection(host, port, timeout=60)
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data is not None else {})

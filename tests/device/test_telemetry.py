@@ -102,7 +102,7 @@ def test_reports_reach_the_cloud_and_a_power_mode_change_reprofiles(tiny_checkpo
             metrics = urllib.request.urlopen(f"http://{cluster.server.metrics_address}/metrics", timeout=10).read()
             text = metrics.decode()
             assert 'hat_device_power_watts{device="jetson-7"} 10.0' in text
-            assert 'hat_device_power_mode_info{device="jetson-7",mode="15W",source="jtop"} 1' in text
+            assert 'hat_device_power_mode_info{device="jetson-7",mode="15W",source="jtop"} 1.0' in text
             reporter.start()
             reporter.stop()
             assert reporter.sent >= 3 and reporter.source.closed
