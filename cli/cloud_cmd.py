@@ -108,7 +108,8 @@ def run_serve(args) -> int:
             print(f"ready role={args.role} worker={server.agent.worker_id} router={args.router} "
                   f"kv={server.kv_address} layers=[{first},{last}){metrics}", flush=True)
         while not stop.wait(0.5):
-            pass
+            if args.role != "all" and server.agent.accepted is False:  # superseded by a newer process under its id
+                raise RuntimeError(f"the router refused this worker: {server.agent.refusal}")
     except RuntimeError as exc:
         raise SystemExit(f"hat cloud serve: error: {exc}") from None
     finally:

@@ -33,6 +33,7 @@ from .device_registry import DeviceRegistry
 from .metrics import CloudMetrics, MetricsServer
 from .router_control import RouterControl
 from .router_policy import RoutedSession, WorkerInfo, WorkerTable
+from .worker_fence import WorkerFence
 from .security import CloudSecurity, device_plane_security, start_control_plane
 
 log = logging.getLogger("hat.cloud")
@@ -76,7 +77,7 @@ class Router:
         self._register_metrics()
         self._inflight: dict[tuple[bytes, int], InFlight] = {}
         self._handoff_ids = itertools.count(1)
-        self._quarantine: dict[bytes, float] = {}  # worker identity taken for dead -> when its heartbeats count again
+        self._fence = WorkerFence(config.worker_timeout_s)  # connections taken for dead, or superseded by a restart
         self._context = zmq.Context()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -275,12 +276,17 @@ class Router:
     def _on_heartbeat(self, identity: bytes, header: pb.ClusterHeader) -> None:
         worker = self.table.workers.get(identity)
         if worker is None:
-            if time.monotonic() < self._quarantine.get(identity, 0.0):
-                return  # sent before it was taken for dead (ZeroMQ delivers a gone peer's queued messages): stale
-            reason = self._refusal(header)
+            fenced = self._fence.check(identity)
+            if fenced == "stale":
+                return  # sent before it was taken for dead (ZeroMQ delivers a gone peer's queued messages)
+            reason = (f"a newer process registered as worker {header.worker_id!r}" if fenced
+                      else self._refusal(header))
             if reason:
                 self._send_cluster(identity, cluster_header(pb.WORKER_REFUSED, reason=reason), must=False)
                 return
+            older = self.table.by_name(header.worker_id)
+            if older is not None:  # restarted (a new process under the same worker id): the old one's sessions are lost
+                self._lose_worker(older.identity, "a new process registered under its worker id", superseded=True)
             worker = self.table.workers[identity] = WorkerInfo(identity, header.worker_id, header.role,
                                                                header.kv_address, time.monotonic())
             self._send_cluster(identity, cluster_header(pb.WORKER_ACCEPTED), must=False)
@@ -324,6 +330,7 @@ class Router:
     def _housekeeping(self) -> None:
         for worker in self.table.silent_workers():
             self._lose_worker(worker.identity, f"silent for over {self.config.worker_timeout_s:g} s")
+        self._fence.prune()
         move = self.table.rebalance_move()
         if move is not None:
             self.counters.rebalance_moves += 1
@@ -333,14 +340,15 @@ class Router:
             if session.last_active < deadline and not session.inflight:
                 self.table.forget(session_id)
 
-    def _lose_worker(self, identity: bytes, why: str) -> None:
+    def _lose_worker(self, identity: bytes, why: str, superseded: bool = False) -> None:
         worker = self.table.workers.pop(identity, None)
         if worker is None:
             return
         self.counters.workers_lost += 1
-        # its heartbeats still queued here must not register it again; a worker that is alive keeps beating and is
-        # taken back once this passes
-        self._quarantine[identity] = time.monotonic() + self.config.worker_timeout_s
+        if superseded:
+            self._fence.superseded(identity)
+        else:  # its queued heartbeats must not register it again; one alive keeps beating and is taken back later
+            self._fence.lost(identity)
         log.warning("worker %s (%s) lost: %s; %d sessions must be re-sent", worker.name, worker.role, why,
                     len(worker.sessions), extra={"event": "worker_lost"})
         for key, flight in list(self._inflight.items()):

@@ -58,6 +58,9 @@ class WorkerTable:
         self.workers: dict[bytes, WorkerInfo] = {}
         self.sessions: dict[str, RoutedSession] = {}
 
+    def by_name(self, name: str) -> WorkerInfo | None:
+        return next((w for w in list(self.workers.values()) if w.name == name), None)
+
     def of_role(self, role: str) -> list[WorkerInfo]:
         return [w for w in list(self.workers.values()) if w.role == role]
 
