@@ -33,6 +33,7 @@ from .device_registry import DeviceRegistry
 from .metrics import CloudMetrics, MetricsServer
 from .router_control import RouterControl
 from .router_policy import RoutedSession, WorkerInfo, WorkerTable
+from .worker_drain import WorkerDrain
 from .worker_fence import WorkerFence
 from .security import CloudSecurity, device_plane_security, start_control_plane
 
@@ -55,7 +56,8 @@ class RouterCounters:
     handoff_positions: int = 0  # positions moved
     handoff_seconds: float = 0.0  # total time from the order to the target's ADOPTED
     rebalance_moves: int = 0  # decode sessions moved between decode workers
-    workers_lost: int = 0  # workers taken for dead
+    workers_lost: int = 0  # workers taken for dead (or superseded by a new process under their id)
+    workers_retired: int = 0  # workers dropped after draining (scaled down)
     errors: int = 0  # ERROR replies the router itself sent
 
 
@@ -78,6 +80,7 @@ class Router:
         self._inflight: dict[tuple[bytes, int], InFlight] = {}
         self._handoff_ids = itertools.count(1)
         self._fence = WorkerFence(config.worker_timeout_s)  # connections taken for dead, or superseded by a restart
+        self.drain = WorkerDrain()  # workers being retired (the Ray pool's scale-down asks, from its own thread)
         self._context = zmq.Context()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -161,8 +164,8 @@ class Router:
                     raise WireError(pb.UNKNOWN_SESSION, f"unknown session {header.session_id!r} (never opened, closed, "
                                                         "expired, or its worker failed)")
                 session.last_active = time.monotonic()
-                if header.kind == pb.FORWARD and not header.append_only:
-                    self._maybe_move_to_decode(session, header)
+                if header.kind == pb.FORWARD:
+                    self._maybe_move(session, header)
                 self._send_to_worker(session.worker, owner, header, frames, session)
             else:
                 raise WireError(pb.MALFORMED, f"the cloud does not accept {pb.MessageKind.Name(header.kind)} messages")
@@ -196,11 +199,12 @@ class Router:
         self.table.assign(session, worker)
         self._send_to_worker(worker.identity, owner, header, frames, session)
 
-    def _maybe_move_to_decode(self, session: RoutedSession, header: pb.DataHeader) -> None:
-        tokens = header.num_tokens
-        if not self.table.should_move_to_decode(session, tokens, int(header.start)):
-            return
-        target = self.table.pick_decode(session.meta.max_positions)
+    def _maybe_move(self, session: RoutedSession, header: pb.DataHeader) -> None:
+        """Before a FORWARD: off a draining worker (at any idle moment), or to a decode worker (at a decode round)."""
+        target = self.table.drain_target(session)
+        if target is None and not header.append_only and self.table.should_move_to_decode(
+                session, header.num_tokens, int(header.start)):
+            target = self.table.pick_decode(session.meta.max_positions)
         if target is not None:
             self._hand_off(session, target)
 
@@ -213,6 +217,7 @@ class Router:
                                                   handoff_id=handoff_id))
         self.table.assign(session, target)
         session.handoff_began = session.moved_s = time.monotonic()
+        session.moved_from = source
         log.info("session %s moves to %s", meta.session_id, target.name,
                  extra={"session": meta.session_id, "event": "handoff"})
 
@@ -229,6 +234,7 @@ class Router:
         info = self.table.workers[worker]
         info.inflight_tokens += tokens
         info.inflight_attended += pairs
+        info.inflight_requests += 1
         session.inflight += 1
 
     # workers -> devices
@@ -257,6 +263,7 @@ class Router:
         if flight is not None:
             worker.inflight_tokens -= flight.tokens
             worker.inflight_attended -= flight.attended
+            worker.inflight_requests -= 1
             session = self.table.sessions.get(flight.header.session_id)
             if session is not None:
                 session.inflight -= 1
@@ -286,9 +293,10 @@ class Router:
                 return
             older = self.table.by_name(header.worker_id)
             if older is not None:  # restarted (a new process under the same worker id): the old one's sessions are lost
-                self._lose_worker(older.identity, "a new process registered under its worker id", superseded=True)
+                self._lose_worker(older.identity, "a new process registered under its worker id", how="superseded")
             worker = self.table.workers[identity] = WorkerInfo(identity, header.worker_id, header.role,
                                                                header.kv_address, time.monotonic())
+            worker.draining = worker.name in self.drain.names()
             self._send_cluster(identity, cluster_header(pb.WORKER_ACCEPTED), must=False)
             log.info("worker %s (%s) registered, KV at %s", header.worker_id, header.role, header.kv_address,
                      extra={"event": "worker_registered"})
@@ -331,6 +339,7 @@ class Router:
         for worker in self.table.silent_workers():
             self._lose_worker(worker.identity, f"silent for over {self.config.worker_timeout_s:g} s")
         self._fence.prune()
+        self._drain_round()
         move = self.table.rebalance_move()
         if move is not None:
             self.counters.rebalance_moves += 1
@@ -340,17 +349,33 @@ class Router:
             if session.last_active < deadline and not session.inflight:
                 self.table.forget(session_id)
 
-    def _lose_worker(self, identity: bytes, why: str, superseded: bool = False) -> None:
+    def _drain_round(self) -> None:
+        """Drop the drained workers since stopped; move what idle sessions can leave draining workers; publish which
+        are empty (see cloud/worker_drain.py)."""
+        for name in self.drain.take_stopped():
+            worker = self.table.by_name(name)
+            if worker is not None:
+                self._lose_worker(worker.identity, "stopped after draining", how="retired")
+        names = self.drain.names()
+        for session, target in self.table.drain_moves(names):
+            self._hand_off(session, target)
+        self.drain.publish(self.table.drained(names))
+
+    def _lose_worker(self, identity: bytes, why: str, how: str = "lost") -> None:
+        """Drop a worker: `how` "lost" (dead or gone), "superseded" (a new process under its id) or "retired"."""
         worker = self.table.workers.pop(identity, None)
         if worker is None:
             return
-        self.counters.workers_lost += 1
-        if superseded:
-            self._fence.superseded(identity)
-        else:  # its queued heartbeats must not register it again; one alive keeps beating and is taken back later
-            self._fence.lost(identity)
-        log.warning("worker %s (%s) lost: %s; %d sessions must be re-sent", worker.name, worker.role, why,
-                    len(worker.sessions), extra={"event": "worker_lost"})
+        if how == "retired":
+            self.counters.workers_retired += 1
+        else:
+            self.counters.workers_lost += 1
+        # its queued heartbeats must not register it again; one alive keeps beating and is taken back later, unless a
+        # newer process took its worker id
+        (self._fence.superseded if how == "superseded" else self._fence.lost)(identity)
+        log.log(logging.INFO if how == "retired" and not worker.sessions else logging.WARNING,
+                "worker %s (%s) %s: %s; %d sessions must be re-sent", worker.name, worker.role, how, why,
+                len(worker.sessions), extra={"event": f"worker_{how}"})
         for key, flight in list(self._inflight.items()):
             if flight.worker == identity:
                 del self._inflight[key]
@@ -392,6 +417,7 @@ class Router:
             "hat_handoff_positions_total": ("positions handed off", lambda: c.handoff_positions),
             "hat_rebalance_moves_total": ("decode sessions moved between decode workers", lambda: c.rebalance_moves),
             "hat_workers_lost_total": ("workers taken for dead", lambda: c.workers_lost),
+            "hat_workers_retired_total": ("workers stopped after draining", lambda: c.workers_retired),
         })
 
     def stop(self, grace_s: float = 2.0, drain_s: float = 0.0) -> None:

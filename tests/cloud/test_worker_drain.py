@@ -1,0 +1,103 @@
+"""Draining a worker before it stops (the Ray pool's scale-down, here without Ray).
+
+Oracle: transformers' greedy tokens, and no device ever re-sending its history (recoveries 0): every
+session on the drained worker moved by KV handoff, none was lost.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import ExitStack
+
+import pytest
+
+from cluster import running_disaggregated, start_worker
+from eight_devices import FAMILY, K, M, NEW_TOKENS, run_concurrently
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+DRAIN_S = 20.0  # a loaded 2-core machine moves a few tiny sessions well within this
+
+
+def wait_for(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_drained_decode_worker_hands_its_sessions_over_and_stops_with_none_lost(eight_devices, reference,
+                                                                                 tiny_checkpoint, tmp_path):
+    """Six devices decode on two decode workers; "decode-b" is drained while it holds sessions mid-run: it takes
+    no new session, each of its sessions moves to "decode-a" by KV handoff at its next round, the router reports
+    it drained, it stops and is dropped as retired (not lost). Every device gets transformers' tokens without
+    re-sending its history."""
+    models, prompts = eight_devices
+    overrides = {"disaggregation": "always", "rebalance_interval_s": 0.2}
+    with running_disaggregated(tiny_checkpoint(FAMILY), K, M, tmp_path, prefill=1, decode=0,
+                               router_overrides=overrides, profile_on_start=False) as cluster, ExitStack() as stack:
+        router = cluster.server
+        keeper = start_worker(router, cluster.cloud_dir, "decode", worker_id="decode-a", profile_on_start=False)
+        stack.callback(keeper.stop)
+        leaver = start_worker(router, cluster.cloud_dir, "decode", worker_id="decode-b", profile_on_start=False)
+        stack.callback(leaver.stop)
+        gens = [stack.enter_context(cluster.generator(model, device_id=f"d{i}")) for i, model in enumerate(models[:6])]
+        for gen in gens:  # slow each round a little, so sessions are surely mid-run when the drain begins
+            gen.speculation = None
+            honest = gen.link.receive
+
+            def receive(*args, _honest=honest, **kwargs):
+                time.sleep(0.01)
+                return _honest(*args, **kwargs)
+
+            gen.link.receive = receive
+        seen = {}
+
+        def drain_when_busy():
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(leaver.store) < 2:
+                time.sleep(0.005)
+            seen["held"] = len(leaver.store)
+            router.drain.drain("decode-b")
+            seen["drained"] = wait_for(lambda: router.drain.is_drained("decode-b"), DRAIN_S)
+            seen["left"] = len(leaver.store)
+            leaver.stop(grace_s=0.5)
+            router.drain.stopped("decode-b")
+
+        handoffs = router.counters.handoffs
+        drainer = threading.Thread(target=drain_when_busy, daemon=True)
+        drainer.start()
+        results = run_concurrently(gens, prompts[:6])
+        drainer.join(DRAIN_S + 10)
+        assert seen.get("held", 0) >= 2 and seen.get("drained"), seen
+        assert seen["left"] == 0  # the worker itself holds nothing when the router says it is drained
+        assert [r.token_ids for r in results] == reference[:6]
+        assert [r.recoveries for r in results] == [0] * 6
+        assert wait_for(lambda: router.table.by_name("decode-b") is None, 5)
+        assert router.counters.workers_retired == 1 and router.counters.workers_lost == 0
+        assert router.counters.handoff_failures == 0
+        # six first moves to a decode worker, and at least the sessions decode-b held moved again
+        assert router.counters.handoffs - handoffs >= 6 + seen["held"]
+        assert keeper.agent.handoffs_in >= seen["held"]
+
+
+def test_a_draining_worker_takes_no_new_session_and_an_empty_one_is_drained_at_once(eight_devices, reference,
+                                                                                   tiny_checkpoint, tmp_path):
+    """Draining the only prefill worker while a decode worker is up: new sessions open on the decode worker
+    instead; with nothing on it, the prefill worker is drained at the next round."""
+    with running_disaggregated(tiny_checkpoint(FAMILY), K, M, tmp_path, prefill=0, decode=0,
+                               profile_on_start=False) as cluster, ExitStack() as stack:
+        router = cluster.server
+        prefill = start_worker(router, cluster.cloud_dir, "prefill", worker_id="prefill-0", profile_on_start=False)
+        stack.callback(prefill.stop)
+        decode = start_worker(router, cluster.cloud_dir, "decode", worker_id="decode-0", profile_on_start=False)
+        stack.callback(decode.stop)
+        router.drain.drain("prefill-0")
+        assert wait_for(lambda: router.drain.is_drained("prefill-0"), 5)
+        assert not router.drain.is_drained("decode-0")
+        models, prompts = eight_devices
+        with cluster.generator(models[0], device_id="late") as gen:
+            gen.speculation = None
+            result = gen.generate_ids(prompts[0], NEW_TOKENS)
+        assert result.token_ids == reference[0]
+        assert prefill.stats.forward_batches == 0 and decode.stats.forward_batches > 0
