@@ -27,6 +27,7 @@ class RouterControl(hat_pb2_grpc.HatControlServicer):
         self.started = time.monotonic()
         self.draining = False
         self.errors = lambda: 0  # ERROR replies the router sent (set by the router)
+        self.pool = None  # the Ray pool keeping the router's workers (cloud/ray_pool.py), if it has one
 
     def Register(self, request, context):
         c = self.config
@@ -58,3 +59,9 @@ class RouterControl(hat_pb2_grpc.HatControlServicer):
         reply.CopyFrom(worker.latency)
         reply.queue_us = worker.queue_s() * 1e6
         return reply
+
+    def Scale(self, request, context):
+        if self.pool is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this router keeps no pool of workers to scale: start "
+                                                                "it with --ray-address")
+        return self.pool.scale(request)

@@ -29,6 +29,12 @@ class WorkerDrain:
         with self._lock:
             return name in self._drained
 
+    def cancel(self, name: str) -> None:
+        """Worker `name` is wanted again after all: it takes new sessions again."""
+        with self._lock:
+            self._draining.discard(name)
+            self._drained.discard(name)
+
     def stopped(self, name: str) -> None:
         """Worker `name` was stopped: the router drops it (its connection is not a lost worker's)."""
         with self._lock:

@@ -18,7 +18,7 @@ from cluster import running_cloud, running_disaggregated, start_worker
 from hat.cloud.config import RouterConfig
 from hat.common.proto import hat_pb2 as pb
 from hat.device.cloud_link import CloudError
-from eight_devices import FAMILY, K, M, SPECULATION, registered_link, run_concurrently
+from eight_devices import FAMILY, K, M, SPECULATION, registered_link, run_concurrently, slow_rounds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,13 +92,7 @@ def test_a_decode_worker_stopped_mid_run_costs_only_a_re_prefill(eight_devices, 
             gens = [stack.enter_context(cluster.generator(model, device_id=f"d{i}")) for i, model in enumerate(models)]
             for gen in gens:  # slow each round a little, so sessions are surely mid-run when the worker goes
                 gen.speculation = None
-                honest = gen.link.receive
-
-                def receive(*args, _honest=honest, **kwargs):
-                    time.sleep(0.01)
-                    return _honest(*args, **kwargs)
-
-                gen.link.receive = receive
+                slow_rounds(gen.link)
             victim = cluster.workers[1]
             killed = threading.Event()
 

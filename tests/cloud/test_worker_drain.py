@@ -12,7 +12,7 @@ from contextlib import ExitStack
 import pytest
 
 from cluster import running_disaggregated, start_worker
-from eight_devices import FAMILY, K, M, NEW_TOKENS, run_concurrently
+from eight_devices import FAMILY, K, M, NEW_TOKENS, run_concurrently, slow_rounds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,10 +28,10 @@ def wait_for(condition, timeout_s: float) -> bool:
 
 def test_a_drained_decode_worker_hands_its_sessions_over_and_stops_with_none_lost(eight_devices, reference,
                                                                                  tiny_checkpoint, tmp_path):
-    """Six devices decode on two decode workers; "decode-b" is drained while it holds sessions mid-run: it takes
-    no new session, each of its sessions moves to "decode-a" by KV handoff at its next round, the router reports
-    it drained, it stops and is dropped as retired (not lost). Every device gets transformers' tokens without
-    re-sending its history."""
+    """Six devices decode on two decode workers; while they are held between two rounds, "decode-b" (holding some
+    of their sessions) is drained: it takes no new session, each of its sessions moves to "decode-a" by KV
+    handoff, the router reports it drained, it stops and is dropped as retired (not lost). The devices go on:
+    every one gets transformers' tokens without re-sending its history."""
     models, prompts = eight_devices
     overrides = {"disaggregation": "always", "rebalance_interval_s": 0.2}
     with running_disaggregated(tiny_checkpoint(FAMILY), K, M, tmp_path, prefill=1, decode=0,
@@ -42,27 +42,24 @@ def test_a_drained_decode_worker_hands_its_sessions_over_and_stops_with_none_los
         leaver = start_worker(router, cluster.cloud_dir, "decode", worker_id="decode-b", profile_on_start=False)
         stack.callback(leaver.stop)
         gens = [stack.enter_context(cluster.generator(model, device_id=f"d{i}")) for i, model in enumerate(models[:6])]
-        for gen in gens:  # slow each round a little, so sessions are surely mid-run when the drain begins
+        gate, seen = threading.Event(), {}
+        gate.set()
+        for gen in gens:  # each round slowed a little and held while the gate is closed
             gen.speculation = None
-            honest = gen.link.receive
-
-            def receive(*args, _honest=honest, **kwargs):
-                time.sleep(0.01)
-                return _honest(*args, **kwargs)
-
-            gen.link.receive = receive
-        seen = {}
+            slow_rounds(gen.link, gate=gate)
 
         def drain_when_busy():
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and len(leaver.store) < 2:
-                time.sleep(0.005)
+                time.sleep(0.002)
+            gate.clear()  # the devices stop at their next round, their sessions mid-run
             seen["held"] = len(leaver.store)
             router.drain.drain("decode-b")
             seen["drained"] = wait_for(lambda: router.drain.is_drained("decode-b"), DRAIN_S)
             seen["left"] = len(leaver.store)
             leaver.stop(grace_s=0.5)
             router.drain.stopped("decode-b")
+            gate.set()
 
         handoffs = router.counters.handoffs
         drainer = threading.Thread(target=drain_when_busy, daemon=True)

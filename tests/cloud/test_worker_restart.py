@@ -18,7 +18,7 @@ import torch
 from cluster import running_disaggregated, start_worker
 from hat.common.proto import hat_pb2 as pb
 from hat.device.cloud_link import CloudError
-from eight_devices import FAMILY, K, M, registered_link, run_concurrently
+from eight_devices import FAMILY, K, M, registered_link, run_concurrently, slow_rounds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -80,13 +80,7 @@ def test_devices_mid_run_get_exact_tokens_across_a_restart_under_the_same_id(eig
         gens = [stack.enter_context(cluster.generator(model, device_id=f"d{i}")) for i, model in enumerate(models[:4])]
         for gen in gens:  # slow each round a little, so sessions are surely mid-run at the restart
             gen.speculation = None
-            honest = gen.link.receive
-
-            def receive(*args, _honest=honest, **kwargs):
-                time.sleep(0.01)
-                return _honest(*args, **kwargs)
-
-            gen.link.receive = receive
+            slow_rounds(gen.link)
 
         def restart_when_busy():
             deadline = time.monotonic() + 30
