@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POOL_ROLES = ("prefill", "decode")  # the workers a pool keeps
+MAX_POOL_WORKERS = 256  # most workers of one role a pool keeps (a bound on what one Scale request can ask for)
 POOL_RESOURCE = "hat_{role}"  # with pool_resources, each worker needs one unit of this custom resource (hat_decode)
 
 
@@ -50,6 +51,9 @@ class RayPoolConfig:
         for name in ("prefill_workers", "decode_workers", "worker_cpus", "worker_gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("prefill_workers", "decode_workers"):
+            if getattr(self, name) > MAX_POOL_WORKERS:
+                raise ValueError(f"{name} is at most {MAX_POOL_WORKERS}, got {getattr(self, name)}")
         for name in ("reconcile_interval_s", "drain_timeout_s", "stop_timeout_s", "placement_warning_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

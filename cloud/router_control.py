@@ -14,6 +14,7 @@ from hat.common.proto import hat_pb2 as pb
 from hat.common.proto import hat_pb2_grpc
 
 from .config import RouterConfig
+from .ray_config import MAX_POOL_WORKERS
 from .device_registry import DeviceRegistry
 from .security import peer_mismatch
 from .router_policy import WorkerTable
@@ -64,4 +65,8 @@ class RouterControl(hat_pb2_grpc.HatControlServicer):
         if self.pool is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this router keeps no pool of workers to scale: start "
                                                                 "it with --ray-address")
+        for name in ("prefill_workers", "decode_workers"):
+            if request.HasField(name) and getattr(request, name) > MAX_POOL_WORKERS:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is at most {MAX_POOL_WORKERS}, got "
+                                                                f"{getattr(request, name)}")
         return self.pool.scale(request)

@@ -208,3 +208,24 @@ def test_router_config_is_checked():
         RouterConfig(bundle="x", disaggregation="sometimes")
     with pytest.raises(ValueError, match="worker_timeout_s"):
         RouterConfig(bundle="x", worker_timeout_s=0)
+
+
+def test_ray_pool_config_and_flags_are_checked(tmp_path):
+    from hat.cli.main import main
+    from hat.cloud.ray_config import MAX_POOL_WORKERS, RayPoolConfig, WorkerSettings
+
+    settings = WorkerSettings(bundle="x")
+    with pytest.raises(ValueError, match="token file"):  # joining a cluster needs its token, or a word that it has none
+        RayPoolConfig(address="10.0.0.2:6379", worker=settings)
+    assert RayPoolConfig(address="10.0.0.2:6379", worker=settings, auth_disabled=True).auth_disabled
+    with pytest.raises(ValueError, match="decode_workers"):
+        RayPoolConfig(address="local", worker=settings, decode_workers=-1)
+    with pytest.raises(ValueError, match=f"at most {MAX_POOL_WORKERS}"):
+        RayPoolConfig(address="local", worker=settings, prefill_workers=MAX_POOL_WORKERS + 1)
+    with pytest.raises(ValueError, match="threads"):
+        RayPoolConfig(address="local", worker=WorkerSettings(bundle="x", threads=0))
+    with pytest.raises(SystemExit, match="--ray-address is the router's"):
+        main(["cloud", "serve", "--role", "decode", "--bundle", str(tmp_path), "--router", "tcp://127.0.0.1:1",
+              "--ray-address", "local"])
+    with pytest.raises(SystemExit, match="must not be negative"):
+        main(["cloud", "scale", "--control", "127.0.0.1:1", "--decode-workers", "-1"])
