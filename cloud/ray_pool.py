@@ -107,6 +107,7 @@ class RayWorkerPool:
         self._retry_at: dict[str, float] = {}  # name -> when to ask again after a failed `serve`
         self._errors: dict[str, str] = {}  # name -> the latest failure logged (each logged once)
         self._retiring: dict[str, Retiring] = {}
+        self._retiring_names: frozenset[str] = frozenset()  # a snapshot of _retiring's names, for scale()
         self.statuses: dict[str, dict] = {}  # name -> its latest status (pid, routing id, KV address, sessions)
         self.router_address = ""  # the router's worker address as the workers reach it
         self.settings = config.worker  # what the workers run with
@@ -145,7 +146,7 @@ class RayWorkerPool:
         if request.HasField("prefill_workers") or request.HasField("decode_workers"):
             log.info("scaling to %d prefill and %d decode workers", targets["prefill"], targets["decode"])
         table = self.router.table
-        draining = set(self._retiring) | {w.name for w in list(table.workers.values()) if w.draining}
+        draining = self._retiring_names | {w.name for w in list(table.workers.values()) if w.draining}
         return pb.ScaleReply(prefill_target=targets["prefill"], decode_target=targets["decode"],
                              prefill_serving=len(table.serving("prefill")), decode_serving=len(table.serving("decode")),
                              draining=len(draining))
@@ -153,11 +154,16 @@ class RayWorkerPool:
     # --- reconciling ---
 
     def _run(self) -> None:
+        failure = ""
         while not self._stop.is_set():
             try:
                 self._round()
-            except Exception:  # a failure of one round (e.g. the cluster briefly unreachable) must not end the pool
-                log.exception("the Ray pool's round failed; trying again")
+                failure = ""
+            except Exception as exc:  # a failed round (e.g. the cluster briefly unreachable) must not end the pool
+                if str(exc) != failure:  # (logged once while it keeps failing the same way)
+                    failure = str(exc)
+                    log.exception("the Ray pool's round failed; trying again every %g s",
+                                  self.config.reconcile_interval_s)
             self._stop.wait(self.config.reconcile_interval_s)
 
     def _round(self) -> None:
@@ -176,6 +182,7 @@ class RayWorkerPool:
             elif state is None:
                 self._keep(name, role)
         self._harvest()
+        self._retiring_names = frozenset(self._retiring)
 
     def _keep(self, name: str, role: str) -> None:
         """Create the worker if missing; ask it to serve unless a call is in flight or it failed moments ago."""
@@ -221,9 +228,9 @@ class RayWorkerPool:
             if before is None or before["routing_id"] != status["routing_id"]:  # (re)started
                 self._errors.pop(name, None)
                 log.info("worker %s serves (pid %d, KV at %s)", name, status["pid"], status["kv_address"])
-        for name, since in self._since.items():
-            if now - since > self.config.placement_warning_s and self._errors.get(name) != "placement":
-                self._errors[name] = "placement"
+        for name, since in self._since.items():  # not serving, and no failure of its own says why
+            if now - since > self.config.placement_warning_s and name not in self._errors:
+                self._errors[name] = "not placed"
                 log.warning("worker %s is not serving after %.0f s: is there room for it in the Ray cluster (%g CPUs, "
                             "%g GPUs%s)?", name, now - since, self.config.worker_cpus, self.config.worker_gpus,
                             ", 1 " + POOL_RESOURCE.format(role=name.split("-")[0]) if self.config.pool_resources else "")

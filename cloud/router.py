@@ -200,11 +200,12 @@ class Router:
         self._send_to_worker(worker.identity, owner, header, frames, session)
 
     def _maybe_move(self, session: RoutedSession, header: pb.DataHeader) -> None:
-        """Before a FORWARD: off a draining worker (at any idle moment), or to a decode worker (at a decode round)."""
-        target = self.table.drain_target(session)
-        if target is None and not header.append_only and self.table.should_move_to_decode(
-                session, header.num_tokens, int(header.start)):
+        """Before a FORWARD: to a decode worker (at a decode round the policy moves), or off a draining worker (at any
+        idle moment)."""
+        target = None
+        if not header.append_only and self.table.should_move_to_decode(session, header.num_tokens, int(header.start)):
             target = self.table.pick_decode(session.meta.max_positions)
+        target = target or self.table.drain_target(session)
         if target is not None:
             self._hand_off(session, target)
 
@@ -408,6 +409,8 @@ class Router:
         self.metrics.gauges.update({
             "hat_router_sessions": ("sessions routed", lambda: len(table.sessions)),
             "hat_router_workers": ("workers alive", lambda: len(table.workers)),
+            "hat_router_workers_draining": ("workers moving their sessions off before they stop",
+                                            lambda: len(table.workers) - len(table.serving())),
             "hat_router_inflight": ("requests forwarded and not yet answered", lambda: len(self._inflight)),
         })
         self.metrics.counters.update({

@@ -61,6 +61,7 @@ def ray_cluster():
     config = RayPoolConfig(address="local", worker=WorkerSettings(bundle="unused"), namespace=NAMESPACE,
                            pool_resources=True, log_to_driver=False)
     saved = dict(os.environ)
+    earlier = {p.pid for p in psutil.Process().children(recursive=True)}
     connected, token_folder = connect_ray(config)
     assert connected, "ray was already initialised in this process"
     assert os.environ["RAY_AUTH_MODE"] == "token" and os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
@@ -69,7 +70,7 @@ def ray_cluster():
     try:
         yield processes  # tests add the worker processes they saw
     finally:
-        processes += psutil.Process().children(recursive=True)
+        processes += [p for p in psutil.Process().children(recursive=True) if p.pid not in earlier]
         disconnect_ray(token_folder)
         os.environ.clear()
         os.environ.update(saved)

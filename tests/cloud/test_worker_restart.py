@@ -65,17 +65,15 @@ def test_a_worker_restarted_under_its_id_is_admitted_and_its_old_sessions_re_sen
 
 def test_devices_mid_run_get_exact_tokens_across_a_restart_under_the_same_id(eight_devices, reference,
                                                                              tiny_checkpoint, tmp_path):
-    """Four devices decode on "decode-a" and "decode-b"; "decode-b" stops mid-run and a new process replaces it
+    """Four devices decode on "decode-0" and "decode-1"; "decode-1" stops mid-run and a new process replaces it
     under the same id at once. Its sessions are re-sent (recoveries), every device ends with transformers'
     greedy tokens, and the pool is whole again."""
     models, prompts = eight_devices
     overrides = {"disaggregation": "always", "worker_timeout_s": NEVER_S}
-    with running_disaggregated(tiny_checkpoint(FAMILY), K, M, tmp_path, prefill=1, decode=0,
+    with running_disaggregated(tiny_checkpoint(FAMILY), K, M, tmp_path, prefill=1, decode=2,
                                router_overrides=overrides, profile_on_start=False) as cluster, ExitStack() as stack:
         router = cluster.server
-        survivor = start_worker(router, cluster.cloud_dir, "decode", worker_id="decode-a", profile_on_start=False)
-        stack.callback(survivor.stop)
-        victim = start_worker(router, cluster.cloud_dir, "decode", worker_id="decode-b", profile_on_start=False)
+        victim = cluster.workers[2]
         replacement = []
         gens = [stack.enter_context(cluster.generator(model, device_id=f"d{i}")) for i, model in enumerate(models[:4])]
         for gen in gens:  # slow each round a little, so sessions are surely mid-run at the restart
@@ -88,7 +86,7 @@ def test_devices_mid_run_get_exact_tokens_across_a_restart_under_the_same_id(eig
                 time.sleep(0.005)
             victim.stop(grace_s=0.5)
             replacement.append(start_worker(router, cluster.cloud_dir, "decode", register_timeout_s=REGISTER_S,
-                                            worker_id="decode-b", profile_on_start=False))
+                                            worker_id="decode-1", profile_on_start=False))
 
         stack.callback(lambda: [worker.stop() for worker in replacement])
         restarter = threading.Thread(target=restart_when_busy, daemon=True)
@@ -99,8 +97,8 @@ def test_devices_mid_run_get_exact_tokens_across_a_restart_under_the_same_id(eig
         assert [r.token_ids for r in results] == reference[:4]
         assert sum(r.recoveries for r in results) >= 1
         assert router.counters.workers_lost == 1
-        assert sorted(w.name for w in router.table.of_role("decode")) == ["decode-a", "decode-b"]
-        assert router.table.by_name("decode-b").identity == replacement[0].agent.routing_id
+        assert sorted(w.name for w in router.table.of_role("decode")) == ["decode-0", "decode-1"]
+        assert router.table.by_name("decode-1").identity == replacement[0].agent.routing_id
 
 
 def test_a_live_process_under_an_id_a_newer_one_took_is_refused(tiny_checkpoint, tmp_path):
