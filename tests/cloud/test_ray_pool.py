@@ -1,11 +1,12 @@
 """The router's workers kept alive by Ray Core, on a local Ray cluster (module-scoped: it starts once).
 
 Oracle: transformers' greedy tokens for every device, the router's own tables and counters, and the
-processes themselves (their pids, alive or gone). In this module: the pool's workers register; a
-SIGKILLed decode actor is restarted by Ray and registers again under its name while every device's output
-stays exact; a restarted router finds its detached workers again (the same processes); scaling decode
-workers from 2 to 1 over the control plane costs no device a re-prefill; a router with a cluster of its
-own leaves no process behind.
+processes themselves (their pids, alive or gone). In order: the pool's workers register; a SIGKILLed
+decode actor is restarted by Ray and registers again under its name while every device's output stays
+exact; scaling decode workers from 2 to 1 over the control plane costs no device a re-prefill; a router
+restarted as a new `hat cloud serve` process (joining the cluster with its token, as on two hosts) finds
+its detached workers again, the same processes, and scales them to zero. At the end no process the
+cluster started is left.
 
 Without ray installed these tests skip, except under CI (the CI environment variable), where they fail.
 """
@@ -35,6 +36,7 @@ from hat.cloud.config import RouterConfig
 from hat.cloud.ray_config import RayPoolConfig, WorkerSettings
 from hat.cloud.ray_pool import RayWorkerPool, connect_ray, disconnect_ray
 from hat.cloud.router import Router
+from hat.common.proto import hat_pb2 as pb
 from hat.common.split import split_checkpoint
 from hat.device.cloud_link import CloudLink, LinkConfig
 from hat.testbed.local_cloud import wait_ready
@@ -102,9 +104,7 @@ class RayCloud:
         if self.router is not None:
             self.router.stop()
             self.pool.stop()
-
-    def port(self, address: str) -> int:
-        return int(address.rsplit(":", 1)[1])
+            self.router = None
 
     def names(self, role: str = "") -> list[str]:
         return sorted(w.name for w in self.router.table.serving(role))
@@ -118,10 +118,9 @@ class RayCloud:
         return all(name in statuses and self.router.table.by_name(name).identity == statuses[name]["routing_id"]
                    for name in want)
 
-    def link(self, device_id: str) -> CloudLink:
-        return CloudLink(LinkConfig(host="127.0.0.1", data_port=self.port(self.router.data_address),
-                                    control_port=self.port(self.router.control_address), device_id=device_id,
-                                    reply_timeout_s=30.0))
+    def ports(self) -> tuple[int, int]:
+        """The router's data and control ports."""
+        return tuple(int(a.rsplit(":", 1)[1]) for a in (self.router.data_address, self.router.control_address))
 
 
 @pytest.fixture(scope="module")
@@ -137,16 +136,19 @@ def cloud(ray_cluster, tiny_checkpoint, tmp_path_factory):
             ray.kill(ray.get_actor(name), no_restart=True)
 
 
-def generate(cloud: RayCloud, eight_devices, count: int, alongside=None, gate: threading.Event | None = None) -> list:
-    """`count` devices generate at once through the router (each round slowed a little, and held while `gate` is
-    closed); their results."""
+def generate(ports: tuple[int, int], eight_devices, count: int, alongside=None,
+             gate: threading.Event | None = None) -> list:
+    """`count` devices generate at once through the router at (data port, control port) on loopback (each round
+    slowed a little, and held while `gate` is closed); their results."""
     from hat.device.generator import SplitGenerator
 
     models, prompts = eight_devices
     with ExitStack() as stack:
         gens = []
         for i, model in enumerate(models[:count]):
-            link = stack.enter_context(cloud.link(f"dev-{i}"))
+            link = stack.enter_context(CloudLink(LinkConfig(host="127.0.0.1", data_port=ports[0],
+                                                            control_port=ports[1], device_id=f"dev-{i}",
+                                                            reply_timeout_s=30.0)))
             link.register(model.manifest)
             slow_rounds(link, gate=gate)
             gen = SplitGenerator(model, link)
@@ -162,7 +164,7 @@ def test_the_pool_s_workers_register_and_serve(cloud, eight_devices, reference):
     pids = {s["pid"] for s in cloud.pool.statuses.values()}
     assert len(pids) == 3 and os.getpid() not in pids
     assert sorted(ray.util.list_named_actors()) == ["decode-0", "decode-1", "prefill-0"]
-    results = generate(cloud, eight_devices, DEVICES)
+    results = generate(cloud.ports(), eight_devices, DEVICES)
     assert [r.token_ids for r in results] == reference[:DEVICES]
     assert all(r.recoveries == 0 for r in results)
     assert cloud.router.counters.handoffs >= DEVICES
@@ -185,7 +187,7 @@ def test_a_sigkilled_decode_actor_is_restarted_and_outputs_stay_exact(cloud, eig
         os.kill(victim["pid"], signal.SIGKILL)
         seen["killed"] = time.monotonic()
 
-    results = generate(cloud, eight_devices, DEVICES, alongside=kill_when_busy)
+    results = generate(cloud.ports(), eight_devices, DEVICES, alongside=kill_when_busy)
     assert seen.get("sessions"), seen
     assert [r.token_ids for r in results] == reference[:DEVICES]
     assert sum(r.recoveries for r in results) >= 1
@@ -194,21 +196,6 @@ def test_a_sigkilled_decode_actor_is_restarted_and_outputs_stay_exact(cloud, eig
     assert not psutil.pid_exists(victim["pid"])
     assert cloud.router.table.by_name("decode-1").identity != victim["routing_id"]
     assert cloud.router.counters.workers_lost == lost + 1
-
-
-def test_a_restarted_router_finds_its_workers_again(cloud, eight_devices, reference):
-    """The router (the Ray driver) stops and a new one starts on the same worker address: its pool finds the
-    detached actors by name, the same processes register with it, and devices get exact tokens."""
-    assert wait_for(cloud.settled)
-    before = {name: (s["pid"], s["routing_id"]) for name, s in cloud.pool.statuses.items()}
-    worker_address = cloud.router.worker_address
-    cloud.stop()
-    assert sorted(ray.util.list_named_actors()) == ["decode-0", "decode-1", "prefill-0"]  # detached: still there
-    cloud.start(worker_address=worker_address)
-    assert wait_for(cloud.settled), (cloud.names(), cloud.pool.statuses)
-    assert {name: (s["pid"], s["routing_id"]) for name, s in cloud.pool.statuses.items()} == before
-    results = generate(cloud, eight_devices, 2)
-    assert [r.token_ids for r in results] == reference[:2]
 
 
 def test_decode_workers_scaled_from_2_to_1_without_a_re_prefill(cloud, eight_devices, reference, capsys):
@@ -233,7 +220,7 @@ def test_decode_workers_scaled_from_2_to_1_without_a_re_prefill(cloud, eight_dev
                                  str(SETTLE_S)])
         gate.set()
 
-    results = generate(cloud, eight_devices, DEVICES, alongside=scale_when_busy, gate=gate)
+    results = generate(cloud.ports(), eight_devices, DEVICES, alongside=scale_when_busy, gate=gate)
     assert seen.get("sessions") and seen["code"] == 0, seen
     assert capsys.readouterr().out.strip().endswith("prefill=1/1 decode=1/1 draining=0")
     assert [r.token_ids for r in results] == reference[:DEVICES]
@@ -246,28 +233,39 @@ def test_decode_workers_scaled_from_2_to_1_without_a_re_prefill(cloud, eight_dev
     assert counters.handoffs - handoffs >= DEVICES + seen["sessions"]
 
 
-def test_hat_cloud_serve_joins_a_cluster_with_its_token_and_scales_to_zero(cloud):
-    """`hat cloud serve --role router --ray-address ADDRESS --ray-token PATH` joins the running cluster (as on two
-    hosts), keeps its prefill worker there; `hat cloud scale` to zero drains and kills it; on SIGTERM the router
-    exits cleanly and the worker's process is gone."""
-    address = ray.get_runtime_context().gcs_address
+def test_a_restarted_router_finds_its_workers_again_and_scales_them_to_zero(cloud, eight_devices, reference):
+    """The router (the Ray driver) stops; `hat cloud serve --role router --ray-address ADDRESS --ray-token PATH`
+    starts as a new process on the same worker address, joining the cluster as on two hosts. Its pool finds the
+    detached actors by name: the same processes register with it, and a device gets exact tokens through it.
+    `hat cloud scale` to zero drains and kills them; on SIGTERM the router exits cleanly, and none of the workers'
+    processes is left."""
+    targets = cloud.pool.scale(pb.ScaleRequest())
+    assert wait_for(lambda: cloud.settled(decode=targets.decode_target))
+    before = {name: (s["pid"], s["routing_id"]) for name, s in cloud.pool.statuses.items()}
+    worker_address = cloud.router.worker_address
+    cloud.stop()
+    assert sorted(ray.util.list_named_actors()) == sorted(before)  # detached: they outlived their driver
     process = subprocess.Popen(
         [sys.executable, "-m", "hat.cli.main", "cloud", "serve", "--role", "router", "--bundle", str(cloud.cloud_dir),
-         "--data", "tcp://127.0.0.1:0", "--control", "127.0.0.1:0", "--workers", "tcp://127.0.0.1:0", "--ray-address",
-         address, "--ray-token", os.environ["RAY_AUTH_TOKEN_PATH"], "--ray-namespace", "hat-test-cli",
-         "--prefill-workers", "1", "--decode-workers", "0", "--worker-cpus", "0.5", "--threads", "1",
+         "--data", "tcp://127.0.0.1:0", "--control", "127.0.0.1:0", "--workers", worker_address, "--disaggregation",
+         "always", "--ray-address", ray.get_runtime_context().gcs_address, "--ray-token",
+         os.environ["RAY_AUTH_TOKEN_PATH"], "--ray-namespace", NAMESPACE, "--prefill-workers", "1",
+         "--decode-workers", str(targets.decode_target), "--worker-cpus", "0.5", "--threads", "1",
          "--drain-timeout", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        match = re.match(r"ready data=\S+ control=(\S+) workers=\S+ ray_namespace=hat-test-cli$", wait_ready(process))
-        assert match
-        control = match.group(1)
+        ready = re.match(rf"ready data=tcp://127.0.0.1:(\d+) control=(127.0.0.1:(\d+)) workers={re.escape(worker_address)}"
+                         rf" ray_namespace={NAMESPACE}$", wait_ready(process))
+        assert ready
+        control = ready.group(2)
         assert hat_main(["cloud", "scale", "--control", control, "--wait", str(SETTLE_S)]) == 0
-        worker = psutil.Process(ray.get(ray.get_actor("prefill-0", namespace="hat-test-cli").status.remote())["pid"])
-        assert hat_main(["cloud", "scale", "--control", control, "--prefill-workers", "0", "--wait",
-                         str(SETTLE_S)]) == 0
-        worker.wait(10)  # killed
-        assert not ray.util.list_named_actors(all_namespaces=True) or all(
-            a["namespace"] != "hat-test-cli" for a in ray.util.list_named_actors(all_namespaces=True))
+        now = {name: ray.get(ray.get_actor(name).status.remote()) for name in before}
+        assert {name: (s["pid"], s["routing_id"]) for name, s in now.items()} == before  # the same processes, serving
+        results = generate((int(ready.group(1)), int(ready.group(3))), eight_devices, 1)
+        assert results[0].token_ids == reference[0]
+        assert hat_main(["cloud", "scale", "--control", control, "--prefill-workers", "0", "--decode-workers", "0",
+                         "--wait", str(SETTLE_S)]) == 0
+        assert wait_for(lambda: not any(psutil.pid_exists(pid) for pid, _ in before.values()), 20)
+        assert not ray.util.list_named_actors()
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     finally:
