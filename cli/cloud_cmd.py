@@ -3,14 +3,17 @@
 `all` (the default) is one process that serves devices itself. A disaggregated cloud is a `router`
 (devices connect to its --data and --control addresses; workers to its --workers address) and any
 number of `prefill` and `decode` workers, each started with --router pointing at the router's
---workers address; they may run on other hosts.
+--workers address; they may run on other hosts. With --ray-address, the router keeps its workers
+alive on Ray itself (cli/ray_pool_args.py); `hat cloud scale` changes their numbers (cli/scale_cmd.py).
 """
 from __future__ import annotations
 
 import signal
 import threading
 
+from . import scale_cmd
 from .generate_cmd import set_threads
+from .ray_pool_args import add_pool_arguments
 
 REGISTER_TIMEOUT_S = 60.0  # how long a worker waits for the router to accept it at start-up
 
@@ -62,7 +65,9 @@ def add_parser(commands) -> None:
                    help="run unencrypted on addresses other machines reach (trusted networks only)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running sessions may take to finish before the server stops")
+    add_pool_arguments(p)
     p.set_defaults(run=run_serve)
+    scale_cmd.add_parser(sub)
 
 
 def device_limits(args):
@@ -71,10 +76,16 @@ def device_limits(args):
     return DeviceLimitsConfig(messages_per_s=args.device_rate, sessions_per_device=args.device_sessions)
 
 
-def run_serve(args) -> int:
-    stop = threading.Event()
+def stop_on_signals(stop: threading.Event) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+
+
+def run_serve(args) -> int:
+    stop = threading.Event()
+    stop_on_signals(stop)
+    if args.ray_address and args.role != "router":
+        raise SystemExit("hat cloud serve: error: --ray-address is the router's (--role router): it keeps the workers")
     if args.role == "router":
         return _serve_router(args, stop)
     from hat.cloud.config import CloudConfig
@@ -108,7 +119,8 @@ def run_serve(args) -> int:
             print(f"ready role={args.role} worker={server.agent.worker_id} router={args.router} "
                   f"kv={server.kv_address} layers=[{first},{last}){metrics}", flush=True)
         while not stop.wait(0.5):
-            pass
+            if args.role != "all" and server.agent.accepted is False:  # superseded by a newer process under its id
+                raise RuntimeError(f"the router refused this worker: {server.agent.refusal}")
     except RuntimeError as exc:
         raise SystemExit(f"hat cloud serve: error: {exc}") from None
     finally:
@@ -127,14 +139,23 @@ def _serve_router(args, stop: threading.Event) -> int:
                           drain_timeout_s=args.drain_timeout, keys_dir=args.keys, insecure=args.insecure,
                           device_limits=device_limits(args))
     router = Router(config).start()
-    metrics = f" metrics=http://{router.metrics_address}/metrics" if router.metrics_address else ""
-    secure = f" keys={router.security.identity.name}" if router.security else ""
-    print(f"ready data={router.data_address} control={router.control_address} workers={router.worker_address}"
-          f"{metrics}{secure}", flush=True)
+    pool = None
     try:
+        if args.ray_address:
+            from .ray_pool_args import start_pool
+
+            pool = start_pool(args, router)
+            stop_on_signals(stop)  # again: joining Ray put handlers of its own in place (SIGTERM would abort)
+        metrics = f" metrics=http://{router.metrics_address}/metrics" if router.metrics_address else ""
+        secure = f" keys={router.security.identity.name}" if router.security else ""
+        ray = f" ray_namespace={args.ray_namespace}" if pool else ""
+        print(f"ready data={router.data_address} control={router.control_address} workers={router.worker_address}"
+              f"{metrics}{secure}{ray}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
         router.stop(drain_s=config.drain_timeout_s)
+        if pool is not None:  # after the router's drain: the workers serve its last sessions
+            pool.stop()
         print("stopped", flush=True)
     return 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from .device_limits import DeviceLimitsConfig
 
 WORKER_ROLES = ("all", "prefill", "decode")  # roles of a process that runs the middle part
+MAX_WORKER_ID_BYTES = 200  # a worker's routing id is its id and a nonce, within ZeroMQ's 255 bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,8 @@ class CloudConfig:
             raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
         if self.role != "all" and not self.router_address:
             raise ValueError(f"a {self.role} worker needs the router's worker address (router_address)")
+        if len(self.worker_id.encode()) > MAX_WORKER_ID_BYTES:
+            raise ValueError(f"worker_id is {len(self.worker_id.encode())} bytes; at most {MAX_WORKER_ID_BYTES}")
         if self.pipeline_stages > 1 and self.role != "all":
             raise ValueError("a pipeline-parallel middle part serves as role all: its KV cache lives on several "
                              "processes and cannot be handed off")

@@ -34,6 +34,8 @@ from .device_registry import DeviceRegistry
 from .metrics import CloudMetrics
 from .router_control import RouterControl
 from .router_policy import RoutedSession, WorkerInfo, WorkerTable
+from .worker_drain import WorkerDrain
+from .worker_fence import WorkerFence
 from .security import CloudSecurity, device_plane_security, start_control_plane
 
 log = logging.getLogger("hat.cloud")
@@ -55,7 +57,8 @@ class RouterCounters:
     handoff_positions: int = 0  # positions moved
     handoff_seconds: float = 0.0  # total time from the order to the target's ADOPTED
     rebalance_moves: int = 0  # decode sessions moved between decode workers
-    workers_lost: int = 0  # workers taken for dead
+    workers_lost: int = 0  # workers taken for dead (or superseded by a new process under their id)
+    workers_retired: int = 0  # workers dropped after draining (scaled down)
     errors: int = 0  # ERROR replies the router itself sent
 
 
@@ -77,7 +80,8 @@ class Router:
         self._register_metrics()
         self._inflight: dict[tuple[bytes, int], InFlight] = {}
         self._handoff_ids = itertools.count(1)
-        self._quarantine: dict[bytes, float] = {}  # worker identity taken for dead -> when its heartbeats count again
+        self._fence = WorkerFence(config.worker_timeout_s)  # connections taken for dead, or superseded by a restart
+        self.drain = WorkerDrain()  # workers being retired (the Ray pool's scale-down asks, from its own thread)
         self._context = zmq.Context()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -161,8 +165,8 @@ class Router:
                     raise WireError(pb.UNKNOWN_SESSION, f"unknown session {header.session_id!r} (never opened, closed, "
                                                         "expired, or its worker failed)")
                 session.last_active = time.monotonic()
-                if header.kind == pb.FORWARD and not header.append_only:
-                    self._maybe_move_to_decode(session, header)
+                if header.kind == pb.FORWARD:
+                    self._maybe_move(session, header)
                 self._send_to_worker(session.worker, owner, header, frames, session)
             else:
                 raise WireError(pb.MALFORMED, f"the cloud does not accept {pb.MessageKind.Name(header.kind)} messages")
@@ -196,11 +200,13 @@ class Router:
         self.table.assign(session, worker)
         self._send_to_worker(worker.identity, owner, header, frames, session)
 
-    def _maybe_move_to_decode(self, session: RoutedSession, header: pb.DataHeader) -> None:
-        tokens = header.num_tokens
-        if not self.table.should_move_to_decode(session, tokens, int(header.start)):
-            return
-        target = self.table.pick_decode(session.meta.max_positions)
+    def _maybe_move(self, session: RoutedSession, header: pb.DataHeader) -> None:
+        """Before a FORWARD: to a decode worker (at a decode round the policy moves), or off a draining worker (at any
+        idle moment)."""
+        target = None
+        if not header.append_only and self.table.should_move_to_decode(session, header.num_tokens, int(header.start)):
+            target = self.table.pick_decode(session.meta.max_positions)
+        target = target or self.table.drain_target(session)
         if target is not None:
             self._hand_off(session, target)
 
@@ -213,6 +219,7 @@ class Router:
                                                   handoff_id=handoff_id))
         self.table.assign(session, target)
         session.handoff_began = session.moved_s = time.monotonic()
+        session.moved_from = source
         log.info("session %s moves to %s", meta.session_id, target.name,
                  extra={"session": meta.session_id, "event": "handoff"})
 
@@ -229,6 +236,7 @@ class Router:
         info = self.table.workers[worker]
         info.inflight_tokens += tokens
         info.inflight_attended += pairs
+        info.inflight_requests += 1
         session.inflight += 1
 
     # workers -> devices
@@ -257,6 +265,7 @@ class Router:
         if flight is not None:
             worker.inflight_tokens -= flight.tokens
             worker.inflight_attended -= flight.attended
+            worker.inflight_requests -= 1
             session = self.table.sessions.get(flight.header.session_id)
             if session is not None:
                 session.inflight -= 1
@@ -276,14 +285,20 @@ class Router:
     def _on_heartbeat(self, identity: bytes, header: pb.ClusterHeader) -> None:
         worker = self.table.workers.get(identity)
         if worker is None:
-            if time.monotonic() < self._quarantine.get(identity, 0.0):
-                return  # sent before it was taken for dead (ZeroMQ delivers a gone peer's queued messages): stale
-            reason = self._refusal(header)
+            fenced = self._fence.check(identity)
+            if fenced == "stale":
+                return  # sent before it was taken for dead (ZeroMQ delivers a gone peer's queued messages)
+            reason = (f"a newer process registered as worker {header.worker_id!r}" if fenced
+                      else self._refusal(header))
             if reason:
                 self._send_cluster(identity, cluster_header(pb.WORKER_REFUSED, reason=reason), must=False)
                 return
+            older = self.table.by_name(header.worker_id)
+            if older is not None:  # restarted (a new process under the same worker id): the old one's sessions are lost
+                self._lose_worker(older.identity, "a new process registered under its worker id", how="superseded")
             worker = self.table.workers[identity] = WorkerInfo(identity, header.worker_id, header.role,
                                                                header.kv_address, time.monotonic())
+            worker.draining = worker.name in self.drain.names()
             self._send_cluster(identity, cluster_header(pb.WORKER_ACCEPTED), must=False)
             log.info("worker %s (%s) registered, KV at %s", header.worker_id, header.role, header.kv_address,
                      extra={"event": "worker_registered"})
@@ -325,6 +340,8 @@ class Router:
     def _housekeeping(self) -> None:
         for worker in self.table.silent_workers():
             self._lose_worker(worker.identity, f"silent for over {self.config.worker_timeout_s:g} s")
+        self._fence.prune()
+        self._drain_round()
         move = self.table.rebalance_move()
         if move is not None:
             self.counters.rebalance_moves += 1
@@ -334,16 +351,33 @@ class Router:
             if session.last_active < deadline and not session.inflight:
                 self.table.forget(session_id)
 
-    def _lose_worker(self, identity: bytes, why: str) -> None:
+    def _drain_round(self) -> None:
+        """Drop the drained workers since stopped; move what idle sessions can leave draining workers; publish which
+        are empty (see cloud/worker_drain.py)."""
+        for name in self.drain.take_stopped():
+            worker = self.table.by_name(name)
+            if worker is not None:
+                self._lose_worker(worker.identity, "stopped after draining", how="retired")
+        names = self.drain.names()
+        for session, target in self.table.drain_moves(names):
+            self._hand_off(session, target)
+        self.drain.publish(self.table.drained(names))
+
+    def _lose_worker(self, identity: bytes, why: str, how: str = "lost") -> None:
+        """Drop a worker: `how` "lost" (dead or gone), "superseded" (a new process under its id) or "retired"."""
         worker = self.table.workers.pop(identity, None)
         if worker is None:
             return
-        self.counters.workers_lost += 1
-        # its heartbeats still queued here must not register it again; a worker that is alive keeps beating and is
-        # taken back once this passes
-        self._quarantine[identity] = time.monotonic() + self.config.worker_timeout_s
-        log.warning("worker %s (%s) lost: %s; %d sessions must be re-sent", worker.name, worker.role, why,
-                    len(worker.sessions), extra={"event": "worker_lost"})
+        if how == "retired":
+            self.counters.workers_retired += 1
+        else:
+            self.counters.workers_lost += 1
+        # its queued heartbeats must not register it again; one alive keeps beating and is taken back later, unless a
+        # newer process took its worker id
+        (self._fence.superseded if how == "superseded" else self._fence.lost)(identity)
+        log.log(logging.INFO if how == "retired" and not worker.sessions else logging.WARNING,
+                "worker %s (%s) %s: %s; %d sessions must be re-sent", worker.name, worker.role, how, why,
+                len(worker.sessions), extra={"event": f"worker_{how}"})
         for key, flight in list(self._inflight.items()):
             if flight.worker == identity:
                 del self._inflight[key]
@@ -376,6 +410,8 @@ class Router:
         self.metrics.gauges.update({
             "hat_router_sessions": ("sessions routed", lambda: len(table.sessions)),
             "hat_router_workers": ("workers alive", lambda: len(table.workers)),
+            "hat_router_workers_draining": ("workers moving their sessions off before they stop",
+                                            lambda: len(table.workers) - len(table.serving())),
             "hat_router_inflight": ("requests forwarded and not yet answered", lambda: len(self._inflight)),
         })
         self.metrics.counters.update({
@@ -385,6 +421,7 @@ class Router:
             "hat_handoff_positions_total": ("positions handed off", lambda: c.handoff_positions),
             "hat_rebalance_moves_total": ("decode sessions moved between decode workers", lambda: c.rebalance_moves),
             "hat_workers_lost_total": ("workers taken for dead", lambda: c.workers_lost),
+            "hat_workers_retired_total": ("workers stopped after draining", lambda: c.workers_retired),
         })
 
     def stop(self, grace_s: float = 2.0, drain_s: float = 0.0) -> None:

@@ -14,6 +14,7 @@ from hat.common.proto import hat_pb2 as pb
 from hat.common.proto import hat_pb2_grpc
 
 from .config import RouterConfig
+from .ray_config import MAX_POOL_WORKERS
 from .device_registry import DeviceRegistry
 from .security import peer_mismatch
 from .router_policy import WorkerTable
@@ -27,6 +28,7 @@ class RouterControl(hat_pb2_grpc.HatControlServicer):
         self.started = time.monotonic()
         self.draining = False
         self.errors = lambda: 0  # ERROR replies the router sent (set by the router)
+        self.pool = None  # the Ray pool keeping the router's workers (cloud/ray_pool.py), if it has one
 
     def Register(self, request, context):
         c = self.config
@@ -58,3 +60,13 @@ class RouterControl(hat_pb2_grpc.HatControlServicer):
         reply.CopyFrom(worker.latency)
         reply.queue_us = worker.queue_s() * 1e6
         return reply
+
+    def Scale(self, request, context):
+        if self.pool is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this router keeps no pool of workers to scale: start "
+                                                                "it with --ray-address")
+        for name in ("prefill_workers", "decode_workers"):
+            if request.HasField(name) and getattr(request, name) > MAX_POOL_WORKERS:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is at most {MAX_POOL_WORKERS}, got "
+                                                                f"{getattr(request, name)}")
+        return self.pool.scale(request)

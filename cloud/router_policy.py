@@ -9,10 +9,13 @@
 - Decode sessions move from the busiest decode worker to the least busy when their session counts
   differ by at least the margin (one at a time, never a session with a request in flight or one that
   moved moments ago).
+- A draining worker (being retired) takes nothing new; each of its sessions moves, at its first moment
+  with nothing in flight, to the least loaded other worker of its role (else any other) with KV room.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from hat.common.cost_fit import LinearCost, attended
@@ -30,6 +33,8 @@ class WorkerInfo:
     sessions: set[str] = field(default_factory=set)  # sessions routed to it
     inflight_tokens: int = 0  # tokens forwarded to it, not yet answered
     inflight_attended: float = 0.0  # their query-key pairs
+    inflight_requests: int = 0  # requests forwarded to it, not yet answered
+    draining: bool = False  # being retired: no new sessions; its sessions move off
 
     @property
     def cost(self) -> LinearCost:
@@ -49,6 +54,7 @@ class RoutedSession:
     inflight: int = 0  # its requests forwarded and not yet answered
     moved_s: float = 0.0  # when it last moved (0 = never)
     handoff_began: float = 0.0  # when its latest handoff was ordered (0 = none under way)
+    moved_from: bytes = b""  # the worker its latest handoff took it from
 
 
 class WorkerTable:
@@ -58,17 +64,23 @@ class WorkerTable:
         self.workers: dict[bytes, WorkerInfo] = {}
         self.sessions: dict[str, RoutedSession] = {}
 
+    def by_name(self, name: str) -> WorkerInfo | None:
+        return next((w for w in list(self.workers.values()) if w.name == name), None)
+
     def of_role(self, role: str) -> list[WorkerInfo]:
         return [w for w in list(self.workers.values()) if w.role == role]
 
+    def serving(self, role: str = "") -> list[WorkerInfo]:
+        """Workers (of `role`, or all) that take new sessions: not draining."""
+        return [w for w in list(self.workers.values()) if not w.draining and w.role == (role or w.role)]
+
     def pick_prefill(self, positions: int) -> WorkerInfo | None:
         """The worker a new session of `positions` positions goes to (None: no worker has room)."""
-        candidates = [w for w in self.of_role("prefill") or list(self.workers.values())
-                      if w.kv_free_positions >= positions]
+        candidates = [w for w in self.serving("prefill") or self.serving() if w.kv_free_positions >= positions]
         return min(candidates, key=lambda w: (w.queue_s(), len(w.sessions)), default=None)
 
     def pick_decode(self, positions: int, exclude: bytes = b"") -> WorkerInfo | None:
-        candidates = [w for w in self.of_role("decode") if w.identity != exclude and w.kv_free_positions >= positions]
+        candidates = [w for w in self.serving("decode") if w.identity != exclude and w.kv_free_positions >= positions]
         return min(candidates, key=lambda w: (len(w.sessions), w.queue_s()), default=None)
 
     def should_move_to_decode(self, session: RoutedSession, tokens: int, start: int) -> bool:
@@ -85,7 +97,7 @@ class WorkerTable:
 
     def rebalance_move(self) -> tuple[RoutedSession, WorkerInfo] | None:
         """A decode session to move and where, when decode workers' loads are uneven (else None)."""
-        decoders = self.of_role("decode")
+        decoders = self.serving("decode")
         if len(decoders) < 2:
             return None
         busiest = max(decoders, key=lambda w: len(w.sessions))
@@ -100,6 +112,36 @@ class WorkerTable:
                     and idlest.kv_free_positions >= session.meta.max_positions):
                 return session, idlest
         return None
+
+    def drain_target(self, session: RoutedSession) -> WorkerInfo | None:
+        """Where a session on a draining worker goes now (None: it stays for now: its worker is not draining, it
+        has a request in flight or a handoff under way, or no other worker has room)."""
+        source = self.workers.get(session.worker)
+        if source is None or not source.draining or session.inflight or session.handoff_began:
+            return None
+        room = [w for w in self.serving() if w.kv_free_positions >= session.meta.max_positions]
+        same = [w for w in room if w.role == source.role]
+        return min(same or room, key=lambda w: (len(w.sessions), w.queue_s()), default=None)
+
+    def drain_moves(self, names: frozenset[str]) -> Iterator[tuple[RoutedSession, WorkerInfo]]:
+        """Mark the workers named `names` draining (and no others), then yield the moves their idle sessions can
+        make now, one at a time (the caller hands each off before the next target is chosen)."""
+        for worker in list(self.workers.values()):
+            worker.draining = worker.name in names
+        for worker in [w for w in list(self.workers.values()) if w.draining]:
+            for session_id in sorted(worker.sessions):
+                session = self.sessions.get(session_id)
+                target = self.drain_target(session) if session is not None else None
+                if target is not None:
+                    target.kv_free_positions -= session.meta.max_positions  # reserved until its next heartbeat
+                    yield session, target
+
+    def drained(self, names: frozenset[str]) -> set[str]:
+        """Of `names`, the workers with nothing left: no session, no request in flight, no KV on its way out (or
+        not registered at all)."""
+        leaving = {s.moved_from for s in list(self.sessions.values()) if s.handoff_began}
+        return {name for name in names if (w := self.by_name(name)) is None
+                or not (w.sessions or w.inflight_requests or w.identity in leaving)}
 
     def silent_workers(self) -> list[WorkerInfo]:
         deadline = time.monotonic() - self.worker_timeout_s

@@ -24,6 +24,7 @@ from .allow_list import AllowList
 log = logging.getLogger(__name__)
 ZAP_DOMAIN = "hat"  # the ZAP domain the devices' socket asks the handler about
 CLUSTER_ZAP_DOMAIN = "hat-cluster"  # the router's worker socket and the workers' KV sockets: the cloud's own key only
+OPERATOR_RPCS = frozenset({"Scale"})  # control RPCs only the cloud's own key (its operators) may make
 
 
 class CloudSecurity:
@@ -109,11 +110,11 @@ class CloudSecurity:
     def grpc_credentials(self) -> grpc.ServerCredentials:
         """TLS with client certificates: the trust store is the allow-list's certificates, re-read per handshake."""
         def configuration(roots: bytes):
-            # never None: gRPC would then trust the system's public CAs; with no device allowed, the cloud's own
-            # certificate (whose key no device holds) stands in
-            return grpc.ssl_server_certificate_configuration(
-                [(self.identity.tls_key, self.identity.public.certificate)],
-                root_certificates=roots or self.identity.public.certificate)
+            # the cloud's own certificate is always trusted: its operators hold its key (`hat cloud scale`); so the
+            # trust store is never empty (gRPC would then trust the system's public CAs)
+            own = self.identity.public.certificate
+            return grpc.ssl_server_certificate_configuration([(self.identity.tls_key, own)],
+                                                             root_certificates=roots + own)
 
         current = {"roots": self.allowed.certificates()}
 
@@ -192,12 +193,23 @@ class _AllowedCallers:
             return method
 
         def checked(request, context):
-            if caller_name(context) not in self._security.allowed.names():
+            if name in OPERATOR_RPCS:
+                if not is_own_certificate(context, self._security):
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                  f"{name} is for the cloud's operators: call it with the cloud's own keys")
+            elif caller_name(context) not in self._security.allowed.names():
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               "this device's key is not (or no longer) on the cloud's allow-list")
             return method(request, context)
 
         return checked
+
+
+def is_own_certificate(context: grpc.ServicerContext, security: CloudSecurity) -> bool:
+    """Whether an RPC's client certificate is the cloud's own (the whole certificate: a device's key may share its
+    name)."""
+    certificates = context.auth_context().get("x509_pem_cert") or []
+    return bool(certificates) and certificates[0].strip() == security.identity.public.certificate.strip()
 
 
 def caller_name(context: grpc.ServicerContext) -> str | None:

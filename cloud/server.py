@@ -118,7 +118,7 @@ class CloudServer:
                                  self.security.protect_cluster_client if self.security is not None else None)
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.ROUTING_ID, self.agent.worker_id.encode())
+        socket.setsockopt(zmq.ROUTING_ID, self.agent.routing_id)
         if self.security is not None:
             self.security.protect_cluster_client(socket)
         socket.connect(c.router_address)

@@ -65,6 +65,9 @@ class WorkerAgent:
         self._protect_peer = protect_peer  # makes a KV socket to a peer a CURVE client (the cloud has keys), or None
         self.kv_address = kv_address  # as advertised to peers
         self.worker_id = config.worker_id or f"{config.role}-{socketlib.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+        # its connection's routing id at the router: the worker id and a nonce of this process, so a process restarted
+        # under the same worker id is a new connection the router admits at once (see cloud/worker_fence.py)
+        self.routing_id = f"{self.worker_id}@{os.urandom(8).hex()}".encode()
         self.incoming: dict[str, IncomingSession] = {}
         self._lock = threading.RLock()  # `incoming` is touched by the socket thread and read by the engine
         self.accepted: bool | None = None  # the router's answer to the registration (None = none yet)
@@ -98,15 +101,14 @@ class WorkerAgent:
 
     def _on_control(self, header: pb.ClusterHeader, reply_cluster, fail_held) -> None:
         kind, meta = header.kind, header.session
-        if kind == pb.WORKER_ACCEPTED:  # a fresh start at the router: it routes none of this worker's sessions
-            self.accepted = True
+        if kind in (pb.WORKER_ACCEPTED, pb.WORKER_REFUSED):  # either way the router routes none of its sessions now
+            if kind == pb.WORKER_REFUSED and self.accepted is not False:  # (refused at every heartbeat: log it once)
+                log.error("the router refused this worker: %s", header.reason, extra={"event": "worker_refused"})
+            self.accepted, self.refusal = kind == pb.WORKER_ACCEPTED, header.reason
             self.incoming.clear()
             for session_id in self.store.clear():
                 fail_held(session_id, WireError(pb.UNKNOWN_SESSION, "the router lost track of this worker's "
                                                                     "sessions; re-send the history"))
-        elif kind == pb.WORKER_REFUSED:
-            self.accepted, self.refusal = False, header.reason
-            log.error("the router refused this worker: %s", header.reason, extra={"event": "worker_refused"})
         elif kind == pb.ADOPT:
             self._adopt(meta, header.handoff_id, reply_cluster, fail_held)
         elif kind == pb.HANDOFF:

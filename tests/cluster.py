@@ -64,15 +64,16 @@ def start_worker(router: Router, cloud_dir: Path, role: str, register_timeout_s:
 @contextmanager
 def running_disaggregated(model_dir: Path, input_layers: int, output_layers: int, work_dir: Path, prefill: int = 1,
                           decode: int = 2, router_overrides: dict | None = None, **worker_overrides):
-    """A router with `prefill` prefill and `decode` decode workers, all in this process on loopback."""
+    """A router with `prefill` prefill and `decode` decode workers ("prefill-0", "decode-1", ...), all in this
+    process on loopback."""
     device_dir, cloud_dir = split_checkpoint(model_dir, input_layers, output_layers, work_dir / "bundle")
     config = RouterConfig(bundle=str(cloud_dir), data_address="tcp://127.0.0.1:0", control_address="127.0.0.1:0",
                           worker_address="tcp://127.0.0.1:0", **(router_overrides or {}))
     with Router(config) as router, ExitStack() as stack:
         workers = []
         for role, count in (("prefill", prefill), ("decode", decode)):
-            for _ in range(count):
-                worker = start_worker(router, cloud_dir, role, **worker_overrides)
+            for i in range(count):
+                worker = start_worker(router, cloud_dir, role, worker_id=f"{role}-{i}", **worker_overrides)
                 stack.callback(worker.stop)
                 workers.append(worker)
         yield Cluster(router, device_dir, cloud_dir, int(router.data_address.rsplit(":", 1)[1]),

@@ -59,6 +59,11 @@ class HatControlStub:
                 request_serializer=hat__pb2.TelemetryReport.SerializeToString,
                 response_deserializer=hat__pb2.TelemetryAck.FromString,
                 _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/hat.HatControl/Scale',
+                request_serializer=hat__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=hat__pb2.ScaleReply.FromString,
+                _registered_method=True)
 
 
 class HatControlServicer:
@@ -94,6 +99,12 @@ class HatControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scale(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HatControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_HatControlServicer_to_server(servicer, server):
                     servicer.Telemetry,
                     request_deserializer=hat__pb2.TelemetryReport.FromString,
                     response_serializer=hat__pb2.TelemetryAck.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=hat__pb2.ScaleRequest.FromString,
+                    response_serializer=hat__pb2.ScaleReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class HatControl:
             '/hat.HatControl/Telemetry',
             hat__pb2.TelemetryReport.SerializeToString,
             hat__pb2.TelemetryAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hat.HatControl/Scale',
+            hat__pb2.ScaleRequest.SerializeToString,
+            hat__pb2.ScaleReply.FromString,
             options,
             channel_credentials,
             insecure,

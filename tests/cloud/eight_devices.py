@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -79,6 +80,20 @@ def run_concurrently(gens, prompts, alongside=None, new_tokens: int = NEW_TOKENS
         if isinstance(result, BaseException):
             raise result
     return results
+
+
+def slow_rounds(link: CloudLink, delay_s: float = 0.01, gate: threading.Event | None = None) -> None:
+    """Make every reply the link receives come `delay_s` later, so sessions are surely mid-run when a test acts;
+    with `gate`, each receive also waits while the gate is closed (the test holds the devices between rounds)."""
+    honest = link.receive
+
+    def receive(*args, **kwargs):
+        if gate is not None and not gate.wait(JOIN_TIMEOUT_S):
+            raise TimeoutError("the test never opened the gate")
+        time.sleep(delay_s)
+        return honest(*args, **kwargs)
+
+    link.receive = receive
 
 
 def registered_link(cluster_or_ports, device_dir, device_id: str) -> CloudLink:

@@ -18,7 +18,7 @@ from cluster import running_cloud, running_disaggregated, start_worker
 from hat.cloud.config import RouterConfig
 from hat.common.proto import hat_pb2 as pb
 from hat.device.cloud_link import CloudError
-from eight_devices import FAMILY, K, M, SPECULATION, registered_link, run_concurrently
+from eight_devices import FAMILY, K, M, SPECULATION, registered_link, run_concurrently, slow_rounds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,13 +92,7 @@ def test_a_decode_worker_stopped_mid_run_costs_only_a_re_prefill(eight_devices, 
             gens = [stack.enter_context(cluster.generator(model, device_id=f"d{i}")) for i, model in enumerate(models)]
             for gen in gens:  # slow each round a little, so sessions are surely mid-run when the worker goes
                 gen.speculation = None
-                honest = gen.link.receive
-
-                def receive(*args, _honest=honest, **kwargs):
-                    time.sleep(0.01)
-                    return _honest(*args, **kwargs)
-
-                gen.link.receive = receive
+                slow_rounds(gen.link)
             victim = cluster.workers[1]
             killed = threading.Event()
 
@@ -214,3 +208,24 @@ def test_router_config_is_checked():
         RouterConfig(bundle="x", disaggregation="sometimes")
     with pytest.raises(ValueError, match="worker_timeout_s"):
         RouterConfig(bundle="x", worker_timeout_s=0)
+
+
+def test_ray_pool_config_and_flags_are_checked(tmp_path):
+    from hat.cli.main import main
+    from hat.cloud.ray_config import MAX_POOL_WORKERS, RayPoolConfig, WorkerSettings
+
+    settings = WorkerSettings(bundle="x")
+    with pytest.raises(ValueError, match="token file"):  # joining a cluster needs its token, or a word that it has none
+        RayPoolConfig(address="10.0.0.2:6379", worker=settings)
+    assert RayPoolConfig(address="10.0.0.2:6379", worker=settings, auth_disabled=True).auth_disabled
+    with pytest.raises(ValueError, match="decode_workers"):
+        RayPoolConfig(address="local", worker=settings, decode_workers=-1)
+    with pytest.raises(ValueError, match=f"at most {MAX_POOL_WORKERS}"):
+        RayPoolConfig(address="local", worker=settings, prefill_workers=MAX_POOL_WORKERS + 1)
+    with pytest.raises(ValueError, match="threads"):
+        RayPoolConfig(address="local", worker=WorkerSettings(bundle="x", threads=0))
+    with pytest.raises(SystemExit, match="--ray-address is the router's"):
+        main(["cloud", "serve", "--role", "decode", "--bundle", str(tmp_path), "--router", "tcp://127.0.0.1:1",
+              "--ray-address", "local"])
+    with pytest.raises(SystemExit, match="must not be negative"):
+        main(["cloud", "scale", "--control", "127.0.0.1:1", "--decode-workers", "-1"])

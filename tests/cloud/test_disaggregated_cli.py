@@ -24,7 +24,7 @@ from hat.common.split import split_checkpoint
 from hat.device.cloud_link import CloudLink, LinkConfig
 from hat.device.device_model import DeviceModel
 from hat.device.generator import SplitGenerator
-from eight_devices import FAMILY, K, M, reference_tokens, run_concurrently
+from eight_devices import FAMILY, K, M, reference_tokens, run_concurrently, slow_rounds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -200,13 +200,7 @@ def test_a_decode_process_killed_mid_run_costs_only_a_re_prefill(bundles, router
                                                             control_port=control_port, device_id=f"cli-device-{i}",
                                                             reply_timeout_s=30.0)))
             link.register(model.manifest)
-            honest = link.receive
-
-            def receive(*args, _honest=honest, **kwargs):
-                time.sleep(ROUND_DELAY_S)
-                return _honest(*args, **kwargs)
-
-            link.receive = receive
+            slow_rounds(link, ROUND_DELAY_S)
             gens.append(SplitGenerator(model, link))
 
         killed = threading.Event()

@@ -153,3 +153,30 @@ def test_exposed_addresses_need_keys_or_insecure(tiny_checkpoint, tmp_path, capl
         CloudLink(LinkConfig(host="10.1.2.3"))
     assert main(["generate", "--bundle", str(tmp_path / "bundle" / "device"), "--cloud", "10.1.2.3",
                  "--prompt", "x"]) == 2
+
+
+def test_only_the_cloud_s_own_key_may_scale(tiny_checkpoint, tmp_path, keys):
+    """Scale is an operator's call: made with the cloud's own key folder it passes the TLS check (and this router,
+    keeping no Ray pool, says so); an allowed device is refused, and so is a device whose key bears the cloud's
+    name, since the whole certificate must be the cloud's. Device RPCs are unchanged for the allowed device."""
+    from hat.common.keys import load_identity, load_server
+    from hat.common.proto import hat_pb2_grpc
+    from hat.device.cloud_link import control_channel
+
+    namesake = tmp_path / "namesake"
+    assert main(["keys", "generate", "--out", str(namesake), "--name", "cloud"]) == 0
+    assert main(["keys", "add", "--keys", str(namesake), "--server", str(tmp_path / "cloud" / "cloud.key")]) == 0
+    with running_disaggregated(tiny_checkpoint("llama_tied_bias"), 2, 1, tmp_path / "keyed", prefill=1, decode=0,
+                               keys_dir=keys["cloud"], router_overrides={"keys_dir": keys["cloud"]}) as cluster:
+        control = f"127.0.0.1:{cluster.control_port}"
+        with pytest.raises(SystemExit, match="keeps no pool of workers"):
+            main(["cloud", "scale", "--control", control, "--keys", keys["cloud"], "--decode-workers", "1"])
+        assert main(["keys", "add", "--keys", keys["cloud"], str(namesake / "cloud.key")]) == 0
+        time.sleep(allow_list.RECHECK_S + 0.2)  # the running cloud reads its allow-list again
+        for folder in (keys["orin-01"], str(namesake)):
+            with control_channel(control, (load_identity(folder), load_server(folder))) as channel:
+                stub = hat_pb2_grpc.HatControlStub(channel)
+                assert stub.Health(pb.HealthRequest(), timeout=5).status == "serving"
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Scale(pb.ScaleRequest(decode_workers=1), timeout=5)
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, folder
