@@ -79,8 +79,10 @@ def connect_ray(config: RayPoolConfig) -> tuple[bool, str]:
     local = config.address == "local"
     resources = {POOL_RESOURCE.format(role=r): LOCAL_POOL_UNITS for r in POOL_ROLES} if (
         local and config.pool_resources) else None
+    # a local cluster (one host) stays on loopback: its processes talk to nothing outside this machine
     ray.init(address=None if local else config.address, namespace=config.namespace, resources=resources,
-             include_dashboard=False, log_to_driver=config.log_to_driver)
+             include_dashboard=False, log_to_driver=config.log_to_driver,
+             **({"_node_ip_address": "127.0.0.1"} if local else {}))
     return True, folder
 
 
