@@ -51,7 +51,7 @@ def run(args) -> int:
 
     reference = args.model == REFERENCE_NAME
     model_dir = resolve_model(args.model, pull_missing=True)
-    print(f"model: {args.model} ({model_dir})" + (" the project's reference model: see its MODEL_CARD.md" * reference))
+    print(f"model: {args.model} ({model_dir})" + (", the project's reference model: see its MODEL_CARD.md" * reference))
     prompt = args.prompt or (REFERENCE_PROMPT if reference else DEMO_QUESTION)
     if reference and args.temperature is None:
         seed = REFERENCE_SEED if args.seed is None else args.seed

@@ -28,6 +28,9 @@ def run(args) -> int:
         return 0
     if not args.name:
         raise ValueError("name a model or dataset to pull (`hat pull --list` lists them)")
+    if args.name not in model_store.CATALOG and args.name not in datasets.DATASETS:
+        raise ValueError(f"the store knows no model or dataset {args.name!r}; models: "
+                         f"{', '.join(sorted(model_store.CATALOG))}; datasets: {', '.join(sorted(datasets.DATASETS))}")
     if args.name in datasets.DATASETS:
         print(datasets.fetch_dataset(args.name, force=args.force, source_file=args.source_file))
         return 0

@@ -121,6 +121,6 @@ def test_names_and_folders_resolve(store, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="neither a model folder nor a store name"):
         resolve_model("no-such-model")
     assert main(["pull", "no-such-model"]) == 2
-    assert "knows no model 'no-such-model'" in capsys.readouterr().err
+    assert "knows no model or dataset 'no-such-model'" in capsys.readouterr().err
     assert main(["split", NAME, "-K", "1", "-M", "1", "--out", str(tmp_path / "b")]) == 2
     assert f"run `hat pull {NAME}`" in capsys.readouterr().err
