@@ -7,34 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from gguf_files import write_gguf
+from registry_packages import MEMBER, PACKAGE, VERSION, build_wheel
 from hat.cli.main import main
 from hat.common import model_store
 from hat.common.default_model import reference_model_dir
 from hat.common.model_store import pull, resolve_model
 from hat.common.registry_fetch import RegistryFile, StoreError
 
-NAME, PACKAGE, VERSION, MEMBER = "tiny-test-model", "hat-tiny-test-model", "0.1.0", "hat_tiny_test_model/tiny.gguf"
-
-
-def build_wheel(folder, gguf_bytes: bytes):
-    """A minimal valid wheel holding MEMBER, as a registry package would carry it."""
-    dist = f"{PACKAGE.replace('-', '_')}-{VERSION}"
-    path = folder / f"{dist}-py3-none-any.whl"
-    files = {MEMBER: gguf_bytes,
-             f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: {VERSION}\n".encode(),
-             f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-        archive.writestr(f"{dist}.dist-info/RECORD", "".join(f"{n},,\n" for n in files) + f"{dist}.dist-info/RECORD,,\n")
-    return path
+NAME = "tiny-test-model"
 
 
 @pytest.fixture
