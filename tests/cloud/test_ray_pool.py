@@ -259,7 +259,10 @@ def test_a_restarted_router_finds_its_workers_again_and_scales_them_to_zero(clou
         control = ready.group(2)
         assert hat_main(["cloud", "scale", "--control", control, "--wait", str(SETTLE_S)]) == 0
         now = {name: ray.get(ray.get_actor(name).status.remote()) for name in before}
-        assert {name: (s["pid"], s["routing_id"]) for name, s in now.items()} == before  # the same processes, serving
+        # the same processes (found, not re-created), serving; a worker whose registration lapsed while no router ran
+        # may have rebuilt its server inside the same process (a new routing id), which is the same actor found again
+        assert {name: s["pid"] for name, s in now.items()} == {name: pid for name, (pid, _) in before.items()}
+        assert all(s["serving"] for s in now.values())
         results = generate((int(ready.group(1)), int(ready.group(3))), eight_devices, 1)
         assert results[0].token_ids == reference[0]
         assert hat_main(["cloud", "scale", "--control", control, "--prefill-workers", "0", "--decode-workers", "0",
