@@ -44,7 +44,8 @@ def test_the_store_model_is_a_plain_transformers_checkpoint_that_answers(smollm2
 @pytest.mark.parametrize("k,m", SPLITS, ids=[f"K{k}-M{m}" for k, m in SPLITS])
 def test_split_generation_equals_transformers_greedy(smollm2, tmp_path, k, m):
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    with running_cloud(smollm2, k, m, tmp_path) as cluster, cluster.generator() as gen:
+    # (no start-up profile: this test checks tokens, not plans, and the profile of 27 layers costs seconds)
+    with running_cloud(smollm2, k, m, tmp_path, profile_on_start=False) as cluster, cluster.generator() as gen:
         for prompt in PROMPTS:
             ids = gen.encode(prompt, chat=True)
             assert ids == chat_ids(tokenizer, prompt)
