@@ -42,16 +42,29 @@ def provider_options(provider: str, folder: Path, dtype: torch.dtype) -> dict:
     return {}
 
 
+def session_options(threads: int = 0):
+    """Options of every graph's session. The device runs its graphs one after another (input part, adapter, output
+    layers, head), each on its own session's intra-op thread pool. onnxruntime's workers spin-wait after a run by
+    default, so the idle pools of the other sessions spun on the cores the running one needed (with spinning, a
+    SmolLM2 draft step burnt about four times the CPU of the graphs' own work): workers sleep between runs here.
+    `threads`: intra-op threads per session, 0 for as many as torch uses, so both backends get the same CPUs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: TensorRT and CUDA providers are chatty at start-up
+    options.intra_op_num_threads = threads if threads > 0 else torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
 class GraphSession:
     """One exported graph on an onnxruntime InferenceSession."""
 
     def __init__(self, path: Path, providers: list[str], dtype: torch.dtype, threads: int = 0):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: TensorRT and CUDA providers are chatty at start-up
-        if threads > 0:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         self.session = ort.InferenceSession(str(path), options, providers=providers,
                                             provider_options=[provider_options(p, path.parent, dtype) for p in providers])
         self.providers = self.session.get_providers()  # those onnxruntime actually registered, in order
