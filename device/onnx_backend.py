@@ -20,7 +20,7 @@ from hat.common.kv_cache import KVCache
 from hat.common.layers import SequenceSpan
 from hat.common.model_spec import ModelSpec
 
-from .onnx_manifest import ONNX_DIR, OnnxBundleError, OnnxManifest, file_sha256
+from .onnx_manifest import ONNX_DIR, OnnxBundleError, OnnxManifest, file_sha256, past_names
 
 # execution providers in the order the agent prefers them, among those the installed onnxruntime offers
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -74,13 +74,15 @@ class GraphSession:
 
 
 def run_with_cache(session: GraphSession, feeds: dict[str, np.ndarray], span: SequenceSpan) -> list[np.ndarray]:
-    """Run a graph with the span's cache before `span.start` as its past; store the new keys and values it returns
+    """Run a graph with the span's cache before `span.start` as its past (one input per layer); store the new keys and values it returns
     (its last two outputs) at the span's positions; return the other outputs. The cache is cut back to the start
     first and committed only when the graph has run (as ModelPart.forward_layers does)."""
     cache, start, count = span.cache, span.start, span.count
     cache.begin_write(start, count)
-    feeds["past_keys"] = cache.keys[:, :, :start].unsqueeze(1).numpy()
-    feeds["past_values"] = cache.values[:, :, :start].unsqueeze(1).numpy()
+    names = past_names(cache.num_layers)
+    for layer in range(cache.num_layers):  # [1, kv_heads, start, head_dim] views: onnxruntime copies them once
+        feeds[names[2 * layer]] = cache.keys[layer, None, :, :start].numpy()
+        feeds[names[2 * layer + 1]] = cache.values[layer, None, :, :start].numpy()
     *outputs, new_keys, new_values = session.run(feeds)
     cache.keys[:, :, start:start + count] = torch.from_numpy(new_keys[:, 0])
     cache.values[:, :, start:start + count] = torch.from_numpy(new_values[:, 0])
