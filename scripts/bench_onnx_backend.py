@@ -13,7 +13,9 @@ that of a trained one: the benchmark times calls, not acceptance). The backends
 take turns in blocks (--rounds of them, each an untimed warm-up call and --block timed calls), so machine noise
 hits both alike while neither runtime's idle worker threads spin into the other's timings (per-call alternation
 measured both 3-7x slower here). Each figure is the median of the timed calls; the ratio is onnxruntime's median
-over torch's (below 1: onnxruntime is faster). Before timing, the two backends' outputs are compared (largest
+over torch's (below 1: onnxruntime is faster). The CPU columns are the process's CPU time per call (all its threads):
+on a loaded machine wall times grow with the other processes' load, CPU time much less, and worker threads that
+spin instead of sleeping show up there. Before timing, the two backends' outputs are compared (largest
 difference printed).
 """
 from __future__ import annotations
@@ -103,10 +105,11 @@ def export_model(model: str, tmp: Path) -> Path:
     return bundle
 
 
-def timed(fn) -> float:
-    began = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """Wall-clock and process CPU milliseconds of one call (CPU: every thread of this process, spinning included)."""
+    began, cpu = time.perf_counter(), time.process_time()
     fn()
-    return (time.perf_counter() - began) * 1e3
+    return (time.perf_counter() - began) * 1e3, (time.process_time() - cpu) * 1e3
 
 
 def main(argv=None) -> int:
@@ -141,15 +144,18 @@ def main(argv=None) -> int:
     print(f"bundle: {what}; onnxruntime providers: {backend.partition('(')[2].rstrip(')')}; "
           f"threads: {args.threads or f'default ({torch.get_num_threads()})'}; "
           f"largest |onnxruntime - torch| over the outputs: {worst:.2g}")
-    print(f"{'path':<40} {'torch ms':>9} {'onnxrt ms':>10} {'onnxruntime/torch':>18}")
+    print(f"{'path':<40} {'torch ms':>9} {'onnxrt ms':>10} {'onnxruntime/torch':>18} {'torch cpu':>10} "
+          f"{'onnxrt cpu':>11} {'cpu ratio':>10}")
     labels = {"draft_step": f"draft step (1 token, past {args.past_tokens})",
               "verification": f"verification output part ({args.verify_tokens} tokens)",
               "prefill_chunk": f"prefill chunk, input part ({args.chunk_tokens} tokens)"}
-    figures = {"bundle": str(what), "backend": backend, "threads": args.threads or torch.get_num_threads(), "max_abs_diff": worst, "timed_calls": args.rounds * args.block, "paths": {}}
+    figures = {"bundle": str(what), "backend": backend, "threads": args.threads or torch.get_num_threads(),
+               "max_abs_diff": worst, "timed_calls": args.rounds * args.block, "paths": {}}
     for n in names:
-        t, o = statistics.median(times["torch", n]), statistics.median(times["onnxruntime", n])
-        figures["paths"][n] = {"torch_ms": t, "onnxruntime_ms": o, "ratio": o / t}
-        print(f"{labels[n]:<40} {t:>9.2f} {o:>10.2f} {o / t:>17.2f}x")
+        (t, tc), (o, oc) = ([statistics.median(c) for c in zip(*times[b, n])] for b in ("torch", "onnxruntime"))
+        figures["paths"][n] = {"torch_ms": t, "onnxruntime_ms": o, "ratio": o / t, "torch_cpu_ms": tc,
+                               "onnxruntime_cpu_ms": oc, "cpu_ratio": oc / tc}
+        print(f"{labels[n]:<40} {t:>9.2f} {o:>10.2f} {o / t:>17.2f}x {tc:>10.2f} {oc:>11.2f} {oc / tc:>9.2f}x")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
