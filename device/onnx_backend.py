@@ -45,8 +45,8 @@ def provider_options(provider: str, folder: Path, dtype: torch.dtype) -> dict:
 def session_options(threads: int = 0):
     """Options of every graph's session. The device runs its graphs one after another (input part, adapter, output
     layers, head), each on its own session's intra-op thread pool. onnxruntime's workers spin-wait after a run by
-    default, so the idle pools of the other sessions spun on the cores the running one needed (with spinning, a
-    SmolLM2 draft step burnt about four times the CPU of the graphs' own work): workers sleep between runs here.
+    default, so the idle pools of the other sessions spun on the cores the running one needed (a SmolLM2 draft
+    step on 2 threads took three times the CPU time it takes with sleeping workers): workers sleep between runs.
     `threads`: intra-op threads per session, 0 for as many as torch uses, so both backends get the same CPUs."""
     import onnxruntime as ort
 
@@ -74,9 +74,9 @@ class GraphSession:
 
 
 def run_with_cache(session: GraphSession, feeds: dict[str, np.ndarray], span: SequenceSpan) -> list[np.ndarray]:
-    """Run a graph with the span's cache before `span.start` as its past (one input per layer); store the new keys and values it returns
-    (its last two outputs) at the span's positions; return the other outputs. The cache is cut back to the start
-    first and committed only when the graph has run (as ModelPart.forward_layers does)."""
+    """Run a graph with the span's cache before `span.start` as its past (one input per layer); store the new keys
+    and values it returns (its last two outputs) at the span's positions; return the other outputs. The cache is cut
+    back to the start first and committed only when the graph has run (as ModelPart.forward_layers does)."""
     cache, start, count = span.cache, span.start, span.count
     cache.begin_write(start, count)
     names = past_names(cache.num_layers)
