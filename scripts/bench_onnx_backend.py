@@ -36,8 +36,8 @@ from hat.common.layers import SequenceSpan
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, help="device bundle with an ONNX export (default: the reference model's "
-                                               "default split in float32, exported now)")
+    p.add_argument("--bundle", type=Path, help="device bundle with an ONNX export (default: --model's default split "
+                                               "in float32, exported now)")
     p.add_argument("--model", default="reference", help="checkpoint folder or store name to split and export when "
                                                       "no --bundle is given (default: the reference model)")
     p.add_argument("--past-tokens", type=int, default=256, help="prompt length before the draft step and verification")
