@@ -20,7 +20,7 @@ from hat.common.kv_cache import KVCache
 from hat.common.layers import SequenceSpan
 from hat.common.model_spec import ModelSpec
 
-from .onnx_manifest import ONNX_DIR, OnnxBundleError, OnnxManifest, file_sha256
+from .onnx_manifest import ONNX_DIR, OnnxBundleError, OnnxManifest, file_sha256, past_names
 
 # execution providers in the order the agent prefers them, among those the installed onnxruntime offers
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -42,16 +42,29 @@ def provider_options(provider: str, folder: Path, dtype: torch.dtype) -> dict:
     return {}
 
 
+def session_options(threads: int = 0):
+    """Options of every graph's session. The device runs its graphs one after another (input part, adapter, output
+    layers, head), each on its own session's intra-op thread pool. onnxruntime's workers spin-wait after a run by
+    default, so the idle pools of the other sessions spun on the cores the running one needed (a SmolLM2 draft
+    step on 2 threads took three times the CPU time it takes with sleeping workers): workers sleep between runs.
+    `threads`: intra-op threads per session, 0 for as many as torch uses, so both backends get the same CPUs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: TensorRT and CUDA providers are chatty at start-up
+    options.intra_op_num_threads = threads if threads > 0 else torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
 class GraphSession:
     """One exported graph on an onnxruntime InferenceSession."""
 
     def __init__(self, path: Path, providers: list[str], dtype: torch.dtype, threads: int = 0):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: TensorRT and CUDA providers are chatty at start-up
-        if threads > 0:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         self.session = ort.InferenceSession(str(path), options, providers=providers,
                                             provider_options=[provider_options(p, path.parent, dtype) for p in providers])
         self.providers = self.session.get_providers()  # those onnxruntime actually registered, in order
@@ -61,13 +74,15 @@ class GraphSession:
 
 
 def run_with_cache(session: GraphSession, feeds: dict[str, np.ndarray], span: SequenceSpan) -> list[np.ndarray]:
-    """Run a graph with the span's cache before `span.start` as its past; store the new keys and values it returns
-    (its last two outputs) at the span's positions; return the other outputs. The cache is cut back to the start
-    first and committed only when the graph has run (as ModelPart.forward_layers does)."""
+    """Run a graph with the span's cache before `span.start` as its past (one input per layer); store the new keys
+    and values it returns (its last two outputs) at the span's positions; return the other outputs. The cache is cut
+    back to the start first and committed only when the graph has run (as ModelPart.forward_layers does)."""
     cache, start, count = span.cache, span.start, span.count
     cache.begin_write(start, count)
-    feeds["past_keys"] = cache.keys[:, :, :start].unsqueeze(1).numpy()
-    feeds["past_values"] = cache.values[:, :, :start].unsqueeze(1).numpy()
+    names = past_names(cache.num_layers)
+    for layer in range(cache.num_layers):  # [1, kv_heads, start, head_dim] views: onnxruntime copies them once
+        feeds[names[2 * layer]] = cache.keys[layer, None, :, :start].numpy()
+        feeds[names[2 * layer + 1]] = cache.values[layer, None, :, :start].numpy()
     *outputs, new_keys, new_values = session.run(feeds)
     cache.keys[:, :, start:start + count] = torch.from_numpy(new_keys[:, 0])
     cache.values[:, :, start:start + count] = torch.from_numpy(new_values[:, 0])

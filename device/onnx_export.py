@@ -23,7 +23,7 @@ from hat.common.checkpoint import parse_dtype
 
 from .device_model import ADAPTER_DIR, DeviceModel
 from .onnx_graphs import AdapterGraph, HeadGraph, InputPartGraph, OutputLayersGraph
-from .onnx_manifest import GRAPH_FILES, ONNX_DIR, ONNX_DTYPES, OnnxManifest, file_sha256
+from .onnx_manifest import GRAPH_FILES, ONNX_DIR, ONNX_DTYPES, OnnxManifest, file_sha256, past_names
 
 DEFAULT_OPSET = 18  # standard ops only (no fused attention): what JetPack's onnxruntime and TensorRT take
 EXPORT_TOLERANCE = {"float32": 1e-3, "float16": 5e-2}  # largest |onnx - torch| the export accepts, per dtype
@@ -46,17 +46,17 @@ class GraphSpec:
 
 
 def _graph_specs(model: DeviceModel) -> list[GraphSpec]:
-    spec, kv = model.spec, ("past_keys", "past_values")
-    new = ("new_keys", "new_values")
-    graphs = [GraphSpec("input_part", InputPartGraph(model.input_part), ("input_ids", *kv), ("hidden", "embeds", *new),
-                        model.input_part.num_layers, spec.num_kv_heads, spec.head_dim)]
+    spec, new = model.spec, ("new_keys", "new_values")
+    k, m = model.input_part.num_layers, model.output_part.num_layers
+    graphs = [GraphSpec("input_part", InputPartGraph(model.input_part), ("input_ids", *past_names(k)),
+                        ("hidden", "embeds", *new), k, spec.num_kv_heads, spec.head_dim)]
     if model.adapter is not None:
         a = adapter_spec(spec, model.adapter.config)
-        graphs.append(GraphSpec("adapter", AdapterGraph(model.adapter), ("hidden", "embeds", *kv), ("estimate", *new),
-                                a.num_layers, a.num_kv_heads, a.head_dim))
-    if model.output_part.num_layers:
-        graphs.append(GraphSpec("output_layers", OutputLayersGraph(model.output_part), ("hidden", *kv),
-                                ("hidden_out", *new), model.output_part.num_layers, spec.num_kv_heads, spec.head_dim))
+        graphs.append(GraphSpec("adapter", AdapterGraph(model.adapter), ("hidden", "embeds", *past_names(a.num_layers)),
+                                ("estimate", *new), a.num_layers, a.num_kv_heads, a.head_dim))
+    if m:
+        graphs.append(GraphSpec("output_layers", OutputLayersGraph(model.output_part), ("hidden", *past_names(m)),
+                                ("hidden_out", *new), m, spec.num_kv_heads, spec.head_dim))
     graphs.append(GraphSpec("head", HeadGraph(model.output_part), ("hidden",), ("logits",), 0, 0, 0))
     return graphs
 
@@ -73,24 +73,30 @@ def _example(graph: GraphSpec, model: DeviceModel, batch: int, count: int, past:
         elif name in ("hidden", "embeds"):
             tensors.append(torch.randn(batch, count, width, generator=g).to(dtype))
         else:
-            tensors.append(torch.randn(graph.layers, batch, graph.kv_heads, past, graph.head_dim, generator=g).to(dtype))
+            tensors.append(torch.randn(batch, graph.kv_heads, past, graph.head_dim, generator=g).to(dtype))
     return tuple(tensors)
 
 
-def _dynamic_shapes(graph: GraphSpec) -> dict:
+def _dynamic_axes(name: str) -> tuple[int, int]:
+    """The free axes of an input: batch and past of a past key/value, batch and sequence of the others."""
+    return (0, 2) if name.startswith("past_") else (0, 1)
+
+
+def _dynamic_shapes(graph: GraphSpec) -> tuple:
+    """{axis: Dim} per input, as the wrappers' signature nests them: the named inputs, then a tuple for *past."""
     from torch.export import Dim
 
     batch, sequence, past = Dim("batch"), Dim("sequence"), Dim("past")
-    shapes = {}
-    for name in graph.inputs:
-        shapes[name] = {1: batch, 3: past} if name.startswith("past_") else {0: batch, 1: sequence}
-    return shapes
+    named = [{0: batch, 1: sequence} for name in graph.inputs if not name.startswith("past_")]
+    if not graph.layers:
+        return tuple(named)
+    return (*named, tuple({0: batch, 2: past} for name in graph.inputs if name.startswith("past_")))
 
 
 def _check_dynamic(session, graph: GraphSpec) -> None:
     """Every batch, sequence and past axis must be symbolic in the exported graph."""
     for arg in session.get_inputs():
-        axes = (1, 3) if arg.name.startswith("past_") else (0, 1)
+        axes = _dynamic_axes(arg.name)
         fixed = [axis for axis in axes if not isinstance(arg.shape[axis], str)]
         if fixed:
             raise OnnxExportError(f"{graph.name}: input {arg.name} has fixed axes {fixed} (shape {arg.shape}); the "

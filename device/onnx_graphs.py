@@ -3,13 +3,18 @@
 The runtime's own parts (hat.common.model_part) run ragged batches against KVCache objects, which no exporter can
 trace. These wrappers reuse the same weights and compute the same functions over plain tensors:
 
-    past_keys, past_values: [layers, batch, kv_heads, past, head_dim]   the cache before this call
-    new_keys, new_values:   [layers, batch, kv_heads, sequence, head_dim]  this call's positions only
+    past_key_i, past_value_i: [batch, kv_heads, past, head_dim]           layer i's cache before this call
+    new_keys, new_values:     [layers, batch, kv_heads, sequence, head_dim]  this call's positions only
 
 Positions run from `past` (the cache length) to past + sequence - 1 for every row of the batch, so the rows of a
 batch share their past and sequence lengths. The caller keeps the cache and appends the new positions (returning
 only those saves copying the whole cache out of every call). Rotary tables, causal and sliding-window masks are
 computed inside the graph from those lengths, so any past length up to the context works.
+
+The past is one input per layer (a stacked [layers, ...] input cost onnxruntime a Split copying the whole past on
+every call), and attention never concatenates past and new keys: the scores of the past and of the new positions
+are computed apart and joined (a query row is far smaller than the keys), and the output is the sum of the two
+halves' weighted values, so the past is read where it lies.
 """
 from __future__ import annotations
 
@@ -56,14 +61,15 @@ class DenseLayers(nn.Module):
         self.rotary = part.rotary
         self.windows = [layer.self_attn.window for layer in self.layers]
 
-    def forward(self, hidden: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
-        count, past = hidden.shape[1], past_keys.shape[3]
-        cos, sin = rotary(self.rotary, past, count, hidden.dtype)
-        masks = {w: additive_mask(past, count, w) for w in set(self.windows)}
+    def forward(self, hidden: torch.Tensor, past: tuple[torch.Tensor, ...]):
+        """`past`: (key_0, value_0, key_1, value_1, ...), each [batch, kv_heads, past, head_dim]."""
+        count, past_length = hidden.shape[1], past[0].shape[2]
+        cos, sin = rotary(self.rotary, past_length, count, hidden.dtype)
+        masks = {w: additive_mask(past_length, count, w) for w in set(self.windows)}
         new_keys, new_values = [], []
         for slot, layer in enumerate(self.layers):
             attn_out, key, value = self._attention(layer, layer.input_layernorm(hidden), cos, sin,
-                                                   past_keys[slot], past_values[slot], masks[self.windows[slot]])
+                                                   past[2 * slot], past[2 * slot + 1], masks[self.windows[slot]])
             hidden = hidden + attn_out
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             new_keys.append(key)
@@ -81,14 +87,16 @@ class DenseLayers(nn.Module):
         q = rotate(q.transpose(1, 2), cos, sin)  # [batch, heads, count, head_dim]
         k = rotate(k.transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
-        keys = torch.cat((past_key, k), dim=2)  # [batch, kv_heads, past + count, head_dim]
-        values = torch.cat((past_value, v), dim=2)
         # grouped-query attention without repeating keys: query head h reads kv head h // group
         group = spec.num_heads // spec.num_kv_heads
         q = q.reshape(batch, spec.num_kv_heads, group, count, spec.head_dim)
-        scores = torch.matmul(q, keys[:, :, None].transpose(-1, -2)).float() * spec.head_dim ** -0.5 + mask
-        probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        out = torch.matmul(probs, values[:, :, None]).reshape(batch, spec.num_heads, count, spec.head_dim)
+        # past and new positions apart (no [past + count] copy of the keys and values): scores joined, values summed
+        scores = torch.cat((torch.matmul(q, past_key[:, :, None].transpose(-1, -2)),
+                            torch.matmul(q, k[:, :, None].transpose(-1, -2))), dim=-1)
+        probs = torch.softmax(scores.float() * spec.head_dim ** -0.5 + mask, dim=-1).to(x.dtype)
+        past_probs, new_probs = torch.split(probs, [past_key.shape[2], count], dim=-1)
+        out = torch.matmul(past_probs, past_value[:, :, None]) + torch.matmul(new_probs, v[:, :, None])
+        out = out.reshape(batch, spec.num_heads, count, spec.head_dim)
         out = out.transpose(1, 2).reshape(batch, count, spec.q_width)
         return attn.o_proj(out), k, v
 
@@ -101,9 +109,9 @@ class InputPartGraph(nn.Module):
         self.embed_tokens = part.model.embed_tokens
         self.layers = DenseLayers(part)
 
-    def forward(self, input_ids, past_keys, past_values):
+    def forward(self, input_ids, *past):
         embeds = self.embed_tokens(input_ids)
-        hidden, new_keys, new_values = self.layers(embeds, past_keys, past_values)
+        hidden, new_keys, new_values = self.layers(embeds, past)
         return hidden, embeds, new_keys, new_values
 
 
@@ -115,10 +123,10 @@ class AdapterGraph(nn.Module):
         self.adapter = adapter
         self.layers = DenseLayers(adapter.body)
 
-    def forward(self, hidden, embeds, past_keys, past_values):
+    def forward(self, hidden, embeds, *past):
         a = self.adapter
         fused = a.fuse(torch.cat([a.hidden_norm(hidden), a.embed_norm(embeds)], dim=-1))
-        body, new_keys, new_values = self.layers(fused, past_keys, past_values)
+        body, new_keys, new_values = self.layers(fused, past)
         return hidden + a.project(body), new_keys, new_values
 
 
@@ -129,8 +137,8 @@ class OutputLayersGraph(nn.Module):
         super().__init__()
         self.layers = DenseLayers(part)
 
-    def forward(self, hidden, past_keys, past_values):
-        return self.layers(hidden, past_keys, past_values)
+    def forward(self, hidden, *past):
+        return self.layers(hidden, past)
 
 
 class HeadGraph(nn.Module):

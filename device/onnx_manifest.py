@@ -10,11 +10,16 @@ from hat.common.bundle import BundleManifest
 
 ONNX_DIR = "onnx"  # the device bundle's folder of exported graphs
 ONNX_MANIFEST = "onnx_manifest.json"
-ONNX_FORMAT_VERSION = 1
+ONNX_FORMAT_VERSION = 2  # 2: the past as one input per layer (1: one stacked past_keys/past_values input)
 # graph name -> file; the adapter and the output layers are absent when the bundle has no adapter or M = 0
 GRAPH_FILES = {"input_part": "input_part.onnx", "adapter": "adapter.onnx", "output_layers": "output_layers.onnx",
                "head": "head.onnx"}
 ONNX_DTYPES = ("float32", "float16")  # numpy, and so onnxruntime's Python API, has no bfloat16
+
+
+def past_names(layers: int) -> tuple[str, ...]:
+    """A graph's past inputs in order: past_key_0, past_value_0, past_key_1, ... (one pair per decoder layer)."""
+    return tuple(f"past_{kind}_{layer}" for layer in range(layers) for kind in ("key", "value"))
 
 
 class OnnxBundleError(ValueError):

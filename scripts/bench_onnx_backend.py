@@ -5,12 +5,17 @@
   verification      the output part and head over a verification's --verify-tokens hidden states from the cloud
   prefill chunk     the input part over a --chunk-tokens prompt chunk from position 0
 
-Both backends run in this process with the same CPU threads (--threads, 0: each runtime's default), on the same
-bundle (default: the reference model's default split in float32, exported to a temporary folder). The backends
+Both backends run in this process with the same CPU threads (--threads, 0: torch's default, which the onnxruntime
+backend takes too), on the same bundle: --bundle (with an ONNX export), or --model (a folder or a store name, e.g.
+smollm2-135m-instruct; default: the reference model) split at the default K, M in float32 and exported to a temporary
+folder; a model that ships no adapter for that split gets one of random weights (its drafts are wrong, its cost is
+that of a trained one: the benchmark times calls, not acceptance). The backends
 take turns in blocks (--rounds of them, each an untimed warm-up call and --block timed calls), so machine noise
 hits both alike while neither runtime's idle worker threads spin into the other's timings (per-call alternation
 measured both 3-7x slower here). Each figure is the median of the timed calls; the ratio is onnxruntime's median
-over torch's (below 1: onnxruntime is faster). Before timing, the two backends' outputs are compared (largest
+over torch's (below 1: onnxruntime is faster). The CPU columns are the process's CPU time per call (all its threads):
+on a loaded machine wall times grow with the other processes' load, CPU time much less, and worker threads that
+spin instead of sleeping show up there. Before timing, the two backends' outputs are compared (largest
 difference printed).
 """
 from __future__ import annotations
@@ -25,14 +30,16 @@ from pathlib import Path
 
 import torch
 
-from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, reference_model_dir
+from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
 from hat.common.layers import SequenceSpan
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, help="device bundle with an ONNX export (default: the reference model's "
-                                               "default split in float32, exported now)")
+    p.add_argument("--bundle", type=Path, help="device bundle with an ONNX export (default: --model's default split "
+                                               "in float32, exported now)")
+    p.add_argument("--model", default="reference", help="checkpoint folder or store name to split and export when "
+                                                      "no --bundle is given (default: the reference model)")
     p.add_argument("--past-tokens", type=int, default=256, help="prompt length before the draft step and verification")
     p.add_argument("--verify-tokens", type=int, default=5, help="hidden states in a verification (drafted + 1)")
     p.add_argument("--chunk-tokens", type=int, default=512, help="tokens in the prefill chunk")
@@ -72,27 +79,49 @@ class Paths:
         return hidden
 
 
-def timed(fn) -> float:
-    began = time.perf_counter()
+def export_model(model: str, tmp: Path) -> Path:
+    """Split `model` at the default K, M in float32 (with its adapter for that split, else a random one) and export
+    the device bundle's graphs; returns the device bundle."""
+    from hat.common.adapter import AdapterConfig, DraftAdapter
+    from hat.common.checkpoint import fingerprint
+    from hat.common.model_spec import load_model_spec
+    from hat.common.model_store import resolve_model
+    from hat.common.split import default_adapter_dir, split_checkpoint
+    from hat.device.onnx_export import export_onnx
+
+    model_dir = resolve_model(model)
+    adapter = default_adapter_dir(model_dir, DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS)
+    if not adapter.is_dir():
+        print(f"{model} ships no adapter for K={DEFAULT_INPUT_LAYERS} M={DEFAULT_OUTPUT_LAYERS}: timing a random one",
+              file=sys.stderr, flush=True)
+        spec, adapter = load_model_spec(model_dir), tmp / "adapter"
+        torch.manual_seed(0)
+        DraftAdapter(spec, AdapterConfig(DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, spec.hidden_size, 1,
+                                         spec.intermediate_size, fingerprint(model_dir))).save(adapter)
+    bundle, _ = split_checkpoint(model_dir, DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, tmp / "bundle",
+                                 dtype="float32", adapter=adapter)
+    print(f"exporting {model}'s device parts ...", file=sys.stderr, flush=True)
+    export_onnx(bundle, log=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    return bundle
+
+
+def timed(fn) -> tuple[float, float]:
+    """Wall-clock and process CPU milliseconds of one call (CPU: every thread of this process, spinning included)."""
+    began, cpu = time.perf_counter(), time.process_time()
     fn()
-    return (time.perf_counter() - began) * 1e3
+    return (time.perf_counter() - began) * 1e3, (time.process_time() - cpu) * 1e3
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hat.common.split import split_checkpoint
     from hat.device.device_model import DeviceModel
-    from hat.device.onnx_export import export_onnx
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="hat-bench-onnx-") as tmp:
         bundle = args.bundle
         if bundle is None:
-            bundle, _ = split_checkpoint(reference_model_dir(), DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS,
-                                         Path(tmp) / "bundle", dtype="float32")
-            print("exporting the reference model's device parts ...", file=sys.stderr, flush=True)
-            export_onnx(bundle, log=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+            bundle = export_model(args.model, Path(tmp))
         models = {b: DeviceModel.load(bundle, backend=b, threads=args.threads) for b in ("torch", "onnxruntime")}
         vocab = min(models["torch"].spec.vocab_size, 4000)
         g = torch.Generator().manual_seed(0)
@@ -111,18 +140,22 @@ def main(argv=None) -> int:
                         call()
                         times[b, n] += [timed(call) for _ in range(args.block)]
     backend = models["onnxruntime"].backend
-    print(f"bundle: {bundle if args.bundle else 'reference model, K=2 M=1, float32'}; onnxruntime providers: "
-          f"{backend.partition('(')[2].rstrip(')')}; threads: {args.threads or 'default'}; "
+    what = args.bundle or f"{args.model}, K={DEFAULT_INPUT_LAYERS} M={DEFAULT_OUTPUT_LAYERS}, float32"
+    print(f"bundle: {what}; onnxruntime providers: {backend.partition('(')[2].rstrip(')')}; "
+          f"threads: {args.threads or f'default ({torch.get_num_threads()})'}; "
           f"largest |onnxruntime - torch| over the outputs: {worst:.2g}")
-    print(f"{'path':<40} {'torch ms':>9} {'onnxrt ms':>10} {'onnxruntime/torch':>18}")
+    print(f"{'path':<40} {'torch ms':>9} {'onnxrt ms':>10} {'onnxruntime/torch':>18} {'torch cpu':>10} "
+          f"{'onnxrt cpu':>11} {'cpu ratio':>10}")
     labels = {"draft_step": f"draft step (1 token, past {args.past_tokens})",
               "verification": f"verification output part ({args.verify_tokens} tokens)",
               "prefill_chunk": f"prefill chunk, input part ({args.chunk_tokens} tokens)"}
-    figures = {"backend": backend, "threads": args.threads, "max_abs_diff": worst, "timed_calls": args.rounds * args.block, "paths": {}}
+    figures = {"bundle": str(what), "backend": backend, "threads": args.threads or torch.get_num_threads(),
+               "max_abs_diff": worst, "timed_calls": args.rounds * args.block, "paths": {}}
     for n in names:
-        t, o = statistics.median(times["torch", n]), statistics.median(times["onnxruntime", n])
-        figures["paths"][n] = {"torch_ms": t, "onnxruntime_ms": o, "ratio": o / t}
-        print(f"{labels[n]:<40} {t:>9.2f} {o:>10.2f} {o / t:>17.2f}x")
+        (t, tc), (o, oc) = ([statistics.median(c) for c in zip(*times[b, n])] for b in ("torch", "onnxruntime"))
+        figures["paths"][n] = {"torch_ms": t, "onnxruntime_ms": o, "ratio": o / t, "torch_cpu_ms": tc,
+                               "onnxruntime_cpu_ms": oc, "cpu_ratio": oc / tc}
+        print(f"{labels[n]:<40} {t:>9.2f} {o:>10.2f} {o / t:>17.2f}x {tc:>10.2f} {oc:>11.2f} {oc / tc:>9.2f}x")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
