@@ -8,6 +8,7 @@ completed requests; the results, plots and summary are written by `report.write_
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -18,6 +19,7 @@ from .device_replay import replay_on_devices
 from .emulated_device import device_main
 from .local_cloud import local_cloud_process
 from .progress import progress_bar
+from .prompt_sets import build_prompt_set_workload
 from .records import ExperimentRecord
 from .scenario import Scenario
 from .systems import SYSTEMS, report_names
@@ -46,15 +48,27 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
         context = load_model_spec(cloud_dir).max_context
         max_prompt = w.max_prompt_tokens or context - w.max_new_tokens - 1
         tokenizer = AutoTokenizer.from_pretrained(str(device_dir), local_files_only=True)
-        requests, workload = build_workload(tokenizer, SHAPES[w.shape], w.requests, w.rate, w.seed, w.max_new_tokens,
-                                            max_prompt)
-        notes = [f"workload: {w.shape}-shaped prompts from the held-out corpus, {workload.line()}",
-                 *_emulation_notes(scenario)]
+        if w.prompts:
+            requests, workload = build_prompt_set_workload(tokenizer, w.prompts, w.requests, w.rate, w.seed,
+                                                           w.max_new_tokens, max_prompt)
+            source = f"real prompts ({', '.join(w.prompts)}; chat template applied)"
+        else:
+            requests, workload = build_workload(tokenizer, SHAPES[w.shape], w.requests, w.rate, w.seed,
+                                                w.max_new_tokens, max_prompt)
+            source = f"{w.shape}-shaped prompts from the held-out corpus"
+        notes = [f"model: {scenario.model}, split K={scenario.input_layers}, M={scenario.output_layers}, "
+                 f"{scenario.dtype}", f"workload: {source}, {workload.line()}", *_emulation_notes(scenario)]
+        scenario, skipped = _runnable(scenario, device_dir)
+        if skipped:
+            notes.append(f"not run: {', '.join(skipped)} (speculation needs a draft adapter, and {scenario.model} "
+                         f"ships none for K={scenario.input_layers}, M={scenario.output_layers})")
         records, costs = {}, {}
         bar = progress_bar(len(scenario.systems) * len(requests), progress)
         for name in scenario.systems:
             bar.set_description(name)
             records[name] = run_system(scenario, name, requests, device_dir, cloud_dir, Path(tmp), bar)
+            for record in records[name]:
+                record.category = requests[record.request].category
             costs[name] = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob(f"{name}-device*.costs.json"))]
         bar.close()
     paper, ablation = dict(scenario.paper), None
@@ -68,6 +82,20 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     (out_dir / CALIBRATION_FILE).write_text(json.dumps(costs, indent=1))
     return write_report(out_dir, scenario.name, records, scenario.ttft_slo_ms, scenario.tbt_slo_ms, notes,
                         ablation=ablation, paper=paper or None)
+
+
+def _runnable(scenario: Scenario, device_dir: Path) -> tuple[Scenario, list[str]]:
+    """The scenario less the speculative systems when the device bundle has no draft adapter; and those left out."""
+    from hat.device.device_model import ADAPTER_DIR
+
+    if (device_dir / ADAPTER_DIR).is_dir():
+        return scenario, []
+    skipped = [s for s in scenario.systems if SYSTEMS[s].speculation]
+    kept = tuple(s for s in scenario.systems if s not in skipped)
+    if not kept:
+        raise ValueError(f"every system of {scenario.name} speculates, and {scenario.model} has no draft adapter for "
+                         f"K={scenario.input_layers}, M={scenario.output_layers}")
+    return dataclasses.replace(scenario, systems=kept), skipped
 
 
 def _emulation_notes(scenario: Scenario) -> list[str]:
