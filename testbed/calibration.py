@@ -29,7 +29,7 @@ from pathlib import Path
 from hat.common.checkpoint import parse_dtype
 from hat.common.cost_fit import CostFit, LinearCost, attended
 
-from .cloud_only import CloudOnlyConfig
+from .cloud_only_config import CloudOnlyConfig
 from .experiment import CALIBRATION_FILE
 from .records import ExperimentRecord
 from .report import load_results

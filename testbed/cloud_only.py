@@ -33,8 +33,10 @@ from hat.common.layers import SequenceSpan
 from hat.common.model_part import ModelPart
 from hat.device.device_model import DeviceModel
 
+from .cloud_only_config import CloudOnlyConfig
 from .cloud_only_protocol import (Error, ProtocolError, ProtocolLimits, Request, Token, decode, encode,
                                   request_tokens)
+from .device_replay import replay_on_devices
 from .emulated_device import REPLY_TIMEOUT_S, WARMUP_PROMPT, DeviceJob
 from .records import ExperimentRecord, TimelineStep
 
@@ -42,18 +44,6 @@ SERVER_READY_TIMEOUT_S = 120.0  # longest wait for the server process to load bo
 SERVER_STOP_TIMEOUT_S = 10.0  # longest wait for it to exit when told to, before it is terminated, then killed
 GO_TIMEOUT_S = 900.0  # longest wait of a ready client for the run's start
 WARMUP_ID = (1 << 64) - 1  # the request id of a client's unrecorded warm-up request
-
-
-@dataclass(frozen=True, slots=True)
-class CloudOnlyConfig:
-    token_budget: int = 512  # prompt tokens per engine iteration, decoding requests' tokens included (Sarathi)
-    max_active: int = 256  # requests served at once; more are refused with an ERROR
-    idle_poll_ms: int = 50  # how long an idle server waits for a message before checking whether to stop
-    max_drain: int = 256  # messages taken in per engine iteration, at most (a flood cannot stall generation)
-
-    def __post_init__(self) -> None:
-        if min(self.token_budget, self.max_active, self.idle_poll_ms, self.max_drain) < 1:
-            raise ValueError(f"every CloudOnlyConfig field must be at least 1: {self}")
 
 
 @dataclass(slots=True)
@@ -306,8 +296,6 @@ def run_cloud_only_system(scenario, name: str, requests, device_dir: Path, cloud
                           bar) -> list[ExperimentRecord]:
     """experiment.run_system for the cloud-only system: a whole-model server process, then the devices (client
     processes) behind their links as for any system; the records in workload order."""
-    from .experiment import replay_on_devices  # (it imports this module)
-
     with cloud_only_server(device_dir, cloud_dir, scenario.cloud_threads) as port:
         return replay_on_devices(scenario, name, requests, device_dir, work, bar, cloud_only_device_main,
                                  f"tcp://127.0.0.1:{port}")

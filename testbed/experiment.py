@@ -8,26 +8,24 @@ completed requests; the results, plots and summary are written by `report.write_
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import multiprocessing
-import queue
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from .cloud_only import run_cloud_only_system
-from .emulated_device import DeviceJob, device_main
-from .link_shim import LinkShim
+from .device_replay import replay_on_devices
+from .emulated_device import device_main
 from .local_cloud import local_cloud_process
+from .progress import progress_bar
+from .prompt_sets import build_prompt_set_workload
 from .records import ExperimentRecord
 from .scenario import Scenario
 from .systems import SYSTEMS, report_names
 from .workloads import SHAPES, WorkloadRequest, build_workload
 
 CALIBRATION_FILE = "device_costs.json"  # per system, each emulated device's cost models after its run
-READY_TIMEOUT_S = 300.0  # longest wait for every device to load, register and warm up
-REQUEST_TIMEOUT_S = 600.0  # a system's run may last the arrivals' span plus this long
 
 
 def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True) -> Path:
@@ -50,15 +48,27 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
         context = load_model_spec(cloud_dir).max_context
         max_prompt = w.max_prompt_tokens or context - w.max_new_tokens - 1
         tokenizer = AutoTokenizer.from_pretrained(str(device_dir), local_files_only=True)
-        requests, workload = build_workload(tokenizer, SHAPES[w.shape], w.requests, w.rate, w.seed, w.max_new_tokens,
-                                            max_prompt)
-        notes = [f"workload: {w.shape}-shaped prompts from the held-out corpus, {workload.line()}",
-                 *_emulation_notes(scenario)]
+        if w.prompts:
+            requests, workload = build_prompt_set_workload(tokenizer, w.prompts, w.requests, w.rate, w.seed,
+                                                           w.max_new_tokens, max_prompt)
+            source = f"real prompts ({', '.join(w.prompts)}; chat template applied)"
+        else:
+            requests, workload = build_workload(tokenizer, SHAPES[w.shape], w.requests, w.rate, w.seed,
+                                                w.max_new_tokens, max_prompt)
+            source = f"{w.shape}-shaped prompts from the held-out corpus"
+        notes = [f"model: {scenario.model}, split K={scenario.input_layers}, M={scenario.output_layers}, "
+                 f"{scenario.dtype}", f"workload: {source}, {workload.line()}", *_emulation_notes(scenario)]
+        scenario, skipped = _runnable(scenario, device_dir)
+        if skipped:
+            notes.append(f"not run: {', '.join(skipped)} (speculation needs a draft adapter, and {scenario.model} "
+                         f"ships none for K={scenario.input_layers}, M={scenario.output_layers})")
         records, costs = {}, {}
         bar = progress_bar(len(scenario.systems) * len(requests), progress)
         for name in scenario.systems:
             bar.set_description(name)
             records[name] = run_system(scenario, name, requests, device_dir, cloud_dir, Path(tmp), bar)
+            for record in records[name]:
+                record.category = requests[record.request].category
             costs[name] = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob(f"{name}-device*.costs.json"))]
         bar.close()
     paper, ablation = dict(scenario.paper), None
@@ -72,6 +82,20 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
     (out_dir / CALIBRATION_FILE).write_text(json.dumps(costs, indent=1))
     return write_report(out_dir, scenario.name, records, scenario.ttft_slo_ms, scenario.tbt_slo_ms, notes,
                         ablation=ablation, paper=paper or None)
+
+
+def _runnable(scenario: Scenario, device_dir: Path) -> tuple[Scenario, list[str]]:
+    """The scenario less the speculative systems when the device bundle has no draft adapter; and those left out."""
+    from hat.device.device_model import ADAPTER_DIR
+
+    if (device_dir / ADAPTER_DIR).is_dir():
+        return scenario, []
+    skipped = [s for s in scenario.systems if SYSTEMS[s].speculation]
+    kept = tuple(s for s in scenario.systems if s not in skipped)
+    if not kept:
+        raise ValueError(f"every system of {scenario.name} speculates, and {scenario.model} has no draft adapter for "
+                         f"K={scenario.input_layers}, M={scenario.output_layers}")
+    return dataclasses.replace(scenario, systems=kept), skipped
 
 
 def _emulation_notes(scenario: Scenario) -> list[str]:
@@ -100,82 +124,3 @@ def run_system(scenario: Scenario, name: str, requests: list[WorkloadRequest], d
     with local_cloud_process(cloud_dir, scenario.cloud_threads) as cloud:
         return replay_on_devices(scenario, name, requests, device_dir, work, bar, device_main,
                                  f"tcp://127.0.0.1:{cloud.data_port}", cloud.control_port, mean_prompt)
-
-
-def replay_on_devices(scenario: Scenario, name: str, requests: list[WorkloadRequest], device_dir: Path, work: Path,
-                      bar, target, data_address: str, control_port: int = 0,
-                      mean_prompt: int = 0) -> list[ExperimentRecord]:
-    """One process per device running `target(job, ready, go, start_at)` on its share of the requests (round-robin),
-    behind its group's port of one LinkShim in front of `data_address`; all released at once and followed through
-    their result files. The records in workload order."""
-    system, count = SYSTEMS[name], scenario.device_count
-    context = multiprocessing.get_context("spawn")
-    ready, go, start_at = context.Queue(), context.Event(), context.Value("d", 0.0)
-    result_paths = [work / f"{name}-device{i}.jsonl" for i in range(count)]
-    processes = []
-    # one shim process, one port per device group: every device through a port gets a link of its own
-    shim = LinkShim(data_address, [group.link.profile(seed=g) for g, group in enumerate(scenario.devices)]).start()
-    try:
-        index = 0
-        for g, group in enumerate(scenario.devices):
-            for _ in range(group.count):
-                mine = tuple((i, r.arrival_s, r.prompt_ids, r.max_new_tokens)
-                             for i, r in enumerate(requests) if i % count == index)
-                job = DeviceJob(index, str(device_dir), group.schedule(), system, shim.ports[g], control_port,
-                                mine, mean_prompt, str(result_paths[index]), scenario.device_threads)
-                process = context.Process(target=target, args=(job, ready, go, start_at), daemon=True)
-                process.start()
-                processes.append(process)
-                index += 1
-        _wait_ready(ready, processes)
-        start_at.value = time.time()
-        go.set()
-        deadline = time.monotonic() + requests[-1].arrival_s + REQUEST_TIMEOUT_S
-        done = 0
-        while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
-            time.sleep(0.5)
-            done = _count_lines(result_paths, bar, done)
-        _count_lines(result_paths, bar, done)
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-        shim.stop()
-    return _collect_records(name, requests, count, result_paths)
-
-
-def _wait_ready(ready, processes) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    pending = len(processes)
-    while pending:
-        try:
-            ready.get(timeout=1.0)
-            pending -= 1
-        except queue.Empty:
-            dead = [p for p in processes if not p.is_alive()]
-            if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"{len(dead)} emulated devices died while starting (see their output above)"
-                                   if dead else f"emulated devices not ready within {READY_TIMEOUT_S:g} s")
-
-
-def _count_lines(paths: list[Path], bar, done: int) -> int:
-    now = sum(len(p.read_text().splitlines()) for p in paths if p.exists())
-    bar.update(now - done)
-    return now
-
-
-def _collect_records(name: str, requests: list[WorkloadRequest], count: int,
-                     result_paths: list[Path]) -> list[ExperimentRecord]:
-    """The devices' records in workload order; a request with none is recorded as failed."""
-    found = {r.request: r for path in result_paths if path.exists()
-             for r in (ExperimentRecord.from_json(json.loads(line)) for line in path.read_text().splitlines())}
-    return [found.get(i) or ExperimentRecord(name, i, i % count, "", r.arrival_s, 0.0, 0.0, len(r.prompt_ids), 0,
-                                             float("nan"), float("nan"), error="never ran (device failed or timed out)")
-            for i, r in enumerate(requests)]
-
-
-def progress_bar(total: int, enabled: bool, unit: str = "request"):
-    """The testbed's progress bar (`hat testbed run` counts requests, `simulate` systems)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True)

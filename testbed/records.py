@@ -43,6 +43,7 @@ class ExperimentRecord:
     timeline: list[TimelineStep] = field(default_factory=list)
     error: str = ""  # why it failed ("" = it completed)
     output_ids: list[int] = field(default_factory=list)  # the generated ids (lossless systems agree on them)
+    category: str = ""  # the prompt's category in a real prompt set (conversation, code, summarization); "" else
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -7,7 +7,7 @@ It writes, into the output folder:
   system (in the given order) and every `ExperimentRecord`; strict JSON, NaN written as null. `load_results` reads
   it back exactly (null in a record back to NaN).
 - results.csv: one row per request (per-request TBT as its mean and p90; chunk sizes as "a;b;c"; NaN as "").
-- summary.md: a table of the systems, an ablation table when ablation steps are given (each step's median TTFT and
+- summary.md: a table of the systems, a table per system and prompt category (real prompt sets), an ablation table when ablation steps are given (each step's median TTFT and
   TBT against the first step, and the paper's figures beside ours when given; with paper figures but no ablation,
   the same table over every system), the notes, and the figures.
 - ttft_cdf.png, tbt_cdf.png, ttft_vs_prompt.png, timeline.png (the cloud rounds of the request with the median TTFT
@@ -33,7 +33,7 @@ from hat.testbed.records import ExperimentRecord, SystemSummary, percentile
 DASH = "—"
 CSV_FIELDS = ("system", "request", "device", "device_class", "arrival_s", "started_s", "finished_s", "prompt_tokens",
               "new_tokens", "ttft_ms", "generation_ttft_ms", "tbt_ms_mean", "tbt_ms_p90", "accept_len", "bytes_up",
-              "bytes_down", "chunks", "error")
+              "bytes_down", "chunks", "error", "category")
 ABLATION_METRICS = (("TTFT p50 (ms)", "ttft_ms"), ("TBT p50 (ms)", "tbt_ms"))  # paper dicts use these keys
 WIDE_SPREAD = 20  # log axis when the largest value is more than this many times the smallest
 
@@ -60,7 +60,8 @@ def write_report(out_dir, scenario_name: str, records_by_system: dict[str, list[
                 paper, summaries)
     _write_csv(out / "results.csv", records_by_system)
     figures = _write_figures(out, scenario_name, records_by_system, ttft_slo_ms, tbt_slo_ms, ablation, paper)
-    md = _markdown(scenario_name, summaries, ttft_slo_ms, tbt_slo_ms, notes, ablation, paper, figures)
+    md = _markdown(scenario_name, summaries, ttft_slo_ms, tbt_slo_ms, notes, ablation, paper, figures,
+                   _categories_table(records_by_system))
     (out / "summary.md").write_text(md, encoding="utf-8")
     return out
 
@@ -111,7 +112,7 @@ def _csv_row(r: ExperimentRecord) -> list:
     return [_cell(v) for v in (r.system, r.request, r.device, r.device_class, r.arrival_s, r.started_s, r.finished_s,
                                r.prompt_tokens, r.new_tokens, r.ttft_ms, r.generation_ttft_ms, tbt_mean,
                                percentile(r.tbt_ms, 90), r.accept_len, r.bytes_up, r.bytes_down,
-                               ";".join(map(str, r.chunks)), r.error)]
+                               ";".join(map(str, r.chunks)), r.error, r.category)]
 
 
 def _write_csv(path, records_by_system):
@@ -179,10 +180,37 @@ def _ablation_table(steps: list[str], summaries: list[SystemSummary], paper: dic
     return _table(header, rows)
 
 
-def _markdown(scenario, summaries, ttft_slo_ms, tbt_slo_ms, notes, ablation, paper, figures) -> str:
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def _categories_table(records_by_system: dict[str, list[ExperimentRecord]]) -> list[str]:
+    """Per system and prompt category (real prompt sets), medians over its completed requests; [] without any."""
+    categories = sorted({r.category for rs in records_by_system.values() for r in rs if r.category})
+    if not categories:
+        return []
+    header = ["System", "Category", "Completed", "Prompt tokens (mean)", "TTFT p50 (ms)", "TBT p50 (ms)",
+              "Accept length", "New tokens (mean)"]
+    rows = []
+    for system, records in records_by_system.items():
+        for category in categories:
+            mine = [r for r in records if r.category == category]
+            done = _done(mine)
+            tbts = [statistics.fmean(r.tbt_ms) for r in done if r.tbt_ms]
+            rows.append([system, category, f"{len(done)}/{len(mine)}", _num(_mean([r.prompt_tokens for r in mine]), 0),
+                         _num(percentile([r.ttft_ms for r in done], 50)), _num(percentile(tbts, 50)),
+                         _num(_mean([r.accept_len for r in done]), 2), _num(_mean([r.new_tokens for r in done]), 0)])
+    return _table(header, rows)
+
+
+def _markdown(scenario, summaries, ttft_slo_ms, tbt_slo_ms, notes, ablation, paper, figures,
+              categories: list[str] = ()) -> str:
     lines = [f"# Testbed results: {scenario}", "",
              f"SLO targets: TTFT ≤ {ttft_slo_ms:g} ms, mean TBT ≤ {tbt_slo_ms:g} ms. Latency figures cover "
              "completed requests only; SLO attainment is over all requests.", "", *_systems_table(summaries), ""]
+    if categories:
+        lines += ["## Per category", "", "Each prompt category's requests apart (medians over completed ones).", "",
+                  *categories, ""]
     steps = ablation or ([s.system for s in summaries] if paper and summaries else None)
     if steps:  # the ablation, or (paper figures given without one) every system against the first and the paper
         lines += ["## Ablation" if ablation else "## Against the paper", "",

@@ -9,6 +9,11 @@ compared and the SLO targets, read from a YAML file (`hat testbed run SCENARIO.y
     workload: {shape: specbench, requests: 16, rate: 0.5, max_new_tokens: 128, seed: 0}
     systems: [u-shape, u-sarathi, hat, full]
     slo: {ttft_ms: 2000, tbt_ms: 200}
+    quick: {requests: 4, max_new_tokens: 32}   # what `--quick` replaces in the workload
+
+A workload is either synthetic (`shape:` lengths cut from the held-out corpus, testbed.workloads) or real
+(`prompts: [mt-bench, humaneval, xsum]`: prompt sets mixed round-robin, testbed.prompt_sets; the report then
+gives each category's metrics apart).
 
 `hat testbed simulate` also reads `hardware:` (testbed.sim_hardware.HardwareSpec: a model shape on
 GPUs and Jetsons from public figures) and `scale: {devices: [30, 100, 300, 1000]}`.
@@ -17,12 +22,14 @@ Unknown keys are refused by name, so a typo never silently falls back to a defau
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .device_profiles import DEVICE_CLASSES, PowerSchedule
 from .link_shim import LinkProfile
 from .link_traces import BandwidthTrace
+from .prompt_sets import CATEGORIES
 from .sim_hardware import HardwareSpec
 from .systems import SYSTEMS
 from .workloads import SHAPES
@@ -61,12 +68,14 @@ class DeviceGroup:
 
 @dataclass(frozen=True, slots=True)
 class WorkloadSpec:
-    shape: str  # "specbench" or "cnn_dailymail"
-    requests: int  # arrivals in the run
-    rate: float  # arrivals per second (Poisson)
+    shape: str = ""  # synthetic prompt lengths: "specbench" or "cnn_dailymail" ("" when `prompts` are given)
+    requests: int = 0  # arrivals in the run
+    rate: float = 0.0  # arrivals per second (Poisson)
     max_new_tokens: int = 128  # generation budget per request
     seed: int = 0
-    max_prompt_tokens: int = 0  # longest prompt (0: the model's context less max_new_tokens)
+    max_prompt_tokens: int = 0  # longest prompt (0: the model's context less max_new_tokens); a longer real prompt
+    # is passed over, a longer synthetic length clipped
+    prompts: tuple[str, ...] = ()  # real prompt sets mixed round-robin (mt-bench, humaneval, xsum); instead of shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,7 @@ class Scenario:
     hardware: HardwareSpec | None = None  # `hat testbed simulate` only: roofline costs of a model on GPUs we lack
     scale_devices: tuple[int, ...] = ()  # `hat testbed simulate` only: also simulate these device counts (groups,
     # request count and arrival rate scaled alike)
+    quick: dict = field(default_factory=dict)  # workload fields `--quick` replaces (requests, max_new_tokens, ...)
 
     @property
     def device_count(self) -> int:
@@ -113,7 +123,8 @@ def _build(cls, data: dict, where: str, **extra):
 def parse_scenario(data: dict, base: Path = Path(".")) -> Scenario:
     """`base`: the folder relative paths in the scenario (traces) are read from."""
     top = _take(data, "scenario", {"name", "model", "split", "devices", "workload", "systems", "slo", "dtype",
-                                   "ablation", "paper", "cloud_threads", "device_threads", "hardware", "scale"})
+                                   "ablation", "paper", "cloud_threads", "device_threads", "hardware", "scale",
+                                   "quick"})
     for key in ("name", "devices", "workload", "systems"):
         if key not in top:
             raise ScenarioError(f"scenario: missing {key!r}")
@@ -142,9 +153,17 @@ def parse_scenario(data: dict, base: Path = Path(".")) -> Scenario:
         groups.append(built)
     if not groups:
         raise ScenarioError("devices: at least one group")
-    workload = _build(WorkloadSpec, _take(top["workload"], "workload", set(WorkloadSpec.__dataclass_fields__)),
-                      "workload")
-    if workload.shape not in SHAPES:
+    workload = dict(_take(top["workload"], "workload", set(WorkloadSpec.__dataclass_fields__)))
+    workload["prompts"] = tuple(workload.get("prompts") or ())
+    workload = _build(WorkloadSpec, workload, "workload")
+    if workload.prompts:
+        unknown = [s for s in workload.prompts if s not in CATEGORIES]
+        if unknown or workload.shape:
+            raise ScenarioError(f"workload.prompts: {unknown}; known: {', '.join(CATEGORIES)}" if unknown else
+                                "workload: give shape (synthetic lengths) or prompts (real prompt sets), not both")
+        if "hardware" in top:
+            raise ScenarioError("workload.prompts needs a tokenizer: a `hardware:` (roofline) scenario takes a shape")
+    elif workload.shape not in SHAPES:
         raise ScenarioError(f"workload.shape: {workload.shape!r}; known: {', '.join(SHAPES)}")
     if workload.requests < 1 or not workload.rate > 0 or workload.max_new_tokens < 1:
         raise ScenarioError("workload: requests >= 1, rate > 0 and max_new_tokens >= 1")
@@ -161,6 +180,7 @@ def parse_scenario(data: dict, base: Path = Path(".")) -> Scenario:
     scale_devices = tuple(int(n) for n in scale.get("devices") or ())
     if any(n < 1 for n in scale_devices):
         raise ScenarioError("scale.devices: counts of at least 1")
+    quick = dict(_take(top.get("quick") or {}, "quick", set(WorkloadSpec.__dataclass_fields__) - {"shape", "prompts"}))
     return _build(Scenario, {
         "name": str(top["name"]), "model": str(top.get("model", "reference")),
         "input_layers": int(split.get("input_layers", 2)), "output_layers": int(split.get("output_layers", 1)),
@@ -169,7 +189,19 @@ def parse_scenario(data: dict, base: Path = Path(".")) -> Scenario:
         "dtype": str(top.get("dtype", "float32")), "ablation": bool(top.get("ablation", False)),
         "paper": dict(top.get("paper") or {}), "cloud_threads": int(top.get("cloud_threads", 1)),
         "device_threads": int(top.get("device_threads", 1)), "hardware": hardware,
-        "scale_devices": scale_devices}, "scenario")
+        "scale_devices": scale_devices, "quick": quick}, "scenario")
+
+
+DEFAULT_QUICK = {"requests": 4, "max_new_tokens": 32}  # `--quick` for a scenario that names no `quick:` of its own
+
+
+def quick_variant(scenario: Scenario) -> Scenario:
+    """The scenario's `--quick` run: its `quick:` workload fields (else DEFAULT_QUICK) replaced, "-quick" named."""
+    try:
+        workload = dataclasses.replace(scenario.workload, **(scenario.quick or DEFAULT_QUICK))
+    except (TypeError, ValueError) as exc:
+        raise ScenarioError(f"quick: {exc}") from None
+    return dataclasses.replace(scenario, name=f"{scenario.name}-quick", workload=workload)
 
 
 SHIPPED = Path(__file__).parent / "scenarios"  # the scenarios that come with the testbed

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from hat.common.cost_fit import LinearCost
 from hat.device.speculation import DEFAULT_SPECULATION
 
-from .cloud_only import CloudOnlyConfig
+from .cloud_only_config import CloudOnlyConfig
 from .device_profiles import DEVICE_CLASSES
 from .roofline import ACCELERATORS, RooflineCost, describe, fit_linear, model_shape
 from .sim_costs import BATCH_TOKENS, DEFAULT_TBT_SLO_S, HEADER_BYTES, DeviceCosts, SpeculationModel, SystemCosts

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .calibration import calibrate
-from .experiment import progress_bar
+from .progress import progress_bar
 from .link_shim import LinkModel
 from .records import ExperimentRecord, SystemSummary
 from .report import load_results, write_report

@@ -66,7 +66,8 @@ class WorkloadRequest:
     arrival_s: float  # from the start of the run
     prompt_ids: tuple[int, ...]  # the prompt's token ids (the model's tokenizer)
     max_new_tokens: int  # generation budget
-    source: str  # held-out file and token offset the prompt was cut from
+    source: str  # where the prompt came from: held-out file and token offset, or a prompt set's item id
+    category: str = ""  # the prompt's category in a real prompt set (conversation, code, summarization); "" else
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +76,13 @@ class WorkloadSummary:
     mean_tokens: float  # prompt lengths as generated (after clipping)
     p50_tokens: float
     p90_tokens: float
-    clipped: int  # lengths drawn above max_prompt_tokens and cut to it
+    clipped: int  # lengths drawn above max_prompt_tokens and cut to it (prompt sets: prompts passed over as too long)
     rate_per_s: float  # requests / span of arrivals
+    clip_word: str = "clipped"  # what `clipped` counts, as the line says it
 
     def line(self) -> str:
         return (f"{self.requests} requests, prompt tokens mean {self.mean_tokens:.0f} p50 {self.p50_tokens:.0f} "
-                f"p90 {self.p90_tokens:.0f} ({self.clipped} clipped), {self.rate_per_s:.2f} requests/s")
+                f"p90 {self.p90_tokens:.0f} ({self.clipped} {self.clip_word}), {self.rate_per_s:.2f} requests/s")
 
 
 def prompt_lengths(shape: LengthShape, count: int, rng: random.Random, max_prompt_tokens: int) -> tuple[list[int], int]:

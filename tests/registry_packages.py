@@ -18,3 +18,28 @@ def build_wheel(folder, content: bytes, package: str = PACKAGE, version: str = V
             archive.writestr(name, data)
         archive.writestr(f"{dist}.dist-info/RECORD", "".join(f"{n},,\n" for n in files) + f"{dist}.dist-info/RECORD,,\n")
     return path
+
+
+def build_sdist(folder, content: bytes, package: str, version: str, member: str):
+    """A minimal sdist (.tar.gz) of `package` holding `content` at `member` below its top folder, as an index serves
+    a package that ships no wheel."""
+    import io
+    import tarfile
+
+    path = folder / f"{package}-{version}.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in ((f"{package}-{version}/PKG-INFO", f"Name: {package}\nVersion: {version}\n".encode()),
+                           (f"{package}-{version}/{member}", content)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def simple_index(root, package: str, archive, sha256: str):
+    """A PEP 503 simple index in folder `root` listing `archive` for `package` (with a sha256 fragment); its URL."""
+    page = root / package
+    page.mkdir(parents=True)
+    (page / "index.html").write_text(f'<html><body><a href="{archive.as_uri()}#sha256={sha256}">{archive.name}</a>'
+                                     "</body></html>")
+    return root.as_uri()

