@@ -256,7 +256,7 @@ class SplitGenerator:
         (its published cost model, scaled by what replies measured), the link's transfer both ways (measured rates),
         and the device's output part over the verified positions (its profile)."""
         cloud, _ = self.prefill.cloud.cost()
-        link = self.link_estimator.estimate()
+        link = self.link_estimator.estimate
         size = tokens * self.model.spec.hidden_size * self.model.input_part.dtype.itemsize
         return (cloud.predict(tokens, start) + self.prefill.profile.output.cost.predict(tokens, start)
                 + size / link.uplink_bytes_per_s + size / link.downlink_bytes_per_s)
