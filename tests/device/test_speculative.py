@@ -90,6 +90,45 @@ def test_reference_model_speculation_is_lossless_and_accepts(tmp_path):
             assert len(spec.decode_rounds) < len(plain.decode_rounds)
 
 
+def test_reference_model_cost_lengths_and_reduced_head_are_lossless(tmp_path):
+    """Draft lengths chosen from measured costs, and a reduced-vocabulary draft head (a quarter of the vocabulary,
+    counted on standard-library source): greedy output is still plain decoding's and transformers', tokens outside
+    the draft's subset included (verification keeps the full vocabulary)."""
+    import os
+
+    from hat.common.token_frequencies import FrequencyTable, tokenizer_fingerprint
+
+    model_dir = reference_model_dir()
+    k, m = DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
+    device_dir, _ = split_checkpoint(model_dir, k, m, tmp_path / "bundle", dtype="float32")
+    model = DeviceModel.load(device_dir)
+    vocab = model.spec.vocab_size
+    counts = [0] * vocab
+    for token in model.tokenizer(open(os.__file__).read())["input_ids"]:
+        counts[token] += 1
+    model.token_frequencies = FrequencyTable(vocab, tokenizer_fingerprint(model.tokenizer), tuple(counts))
+    size = vocab // 4
+    subset = set(model.token_frequencies.top(size))
+    prompts = ["def fibonacci(n):", "class Stack:\n    def __init__(self):"]
+    configs = [SpeculationConfig(draft_vocab=size),  # cost-chosen lengths (the default)
+               SpeculationConfig(length="threshold", threshold=0.0, max_draft=4, draft_vocab=size)]
+    outside, drafted = 0, 0
+    with running_cloud(model_dir, k, m, tmp_path) as cluster, cluster.generator(model) as gen:
+        for prompt in prompts:
+            ids = gen.encode(prompt)
+            gen.speculation = None
+            plain = gen.generate_ids(ids, 32)
+            assert_same_greedy(model_dir, ids, plain.token_ids, hf_greedy(model_dir, ids, 32))
+            outside += sum(t not in subset for t in plain.token_ids)
+            for config in configs:
+                gen.speculation = config
+                spec = gen.generate_ids(ids, 32)
+                assert spec.token_ids == plain.token_ids, (prompt, config)
+                drafted += sum(s.drafted for s in spec.decode_rounds)
+        assert gen.draft_head().size == size
+    assert outside > 0 and drafted > 0
+
+
 def _sabotage_after(gen, rounds: int, sabotage):
     """Make the link call `sabotage()` just before the `rounds`-th verification is sent."""
     original = gen.link.send_forward
