@@ -12,11 +12,13 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from hat.common.cost_fit import CostFit, attended
 from hat.common.layers import SequenceSpan
 from hat.common.proto import hat_pb2 as pb
 from hat.common.sampling import SamplingParams, sample_token
@@ -39,6 +41,8 @@ log = logging.getLogger("hat.device")
 MAX_RECOVERIES = 8  # per generation; beyond this the cloud's error is raised
 RETRY_BACKOFF_S = (0.2, 4.0)  # first and longest wait between attempts to reach a cloud that stopped answering
 _ROUND_EMA = 0.3  # weight of the newest round time in the predicted round time
+_ROUND_FIT_WINDOW = 64  # verification rounds the round-time fit keeps
+_MIN_ROUND_S = 1e-4  # floor of a predicted round time
 
 
 class PromptTooLongError(ValueError):
@@ -92,6 +96,8 @@ class SplitGenerator:
             self.max_message_tokens = registration.max_tokens_per_message or self.max_message_tokens
         self.predicted_round_s = 0.0  # moving average of verification round times (bounds parallel drafting)
         self.round_overhead_s: float | None = None  # moving average of round time beyond the cloud's and the link's
+        self._round_fit = CostFit(_ROUND_FIT_WINDOW)  # measured verification rounds: seconds against tokens
+        self._round_tokens: deque[int] = deque(maxlen=_ROUND_FIT_WINDOW)  # their token counts
         self._draft_timing = [0, 0.0]  # draft steps timed so far, their seconds (the draft-step time)
         self._draft_heads: dict[int, DraftHead] = {}  # by draft vocabulary size, built once
         profile = profile or self._profile()
@@ -262,8 +268,12 @@ class SplitGenerator:
                 + size / link.uplink_bytes_per_s + size / link.downlink_bytes_per_s)
 
     def round_time_s(self, tokens: int, start: int) -> float:
-        """Predicted time of a verification round over `tokens` positions from `start`, send to verdict."""
-        return (self.round_overhead_s or 0.0) + self._variable_round_s(tokens, start)
+        """Predicted time of a verification round over `tokens` positions from `start`, send to verdict: a fit of
+        the measured rounds once they span several token counts, before that the measured overhead plus the
+        variable part's models."""
+        if len(set(self._round_tokens)) >= 2:
+            return max(_MIN_ROUND_S, self._round_fit.cost.predict(tokens, start))
+        return max(_MIN_ROUND_S, (self.round_overhead_s or 0.0) + self._variable_round_s(tokens, start))
 
     def _decode_step(self, g: _Generation, token: int) -> torch.Tensor:
         """One plain decode round: `token` (the last of g.tokens) through all three parts; its logits."""
@@ -331,7 +341,10 @@ class SplitGenerator:
         g.lengths.observe(n, accepted)
         compute_s = reply.header.compute_us / 1e6
         g.guard.observe(ahead is not None, compute_s, self.prefill.cloud.cost()[0].predict(n + 1, start))
-        overhead = round_s + (verified_at - received) - self._variable_round_s(n + 1, start)
+        measured = round_s + (verified_at - received)
+        self._round_fit.add(n + 1, attended(n + 1, start), measured)
+        self._round_tokens.append(n + 1)
+        overhead = measured - self._variable_round_s(n + 1, start)
         self.round_overhead_s = overhead if self.round_overhead_s is None else (
             _ROUND_EMA * overhead + (1 - _ROUND_EMA) * self.round_overhead_s)
         keep_ahead = ahead is not None and accepted == n and verdict.next_token == ahead.tokens[0]

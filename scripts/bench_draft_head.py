@@ -6,7 +6,8 @@ Per head (full, then each --sizes entry), alternating over --repeats rounds so t
 alike: the median time of one draft step (draft head over the last estimate, then input part and adapter over the
 drafted token: Drafter.extend, greedy, --steps steps from an MT-Bench prompt) and of the head alone. Agreement:
 teacher-forced on transformers' own greedy continuations of MT-Bench first turns, the share of positions where the
-draft's top token (adapter estimate -> output part -> head) equals the target's. Times are inflated on a loaded
+draft's top token (adapter estimate -> output part -> head) equals the target's; and the share of the target's
+tokens the head can propose at all (a reduced head loses at most the rest of its acceptance). Times are inflated on a loaded
 machine; compare the ratios.
 
     python scripts/bench_draft_head.py --model smollm2-135m-instruct --sizes 4096,8192,16384
@@ -74,6 +75,7 @@ def agreement(model: DeviceModel, heads: dict, model_dir: Path, prompts: list[li
     from transformers import AutoModelForCausalLM
     target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     hits = {name: 0 for name in heads}
+    inside = {name: 0 for name in heads}
     total = 0
     for ids in prompts:
         out = target.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False)[0].tolist()
@@ -84,8 +86,10 @@ def agreement(model: DeviceModel, heads: dict, model_dir: Path, prompts: list[li
         for name, head in heads.items():
             best = head.logits(hidden[list(positions)]).argmax(-1)
             hits[name] += sum(head.token_id(int(b)) == out[p + 1] for b, p in zip(best, positions))
+            kept = None if head.ids is None else set(head.ids.tolist())
+            inside[name] += sum(kept is None or out[p + 1] in kept for p in positions)
         total += len(positions)
-    return {name: hits[name] / total for name in heads}
+    return {name: (hits[name] / total, inside[name] / total) for name in heads}
 
 
 def main(argv=None) -> int:
@@ -135,12 +139,13 @@ def main(argv=None) -> int:
     base_step, base_head = statistics.median(steps["full"]), statistics.median(alone["full"])
     print(f"{model_dir.name} K={args.K} M={args.M} fp32, {torch.get_num_threads()} threads; "
           f"table: {table.source}; adapter: {'given' if args.adapter else 'untrained (pass-through)'}")
-    print(f"{'head':>8} {'coverage':>9} {'step ms':>8} {'x full':>7} {'head ms':>8} {'x full':>7} {'top-1 agree':>12}")
+    print(f"{'head':>8} {'coverage':>9} {'step ms':>8} {'x full':>7} {'head ms':>8} {'x full':>7} {'top-1 agree':>12} "
+          f"{'target in head':>15}")
     for name in heads:
         coverage = 1.0 if name == "full" else table.coverage(int(name))
         s, h = statistics.median(steps[name]), statistics.median(alone[name])
         print(f"{name:>8} {100 * coverage:8.2f}% {s:8.2f} {s / base_step:7.2f} {h:8.2f} {h / base_head:7.2f} "
-              f"{agree[name]:12.3f}")
+              f"{agree[name][0]:12.3f} {agree[name][1]:15.3f}")
     return 0
 
 
