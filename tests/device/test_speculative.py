@@ -54,7 +54,7 @@ def test_greedy_speculation_matches_plain_and_transformers(tiny_checkpoint, tmp_
             gen.speculation = None
             plain = gen.generate_ids(ids, NEW_TOKENS)
             for parallel in (False, True):
-                gen.speculation = SpeculationConfig(threshold=0.0, max_draft=4, parallel=parallel)
+                gen.speculation = SpeculationConfig(threshold=0.0, max_draft=4, parallel=parallel, length="threshold")
                 spec = gen.generate_ids(ids, NEW_TOKENS)
                 assert spec.token_ids == plain.token_ids, (prompt, parallel)
                 assert spec.finish_reason == plain.finish_reason
@@ -148,7 +148,7 @@ def _sabotage_after(gen, rounds: int, sabotage):
 def test_device_recovers_when_the_cloud_lost_the_session(tiny_checkpoint, tmp_path, fault, speculative):
     model_dir = tiny_checkpoint("llama_tied_bias")
     model = device_with_adapter(model_dir, 2, 1, tmp_path)
-    speculation = SpeculationConfig(threshold=0.0, max_draft=3) if speculative else None
+    speculation = SpeculationConfig(threshold=0.0, max_draft=3, length="threshold") if speculative else None
     with running_cloud(model_dir, 2, 1, tmp_path) as cluster, cluster.generator(model) as gen:
         ids = gen.encode(PROMPTS[2])
         gen.speculation = speculation
