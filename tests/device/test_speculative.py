@@ -129,6 +129,25 @@ def test_reference_model_cost_lengths_and_reduced_head_are_lossless(tmp_path):
     assert outside > 0 and drafted > 0
 
 
+def test_cost_chosen_lengths_stop_drafting_for_an_adapter_that_is_never_right(tiny_checkpoint, tmp_path):
+    """A random adapter on a random checkpoint: its drafts are (nearly) always rejected, so after a few rounds the
+    measured acceptance makes plain decoding the best choice; output stays plain decoding's."""
+    model_dir = tiny_checkpoint("llama3")
+    model = device_with_adapter(model_dir, 1, 0, tmp_path)
+    with running_cloud(model_dir, 1, 0, tmp_path) as cluster, cluster.generator(model) as gen:
+        ids = gen.encode(PROMPTS[0])
+        gen.speculation = None
+        plain = gen.generate_ids(ids, 60)
+        gen.speculation = SpeculationConfig(parallel=False)
+        spec = gen.generate_ids(ids, 60)
+    assert spec.token_ids == plain.token_ids
+    rounds = spec.decode_rounds
+    accepted = sum(s.accepted for s in rounds) / max(1, sum(s.drafted for s in rounds))
+    assert rounds[0].drafted > 0 and accepted < 0.2, accepted
+    late = rounds[len(rounds) // 2:]
+    assert sum(s.drafted for s in late) <= 0.2 * len(late), [s.drafted for s in rounds]
+
+
 def _sabotage_after(gen, rounds: int, sabotage):
     """Make the link call `sabotage()` just before the `rounds`-th verification is sent."""
     original = gen.link.send_forward
