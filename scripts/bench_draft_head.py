@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.adapter is not None and not args.adapter.is_dir():
+        p.error(f"--adapter {args.adapter} is not a folder")
     model_dir = resolve_model(args.model, pull_missing=True)
     work = Path(tempfile.mkdtemp(prefix="bench-draft-head-"))
     adapter = args.adapter or untrained_adapter(model_dir, args.K, args.M, work / "adapter")
