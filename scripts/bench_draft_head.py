@@ -11,7 +11,8 @@ tokens the head can propose at all (a reduced head loses at most the rest of its
 machine; compare the ratios.
 
     python scripts/bench_draft_head.py --model smollm2-135m-instruct --sizes 4096,8192,16384
-Without --adapter an untrained adapter (its projection is zero: it passes the input part's output through) is made
+With `--model reference` the model's shipped adapter is used, the table counted on its stdlib training files and
+agreement measured on held-out files (it has no chat template). Otherwise, without --adapter, an untrained adapter (its projection is zero: it passes the input part's output through) is made
 for the split, and the frequency table is counted into it on a ShareGPT sample first.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +35,10 @@ from hat.common.model_spec import load_model_spec
 from hat.common.model_store import resolve_model
 from hat.common.sampling import SamplingParams
 from hat.common.split import split_checkpoint
-from hat.common.token_frequencies import FREQUENCY_TABLE, count_frequencies
+from hat.common.adapter import ADAPTER_CONFIG
+from hat.common.reference_corpus import heldout_files, split_corpus
+from hat.common.split import default_adapter_dir
+from hat.common.token_frequencies import FREQUENCY_TABLE, FrequencyTable, count_frequencies, tokenizer_fingerprint
 from hat.device.device_model import DeviceModel
 from hat.device.draft_head import reduced_head
 from hat.device.drafter import DeviceCaches, Draft, Drafter
@@ -45,6 +50,30 @@ def untrained_adapter(model_dir: Path, k: int, m: int, out: Path) -> Path:
     spec = load_model_spec(model_dir)
     DraftAdapter(spec, AdapterConfig(k, m, spec.hidden_size, 1, spec.intermediate_size, fingerprint(model_dir))).save(out)
     return out
+
+
+def count_text_frequencies(tokenizer, vocab: int, max_tokens: int) -> FrequencyTable:
+    counts, total, files = [0] * vocab, 0, 0
+    for f in split_corpus()[0]:
+        ids = tokenizer(f.read())["input_ids"]
+        for token in ids:
+            counts[token] += 1
+        total, files = total + len(ids), files + 1
+        if total >= max_tokens:
+            break
+    return FrequencyTable(vocab, tokenizer_fingerprint(tokenizer), tuple(counts),
+                          f"{files} stdlib training files, {total} tokens")
+
+
+def heldout_prompts(tokenizer, count: int, length: int = 96) -> list[list[int]]:
+    prompts = []
+    for f in heldout_files():
+        ids = tokenizer(f.read())["input_ids"]
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == count:
+            break
+    return prompts
 
 
 def fill_caches(model: DeviceModel, ids: list[int]) -> DeviceCaches:
@@ -111,20 +140,31 @@ def main(argv=None) -> int:
         p.error(f"--adapter {args.adapter} is not a folder")
     model_dir = resolve_model(args.model, pull_missing=True)
     work = Path(tempfile.mkdtemp(prefix="bench-draft-head-"))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    shipped = default_adapter_dir(model_dir, args.K, args.M)
+    if args.adapter is None and (shipped / ADAPTER_CONFIG).is_file():  # a copy: the table is written into it
+        args.adapter = Path(shutil.copytree(shipped, work / "adapter"))
     adapter = args.adapter or untrained_adapter(model_dir, args.K, args.M, work / "adapter")
     if not (adapter / FREQUENCY_TABLE).is_file():
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         began = time.perf_counter()
-        count_frequencies(tokenizer, load_model_spec(model_dir).vocab_size, sharegpt_conversations(),
-                          args.count_tokens).save(adapter)
-        print(f"counted {args.count_tokens} ShareGPT tokens in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+        vocab = load_model_spec(model_dir).vocab_size
+        if chat:
+            table = count_frequencies(tokenizer, vocab, sharegpt_conversations(), args.count_tokens)
+        else:  # no chat template (the reference model): its own training text, the stdlib's training files
+            table = count_text_frequencies(tokenizer, vocab, args.count_tokens)
+        table.save(adapter)
+        print(f"counted {table.source} in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     device_dir, _ = split_checkpoint(model_dir, args.K, args.M, work / "bundle", dtype="float32", adapter=adapter)
     model = DeviceModel.load(device_dir)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     heads = {"full": reduced_head(model, 0), **{str(s): reduced_head(model, s) for s in sizes}}
-    questions = mt_bench_questions()
-    prompts = [encode_prompt(model.tokenizer, q.turns[0], chat=True) for q in questions[:max(1, args.agreement_prompts)]]
+    if chat:
+        questions = mt_bench_questions()[:max(1, args.agreement_prompts)]
+        prompts = [encode_prompt(model.tokenizer, q.turns[0], chat=True) for q in questions]
+    else:
+        prompts = heldout_prompts(model.tokenizer, max(1, args.agreement_prompts))
     with torch.inference_mode():
         ids = prompts[0]
         caches = fill_caches(model, ids)
@@ -140,7 +180,8 @@ def main(argv=None) -> int:
     table = model.token_frequencies
     base_step, base_head = statistics.median(steps["full"]), statistics.median(alone["full"])
     print(f"{model_dir.name} K={args.K} M={args.M} fp32, {torch.get_num_threads()} threads; "
-          f"table: {table.source}; adapter: {'given' if args.adapter else 'untrained (pass-through)'}")
+          f"table: {table.source}; adapter: {'trained' if args.adapter else 'untrained (pass-through)'}; agreement on "
+          f"{len(prompts)} {'MT-Bench first turns' if chat else 'held-out stdlib files'} x {args.agreement_tokens} tokens")
     print(f"{'head':>8} {'coverage':>9} {'step ms':>8} {'x full':>7} {'head ms':>8} {'x full':>7} {'top-1 agree':>12} "
           f"{'target in head':>15}")
     for name in heads:
