@@ -65,9 +65,16 @@ def add_speculation_args(p) -> None:
 
     p.add_argument("--no-speculation", action="store_true",
                    help="plain split decoding, one token per cloud round (default: speculate when the bundle has an adapter)")
+    p.add_argument("--draft-length", choices=("cost", "threshold"), default=None,
+                   help="cost: each round drafts the length (0 = plain decoding) that maximizes expected tokens per "
+                        "second from measured draft, round and acceptance figures; threshold: draft while the draft is "
+                        "confident (default: threshold when --draft-threshold is given, else cost)")
     p.add_argument("--draft-threshold", type=float, default=S.threshold,
-                   help="stop drafting when the draft's confidence (its top probability at the adapter's fitted "
-                        "confidence temperature) falls below this")
+                   help="with --draft-length threshold: stop drafting when the draft's confidence (its top probability "
+                        "at the adapter's fitted confidence temperature) falls below this")
+    p.add_argument("--draft-vocab", type=int, default=S.draft_vocab, metavar="N",
+                   help="draft logits over the N most frequent tokens of the adapter's frequency table (FR-Spec; "
+                        "verification keeps the full vocabulary); 0 = all")
     p.add_argument("--max-draft", type=int, default=S.max_draft, help="most draft tokens verified per round")
     p.add_argument("--no-parallel-draft", action="store_true", help="do not draft while a verification is in flight")
 
@@ -100,12 +107,13 @@ def chunking_config(args):
 
 def speculation_config(args, model):
     """The SpeculationConfig the flags ask for, or None for plain decoding."""
-    from hat.device.speculation import SpeculationConfig
+    from hat.device.speculation import DEFAULT_SPECULATION, SpeculationConfig
 
     if args.no_speculation or model.adapter is None:
         return None
+    length = args.draft_length or ("threshold" if args.draft_threshold != DEFAULT_SPECULATION.threshold else "cost")
     return SpeculationConfig(threshold=args.draft_threshold, max_draft=args.max_draft,
-                             parallel=not args.no_parallel_draft)
+                             parallel=not args.no_parallel_draft, length=length, draft_vocab=args.draft_vocab)
 
 
 def run(args) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from .token_frequencies import FREQUENCY_TABLE
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, AdapterMismatchError
 from .bundle import BundleManifest
 from .checkpoint import DTYPE_NAMES, fingerprint, load_tensors, parse_dtype
@@ -82,6 +83,8 @@ def split_checkpoint(model_dir: str | Path, input_layers: int, output_layers: in
                 (target / "adapter").mkdir()
                 for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                     shutil.copy2(Path(adapter) / name, target / "adapter" / name)
+                if (Path(adapter) / FREQUENCY_TABLE).is_file():  # the reduced draft head's token frequencies
+                    shutil.copy2(Path(adapter) / FREQUENCY_TABLE, target / "adapter" / FREQUENCY_TABLE)
         BundleManifest(part=part, model_type=spec.model_type, num_layers=n, input_layers=input_layers,
                        output_layers=output_layers, hidden_size=spec.hidden_size, dtype=DTYPE_NAMES[stored],
                        source_fingerprint=source, source_name=model_dir.name).save(target)

@@ -17,6 +17,7 @@ from hat.common.kv_cache import KVCache
 from hat.common.layers import SequenceSpan
 from hat.common.model_part import ModelPart
 from hat.common.model_spec import ModelSpec, load_model_spec
+from hat.common.token_frequencies import FREQUENCY_TABLE, FrequencyTable, tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from .onnx_backend import OnnxAdapter, OnnxInputPart, OnnxOutputPart
@@ -35,6 +36,7 @@ class DeviceModel:
     stop_ids: tuple[int, ...]  # token ids that end a generation
     adapter: DraftAdapter | OnnxAdapter | None = None  # the draft adapter (BUNDLE/adapter), None when the bundle has none
     backend: str = "torch"  # what runs the parts: "torch", or "onnxruntime (Provider, ...)" with the providers in use
+    token_frequencies: FrequencyTable | None = None  # the adapter's token frequency table (reduced draft head), if any
 
     @classmethod
     def load(cls, bundle_dir: str | Path, device: str = "cpu", backend: str = "torch", threads: int = 0) -> "DeviceModel":
@@ -62,8 +64,12 @@ class DeviceModel:
         if adapter is not None:
             adapter.config.check_matches(manifest.source_fingerprint, manifest.input_layers, manifest.output_layers)
         tokenizer = AutoTokenizer.from_pretrained(str(bundle_dir), local_files_only=True)
+        frequencies = None
+        if adapter is not None and (adapter_dir / FREQUENCY_TABLE).is_file():
+            frequencies = FrequencyTable.load(adapter_dir)
+            frequencies.check_matches(spec.vocab_size, tokenizer_fingerprint(tokenizer))
         return cls(manifest, spec, tokenizer, input_part, output_part, stop_token_ids(bundle_dir, spec, tokenizer),
-                   adapter, backend)
+                   adapter, backend, frequencies)
 
     def run_input(self, token_ids: list[int], start: int, input_cache: KVCache,
                   adapter_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

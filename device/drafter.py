@@ -8,6 +8,7 @@ overwritten by the verification pass; every cache is cut back to the accepted le
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,6 +18,7 @@ from hat.common.layers import SequenceSpan
 from hat.common.sampling import SamplingParams, token_distribution
 
 from .device_model import DeviceModel
+from .draft_head import DraftHead
 from .speculation import SpeculationConfig
 
 
@@ -50,23 +52,31 @@ class Draft:
 
 class Drafter:
     def __init__(self, model: DeviceModel, caches: DeviceCaches, config: SpeculationConfig, sampling: SamplingParams,
-                 generator: torch.Generator):
+                 generator: torch.Generator, head: DraftHead | None = None):
+        """`head`: the draft's LM head (None: the output part's full head)."""
         if model.adapter is None:
             raise ValueError("the device bundle has no draft adapter: `hat split --adapter DIR`, or run without speculation")
         self.model, self.caches, self.config, self.sampling, self.generator = model, caches, config, sampling, generator
+        self.head = head or DraftHead(model.output_part)
+        self.steps, self.step_s = 0, 0.0  # draft-head steps taken and their time (each: head, then the next input)
 
     def extend(self, draft: Draft, limit: int, keep_going: Callable[[], bool] = lambda: True) -> Draft:
         """Draft until `limit` drafted tokens, a step under the threshold, or keep_going() turns False; every
         token of the draft has its input-part hidden state on return."""
         self._rebuild_output_cache(draft)
+        by_threshold = self.config.length == "threshold"
+        began = None
         while True:
             if len(draft.hiddens) < len(draft.tokens):
                 self._run_input(draft)
+            if began is not None:
+                self.steps, self.step_s = self.steps + 1, self.step_s + time.perf_counter() - began
             if len(draft.drafted) >= limit or not keep_going():
                 return draft
+            began = time.perf_counter()
             logits = self._run_draft_head(draft)
             token, probs, confidence = self._choose(logits)
-            draft.confident = confidence >= self.config.threshold
+            draft.confident = not by_threshold or confidence >= self.config.threshold
             if not draft.confident:
                 return draft
             draft.tokens.append(token)
@@ -83,7 +93,7 @@ class Drafter:
         room = self.caches.input.max_length - position - 1  # drafted tokens that still fit the context
         if room < 0:
             return None
-        guess = int(self._run_draft_head(draft).argmax())
+        guess = self.head.token_id(int(self._run_draft_head(draft).argmax()))
         ahead = Draft(start=position, tokens=[guess])
         return self.extend(ahead, min(self.config.max_predraft - 1, room), keep_going)
 
@@ -96,11 +106,12 @@ class Drafter:
         draft.estimates.append(estimate)
 
     def _run_draft_head(self, draft: Draft) -> torch.Tensor:
-        """Output part over the last token's adapter estimate: the draft's logits for the position after it."""
+        """Output part over the last token's adapter estimate: the draft head's logits for the position after it
+        (over the head's tokens: index i stands for self.head.token_id(i))."""
         i = len(draft.estimates) - 1
         part = self.model.output_part
         hidden = part.forward_layers(draft.estimates[i], [SequenceSpan(self.caches.output, draft.start + i, 1)])
-        return part.logits(hidden.to(part.dtype))[0]
+        return self.head.logits(hidden)[0]
 
     def _rebuild_output_cache(self, draft: Draft) -> None:
         """A carried draft's output-cache entries were overwritten by the verification of the round before it:
@@ -111,11 +122,13 @@ class Drafter:
                                                   [SequenceSpan(self.caches.output, draft.start, carried)])
 
     def _choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
-        """(draft token, its distribution q when sampling, the draft's confidence: the top probability of its
-        logits at the adapter's fitted confidence temperature)."""
+        """(draft token, its distribution q over the full vocabulary when sampling (zero outside a reduced head's
+        tokens), the draft's confidence: the top probability of its logits at the adapter's fitted confidence
+        temperature)."""
         logits = logits.float()
         confidence = float(torch.softmax(logits / self.model.adapter.config.confidence_temperature, dim=-1).max())
         if self.sampling.greedy:
-            return int(logits.argmax()), None, confidence
+            return self.head.token_id(int(logits.argmax())), None, confidence
         probs = token_distribution(logits, self.sampling)
-        return int(torch.multinomial(probs, 1, generator=self.generator)), probs, confidence
+        index = int(torch.multinomial(probs, 1, generator=self.generator))
+        return self.head.token_id(index), self.head.full_probs(probs, self.model.spec.vocab_size), confidence

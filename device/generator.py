@@ -12,11 +12,13 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from hat.common.cost_fit import CostFit, attended
 from hat.common.layers import SequenceSpan
 from hat.common.proto import hat_pb2 as pb
 from hat.common.sampling import SamplingParams, sample_token
@@ -26,6 +28,8 @@ from .chunk_planner import DEFAULT_CHUNKING, ChunkingConfig
 from .cloud_link import CloudError, CloudLink, CloudTimeoutError
 from .device_model import DeviceModel
 from .device_profile import DeviceProfile
+from .draft_head import DraftHead, reduced_head
+from .draft_length import DraftLengthChooser, ParallelGuard
 from .drafter import DeviceCaches, Draft, Drafter
 from .link_estimator import LinkEstimator
 from .prefill import PrefillPipeline, PrefillReport
@@ -37,6 +41,8 @@ log = logging.getLogger("hat.device")
 MAX_RECOVERIES = 8  # per generation; beyond this the cloud's error is raised
 RETRY_BACKOFF_S = (0.2, 4.0)  # first and longest wait between attempts to reach a cloud that stopped answering
 _ROUND_EMA = 0.3  # weight of the newest round time in the predicted round time
+_ROUND_FIT_WINDOW = 64  # verification rounds the round-time fit keeps
+_MIN_ROUND_S = 1e-4  # floor of a predicted round time
 
 
 class PromptTooLongError(ValueError):
@@ -57,6 +63,8 @@ class _Generation:
     steps: list[StepTiming] = field(default_factory=list)  # per cloud round
     recoveries: int = 0  # history re-sends so far
     admission_waits: int = 0  # times the cloud was full and the device waited before opening
+    lengths: DraftLengthChooser | None = None  # speculation: per-position acceptance and the draft length choice
+    guard: ParallelGuard | None = None  # speculation: whether drafting ahead slows the cloud
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool | None = False) -> list[int]:
@@ -87,6 +95,11 @@ class SplitGenerator:
             self.max_context = min(self.max_context, registration.max_context or self.max_context)
             self.max_message_tokens = registration.max_tokens_per_message or self.max_message_tokens
         self.predicted_round_s = 0.0  # moving average of verification round times (bounds parallel drafting)
+        self.round_overhead_s: float | None = None  # moving average of round time beyond the cloud's and the link's
+        self._round_fit = CostFit(_ROUND_FIT_WINDOW)  # measured verification rounds: seconds against tokens
+        self._round_tokens: deque[int] = deque(maxlen=_ROUND_FIT_WINDOW)  # their token counts
+        self._draft_timing = [0, 0.0]  # draft steps timed so far, their seconds (the draft-step time)
+        self._draft_heads: dict[int, DraftHead] = {}  # by draft vocabulary size, built once
         profile = profile or self._profile()
         self.link_estimator = LinkEstimator()  # kept across generations: the link as measured so far
         self.prefill = PrefillPipeline(model, link, chunking, profile, self.link_estimator)
@@ -158,7 +171,9 @@ class SplitGenerator:
             pending = sample_token(logits, sampling, rng)
             done = emit([pending])
             drafter = Drafter(model, caches, self.speculation, sampling, torch.Generator().manual_seed(
-                int(torch.randint(2 ** 62, (1,), generator=rng)))) if self.speculation else None
+                int(torch.randint(2 ** 62, (1,), generator=rng))), self.draft_head()) if self.speculation else None
+            if drafter is not None:
+                g.lengths, g.guard = DraftLengthChooser(self.speculation.max_draft), ParallelGuard()
             carried: Draft | None = None
             while not done:
                 if cancel is not None and cancel.is_set():
@@ -229,6 +244,37 @@ class SplitGenerator:
                 if not self._wait_for_admission(g, exc, deadline):
                     raise
 
+    def draft_head(self) -> DraftHead:
+        """The draft's LM head for the speculation settings (reduced heads are gathered once and kept)."""
+        size = self.speculation.draft_vocab
+        if size not in self._draft_heads:
+            self._draft_heads[size] = reduced_head(self.model, size)
+        return self._draft_heads[size]
+
+    @property
+    def draft_step_s(self) -> float | None:
+        """Measured time of one draft step (draft head, then the input part and adapter over its token)."""
+        steps, seconds = self._draft_timing
+        return seconds / steps if steps else None
+
+    def _variable_round_s(self, tokens: int, start: int) -> float:
+        """The part of a verification round over `tokens` positions that grows with them: the cloud's middle part
+        (its published cost model, scaled by what replies measured), the link's transfer both ways (measured rates),
+        and the device's output part over the verified positions (its profile)."""
+        cloud, _ = self.prefill.cloud.cost()
+        link = self.link_estimator.estimate
+        size = tokens * self.model.spec.hidden_size * self.model.input_part.dtype.itemsize
+        return (cloud.predict(tokens, start) + self.prefill.profile.output.cost.predict(tokens, start)
+                + size / link.uplink_bytes_per_s + size / link.downlink_bytes_per_s)
+
+    def round_time_s(self, tokens: int, start: int) -> float:
+        """Predicted time of a verification round over `tokens` positions from `start`, send to verdict: a fit of
+        the measured rounds once they span several token counts, before that the measured overhead plus the
+        variable part's models."""
+        if len(set(self._round_tokens)) >= 2:
+            return max(_MIN_ROUND_S, self._round_fit.cost.predict(tokens, start))
+        return max(_MIN_ROUND_S, (self.round_overhead_s or 0.0) + self._variable_round_s(tokens, start))
+
     def _decode_step(self, g: _Generation, token: int) -> torch.Tensor:
         """One plain decode round: `token` (the last of g.tokens) through all three parts; its logits."""
         model, caches = self.model, g.caches
@@ -256,8 +302,14 @@ class SplitGenerator:
         start = len(g.tokens)
         limit = max(0, min(self.speculation.max_draft, remaining - 1, self.max_context - start - 1,
                            self.max_message_tokens - 1))
+        free = len(carried.drafted) if carried else 0
+        if self.speculation.length == "cost":
+            limit = g.lengths.choose(self.draft_step_s, lambda tokens: self.round_time_s(tokens, start), limit, free)
         began = time.perf_counter()
+        steps0, step_s0 = drafter.steps, drafter.step_s
         draft = drafter.extend(carried or Draft(start, [pending]), limit)
+        self._draft_timing[0] += drafter.steps - steps0
+        self._draft_timing[1] += drafter.step_s - step_s0
         if len(draft.drafted) > limit:  # a carried draft longer than this round may verify
             caches.truncate(start + limit + 1)
             draft = Draft(start, draft.tokens[:limit + 1], draft.probs[:limit], draft.hiddens[:limit + 1],
@@ -267,7 +319,7 @@ class SplitGenerator:
         hidden = torch.cat(draft.hiddens[:n + 1])
         sequence = self.link.send_forward(g.session_id, start, hidden)
         ahead = None
-        if self.speculation.parallel and remaining > n + 2:
+        if self.speculation.parallel and remaining > n + 2 and g.guard.allow():
             deadline = sent + self.predicted_round_s
             ahead = drafter.predraft(draft, lambda: not self.link.reply_ready() and time.perf_counter() < deadline)
         reply = self._receive(g, sequence, start, hidden)
@@ -278,6 +330,7 @@ class SplitGenerator:
         output = model.output_part
         verified = output.forward_layers(reply.tensor, [SequenceSpan(caches.output, start, n + 1)])
         target_logits = output.logits(verified.to(output.dtype))
+        verified_at = time.perf_counter()
         if draft.probs:
             probs = torch.stack(draft.probs)
         else:  # greedy, or an empty draft
@@ -285,6 +338,15 @@ class SplitGenerator:
         verdict = verify(draft.drafted, probs, target_logits, sampling, rng)
         accepted = verdict.accepted
         new = draft.drafted[:accepted] + [verdict.next_token]
+        g.lengths.observe(n, accepted)
+        compute_s = reply.header.compute_us / 1e6
+        g.guard.observe(ahead is not None, compute_s, self.prefill.cloud.cost()[0].predict(n + 1, start))
+        measured = round_s + (verified_at - received)
+        self._round_fit.add(n + 1, attended(n + 1, start), measured)
+        self._round_tokens.append(n + 1)
+        overhead = measured - self._variable_round_s(n + 1, start)
+        self.round_overhead_s = overhead if self.round_overhead_s is None else (
+            _ROUND_EMA * overhead + (1 - _ROUND_EMA) * self.round_overhead_s)
         keep_ahead = ahead is not None and accepted == n and verdict.next_token == ahead.tokens[0]
         if not keep_ahead:
             caches.truncate(start + accepted + 1)

@@ -55,9 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--downlink-mbps", type=float, default=15.0, help="downlink, MB/s")
     p.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip propagation delay, ms")
     p.add_argument("--thresholds", default="0.6,0.4",
-                   help="comma-separated draft thresholds, each run with and without parallel drafting (default: %(default)s; "
+                   help="comma-separated draft thresholds (--draft-length threshold), each run with and without parallel drafting, after the cost-chosen lengths (default: %(default)s; "
                         "0.6 is the library's default)")
     p.add_argument("--max-draft", type=int, default=None, help="most draft tokens per round (default: SpeculationConfig's)")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="draft over this many most frequent tokens (the adapter's frequency table); 0 = all")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs checked against plain decoding)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads, device and cloud each")
     p.add_argument("--seed", type=int, default=0)
@@ -128,10 +130,14 @@ def main(argv=None) -> int:
     base = SpeculationConfig()
     max_draft = base.max_draft if args.max_draft is None else args.max_draft
     modes: dict = {"plain": None}
-    for threshold in (float(t) for t in args.thresholds.split(",")):
+    for parallel in (False, True):  # lengths chosen from measured costs (the default)
+        modes["spec cost" + (" +parallel" if parallel else "")] = SpeculationConfig(
+            max_draft=max_draft, parallel=parallel, draft_vocab=args.draft_vocab)
+    for threshold in (float(t) for t in args.thresholds.split(",") if t):
         for parallel in (False, True):
             name = f"spec t={threshold:g}" + (" +parallel" if parallel else "")
-            modes[name] = SpeculationConfig(threshold=threshold, max_draft=max_draft, parallel=parallel)
+            modes[name] = SpeculationConfig(threshold=threshold, max_draft=max_draft, parallel=parallel,
+                                            length="threshold", draft_vocab=args.draft_vocab)
     sampling = SamplingParams(args.temperature, 1.0, args.seed)
     log(f"model {model_dir}, K={args.input_layers} M={args.output_layers}; link up {args.uplink_mbps} MB/s, down "
         f"{args.downlink_mbps} MB/s, rtt {args.rtt_ms} ms; {args.prompts} held-out prompts of {args.prompt_tokens} "

@@ -25,7 +25,7 @@ from test_speculative import device_with_adapter  # noqa: E402
 FAMILY, K, M = "llama_tied_bias", 2, 1
 PROMPT_LENGTHS = [5, 12, 19, 27, 35, 44, 52, 60]  # one per device
 NEW_TOKENS = 16
-SPECULATION = SpeculationConfig(threshold=0.0, max_draft=4)  # threshold 0: drafts are always made
+SPECULATION = SpeculationConfig(threshold=0.0, max_draft=4, length="threshold")  # threshold 0: drafts are always made
 JOIN_TIMEOUT_S = 90.0
 
 

@@ -82,7 +82,7 @@ def split(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("speculative", [False, True])
 def test_cloud_restart_mid_generation_resumes_identically(split, speculative):
     model, cloud_dir = split
-    speculation = SpeculationConfig(threshold=0.0, max_draft=3) if speculative else None
+    speculation = SpeculationConfig(threshold=0.0, max_draft=3, length="threshold") if speculative else None
     cloud = RestartingCloud(cloud_dir)
     try:
         link_options = dict(reply_timeout_s=2.0, control_timeout_s=2.0, recovery_timeout_s=30.0)

@@ -236,6 +236,24 @@ def test_generate_flag_defaults_are_the_speculation_config_defaults():
     assert not args.no_speculation and not args.no_parallel_draft
 
 
+def test_draft_length_and_vocabulary_flags():
+    from types import SimpleNamespace
+
+    from hat.cli.generate_cmd import speculation_config
+
+    base = ["generate", "--bundle", "B", "--cloud", "h", "--prompt", "p"]
+    model = SimpleNamespace(adapter=object())
+
+    def config(*flags):
+        return speculation_config(build_parser().parse_args(base + list(flags)), model)
+
+    assert (config().length, config().draft_vocab) == ("cost", 0)
+    assert config("--draft-threshold", "0.3").length == "threshold"  # a threshold asked for is a threshold used
+    assert config("--draft-length", "cost", "--draft-threshold", "0.3").length == "cost"
+    assert config("--draft-length", "threshold").length == "threshold"
+    assert config("--draft-vocab", "4096").draft_vocab == 4096
+
+
 def test_generate_without_speculation(plain, speculative_process, model):
     """(Requests speculative_process so that the real process runs alongside the in-process generations.)"""
     assert plain["speculative"] is False

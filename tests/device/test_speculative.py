@@ -54,7 +54,7 @@ def test_greedy_speculation_matches_plain_and_transformers(tiny_checkpoint, tmp_
             gen.speculation = None
             plain = gen.generate_ids(ids, NEW_TOKENS)
             for parallel in (False, True):
-                gen.speculation = SpeculationConfig(threshold=0.0, max_draft=4, parallel=parallel)
+                gen.speculation = SpeculationConfig(threshold=0.0, max_draft=4, parallel=parallel, length="threshold")
                 spec = gen.generate_ids(ids, NEW_TOKENS)
                 assert spec.token_ids == plain.token_ids, (prompt, parallel)
                 assert spec.finish_reason == plain.finish_reason
@@ -90,6 +90,64 @@ def test_reference_model_speculation_is_lossless_and_accepts(tmp_path):
             assert len(spec.decode_rounds) < len(plain.decode_rounds)
 
 
+def test_reference_model_cost_lengths_and_reduced_head_are_lossless(tmp_path):
+    """Draft lengths chosen from measured costs, and a reduced-vocabulary draft head (a quarter of the vocabulary,
+    counted on standard-library source): greedy output is still plain decoding's and transformers', tokens outside
+    the draft's subset included (verification keeps the full vocabulary)."""
+    import os
+
+    from hat.common.token_frequencies import FrequencyTable, tokenizer_fingerprint
+
+    model_dir = reference_model_dir()
+    k, m = DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
+    device_dir, _ = split_checkpoint(model_dir, k, m, tmp_path / "bundle", dtype="float32")
+    model = DeviceModel.load(device_dir)
+    vocab = model.spec.vocab_size
+    counts = [0] * vocab
+    for token in model.tokenizer(open(os.__file__).read())["input_ids"]:
+        counts[token] += 1
+    model.token_frequencies = FrequencyTable(vocab, tokenizer_fingerprint(model.tokenizer), tuple(counts))
+    size = vocab // 4
+    subset = set(model.token_frequencies.top(size))
+    prompts = ["class Stack:\n    def __init__(self):"]
+    configs = [SpeculationConfig(draft_vocab=size),  # cost-chosen lengths (the default)
+               SpeculationConfig(length="threshold", threshold=0.0, max_draft=4, draft_vocab=size)]
+    outside, drafted = 0, 0
+    with running_cloud(model_dir, k, m, tmp_path) as cluster, cluster.generator(model) as gen:
+        for prompt in prompts:
+            ids = gen.encode(prompt)
+            gen.speculation = None
+            plain = gen.generate_ids(ids, 32)
+            assert_same_greedy(model_dir, ids, plain.token_ids, hf_greedy(model_dir, ids, 32))
+            outside += sum(t not in subset for t in plain.token_ids)
+            for config in configs:
+                gen.speculation = config
+                spec = gen.generate_ids(ids, 32)
+                assert spec.token_ids == plain.token_ids, (prompt, config)
+                drafted += sum(s.drafted for s in spec.decode_rounds)
+        assert gen.draft_head().size == size
+    assert outside > 0 and drafted > 0
+
+
+def test_cost_chosen_lengths_stop_drafting_for_an_adapter_that_is_never_right(tiny_checkpoint, tmp_path):
+    """A random adapter on a random checkpoint: its drafts are (nearly) always rejected, so after a few rounds the
+    measured acceptance makes plain decoding the best choice; output stays plain decoding's."""
+    model_dir = tiny_checkpoint("llama3")
+    model = device_with_adapter(model_dir, 1, 0, tmp_path)
+    with running_cloud(model_dir, 1, 0, tmp_path) as cluster, cluster.generator(model) as gen:
+        ids = gen.encode(PROMPTS[0])
+        gen.speculation = None
+        plain = gen.generate_ids(ids, 60)
+        gen.speculation = SpeculationConfig(parallel=False)
+        spec = gen.generate_ids(ids, 60)
+    assert spec.token_ids == plain.token_ids
+    rounds = spec.decode_rounds
+    accepted = sum(s.accepted for s in rounds) / max(1, sum(s.drafted for s in rounds))
+    assert rounds[0].drafted > 0 and accepted < 0.2, accepted
+    late = rounds[len(rounds) // 2:]
+    assert sum(s.drafted for s in late) <= 0.2 * len(late), [s.drafted for s in rounds]
+
+
 def _sabotage_after(gen, rounds: int, sabotage):
     """Make the link call `sabotage()` just before the `rounds`-th verification is sent."""
     original = gen.link.send_forward
@@ -109,7 +167,7 @@ def _sabotage_after(gen, rounds: int, sabotage):
 def test_device_recovers_when_the_cloud_lost_the_session(tiny_checkpoint, tmp_path, fault, speculative):
     model_dir = tiny_checkpoint("llama_tied_bias")
     model = device_with_adapter(model_dir, 2, 1, tmp_path)
-    speculation = SpeculationConfig(threshold=0.0, max_draft=3) if speculative else None
+    speculation = SpeculationConfig(threshold=0.0, max_draft=3, length="threshold") if speculative else None
     with running_cloud(model_dir, 2, 1, tmp_path) as cluster, cluster.generator(model) as gen:
         ids = gen.encode(PROMPTS[2])
         gen.speculation = speculation

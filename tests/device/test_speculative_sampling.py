@@ -14,6 +14,7 @@ drafts ahead here, parallel or not: that needs more budget left than the draft a
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from hat.common.checkpoint import fingerprint
 from hat.common.model_spec import load_model_spec
 from hat.common.sampling import SamplingParams, token_distribution
 from hat.common.split import split_checkpoint
+from hat.common.token_frequencies import FrequencyTable, FrequencyTableMismatchError, tokenizer_fingerprint
+import hat.device.acceptance as verify_module
 from hat.device.acceptance import Verdict
 from hat.device.device_model import DeviceModel
 from hat.device.speculation import SpeculationConfig
@@ -44,7 +47,8 @@ NUCLEUS_TRIALS = 400
 POWER_TRIALS = 200  # accepting every draft fails even with 200 trials (measured p ~ 1e-13)
 SAMPLE = SamplingParams(temperature=1.0, top_p=1.0)
 NUCLEUS = SamplingParams(temperature=0.8, top_p=0.7)
-SPECULATION = SpeculationConfig(threshold=0.0, max_draft=3, parallel=True)
+SPECULATION = SpeculationConfig(threshold=0.0, max_draft=3, parallel=True, length="threshold")  # always drafts
+SUBSET = [1, 3, 4]  # the reduced draft head's tokens: the target gives the other three a good share too
 
 
 # many small forwards: on a shared 2-core machine intra-op threads only add synchronisation
@@ -206,10 +210,61 @@ def test_rounds_that_draft_nothing_still_sample(setup):
     """A round whose draft is empty (threshold 1: no draft step is confident enough; also the last round of a
     generation when one token is left) verifies nothing and samples its token from the target row."""
     _, gen = setup
-    gen.speculation = SpeculationConfig(threshold=1.0, max_draft=3)
+    gen.speculation = SpeculationConfig(threshold=1.0, max_draft=3, length="threshold")
     try:
         result = gen.generate_ids(PROMPT, NEW_TOKENS, SamplingParams(temperature=1.0, seed=0))
     finally:
         gen.speculation = SPECULATION
     assert len(result.token_ids) == NEW_TOKENS
     assert [s.drafted for s in result.decode_rounds] == [0] * (NEW_TOKENS - 1)
+
+
+def subset_table(tokenizer, vocab: int = VOCAB) -> FrequencyTable:
+    return FrequencyTable(vocab, tokenizer_fingerprint(tokenizer), tuple(100 if i in SUBSET else 1 for i in range(VOCAB)))
+
+
+def test_reduced_draft_head_keeps_the_target_distribution(setup, monkeypatch):
+    """FR-Spec: the draft proposes only SUBSET's tokens, its q is zero outside them, verification runs over the full
+    vocabulary; the generations must still follow the target's joint (cells outside the subset included)."""
+    model_dir, gen = setup
+    seen = dict(tokens=set(), mass_outside=0.0)
+    real_verify = verify_module.verify
+
+    def spy(draft_tokens, draft_probs, target_logits, params, generator):
+        seen["tokens"].update(draft_tokens)
+        if draft_probs is not None and len(draft_tokens):
+            outside = [i for i in range(VOCAB) if i not in SUBSET]
+            seen["mass_outside"] += float(draft_probs[:, outside].sum())
+        return real_verify(draft_tokens, draft_probs, target_logits, params, generator)
+
+    monkeypatch.setattr("hat.device.generator.verify", spy)
+    monkeypatch.setattr(gen.model, "token_frequencies", subset_table(gen.model.tokenizer))
+    gen.speculation = replace(SPECULATION, draft_vocab=len(SUBSET))
+    try:
+        sequences, stats = generate(gen, SAMPLE, TRIALS)
+    finally:
+        gen.speculation = SPECULATION
+    assert seen["tokens"] and seen["tokens"] <= set(SUBSET) and seen["mass_outside"] == 0.0
+    assert stats["drafted"] >= TRIALS and 0.1 * stats["drafted"] < stats["accepted"] < 0.8 * stats["drafted"], stats
+    joint = target_joint(model_dir, SAMPLE)
+    assert float(joint[:, [i for i in range(VOCAB) if i not in SUBSET]].sum()) > 0.3  # the target leaves the subset
+    assert chi2_pvalue(histogram(sequences), joint) > 1e-3
+
+
+def test_a_frequency_table_for_another_vocabulary_is_refused(tmp_path):
+    model_dir = build_checkpoint(tmp_path / "model")
+    adapter = random_adapter(model_dir, tmp_path / "adapter")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    FrequencyTable(VOCAB + 1, tokenizer_fingerprint(tokenizer), (1,) * (VOCAB + 1)).save(adapter)
+    device_dir, _ = split_checkpoint(model_dir, 1, 1, tmp_path / "bundle", adapter=adapter)
+    with pytest.raises(FrequencyTableMismatchError, match="vocabulary of 7 tokens"):
+        DeviceModel.load(device_dir)
+    subset_table(tokenizer).save(adapter)
+    (device_dir / "adapter" / "token_frequencies.json").write_text((adapter / "token_frequencies.json").read_text())
+    model = DeviceModel.load(device_dir)
+    from hat.device.draft_head import reduced_head
+    assert reduced_head(model, 3).ids.tolist() == SUBSET
+    model.token_frequencies = None
+    with pytest.raises(ValueError, match="frequency table"):
+        reduced_head(model, 3)
