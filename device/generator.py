@@ -37,6 +37,7 @@ log = logging.getLogger("hat.device")
 MAX_RECOVERIES = 8  # per generation; beyond this the cloud's error is raised
 RETRY_BACKOFF_S = (0.2, 4.0)  # first and longest wait between attempts to reach a cloud that stopped answering
 _ROUND_EMA = 0.3  # weight of the newest round time in the predicted round time
+PROBE_CHUNKS = (32, 128, 512)  # the probe's scratch prompt, as chunks: small, medium and large forwards on every stage
 
 
 class PromptTooLongError(ValueError):
@@ -91,6 +92,26 @@ class SplitGenerator:
         self.link_estimator = LinkEstimator()  # kept across generations: the link as measured so far
         self.prefill = PrefillPipeline(model, link, chunking, profile, self.link_estimator)
         self._reprofile = threading.Event()  # set from another thread (telemetry): the device's speed changed
+
+    @torch.inference_mode()
+    def probe(self, sizes: tuple[int, ...] = PROBE_CHUNKS) -> None:
+        """A scratch prompt cut into `sizes` (within the context), unrecorded, before the first real one: the link
+        estimator learns the link, the cloud tracker how the cloud's published predictor holds, and the device's
+        fits its parts over the real path, so that the first prompt's plan and prediction are right (a cold start
+        would otherwise plan with a 10 MB/s, 20 ms prior link)."""
+        sizes = tuple(n for n in sizes if n < self.max_context // 2) or (min(16, self.max_context - 1),)
+        total = sum(sizes)
+        vocab = min(self.model.spec.vocab_size, 1000)
+        ids = torch.randint(vocab, (total,), generator=torch.Generator().manual_seed(0)).tolist()
+        model = self.model
+        caches = DeviceCaches(model.input_part.new_cache(), model.output_part.new_cache(),
+                              model.adapter.new_cache() if self.speculation else None)
+        session = secrets.token_hex(6)
+        try:
+            self.prefill.run(session, ids, caches, self.max_message_tokens, [], self.link.send_open(session, total + 1),
+                             sizes=sizes)
+        finally:
+            self._close_quietly(session)
 
     def _profile(self) -> DeviceProfile:
         """Time this device's parts now (a fraction of a second)."""

@@ -6,6 +6,8 @@ the rest of the prompt is re-planned.
 """
 from __future__ import annotations
 
+import ipaddress
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from .device_model import DeviceModel
 from .device_profile import DeviceProfile
 from .drafter import DeviceCaches
 from .link_estimator import LinkEstimator
+from .misprediction import MispredictionModel
 from .results import StepTiming, in_cloud_ms
 
 HEADER_BYTES = 64.0  # a FORWARD's or RESULT's bytes besides its tensor, near enough
@@ -53,6 +56,7 @@ class PrefillPipeline:
         self.config = config  # may be replaced between prompts
         self.profile, self.estimator = profile, estimator
         self.cloud = CloudCostTracker(link)
+        self.misprediction = MispredictionModel()  # what the cost model left out of the prompts so far
         self._open_sequence: int | None = None  # the session's OPEN while its reply has not been taken
         spec = model.spec
         self.up_bytes_per_token = spec.hidden_size * model.input_part.dtype.itemsize
@@ -66,11 +70,24 @@ class PrefillPipeline:
                              downlink_bytes_per_s=link.downlink_bytes_per_s, rtt_s=link.rtt_s,
                              up_bytes_per_token=self.up_bytes_per_token, down_bytes_per_token=self.down_bytes_per_token,
                              message_bytes=HEADER_BYTES, final_s=self.profile.final_s,
-                             cloud_stages=self.cloud.stages())
+                             cloud_stages=self.cloud.stages(), shared_compute=self.shared_compute(),
+                             chunk_overhead_s=self.misprediction.per_chunk_s,
+                             prompt_overhead_s=self.misprediction.per_prompt_s)
 
-    def _plan(self, tokens: int, start: int, max_chunk: int, report: PrefillReport) -> tuple[ChunkPlan, tuple]:
+    def shared_compute(self) -> bool:
+        """Whether the device and the cloud compute on the same cores (`ChunkingConfig.shared_host`, or guessed:
+        a cloud on loopback, and a device that may use every core of the machine with a thread each, as torch does
+        by default; a device pinned to some cores or given fewer threads has left the others to the cloud)."""
+        if self.config.shared_host is not None:
+            return self.config.shared_host
+        return _is_loopback(self.link.config.host) and _uses_every_core()
+
+    def _plan(self, tokens: int, start: int, max_chunk: int, report: PrefillReport,
+              sizes: tuple[int, ...] | None = None, in_flight: tuple[int, ...] = ()) -> tuple[ChunkPlan, tuple]:
         began = time.perf_counter()
-        plan = ChunkPlanner(self.config).plan(tokens, self.costs(), max_chunk, start)
+        planner = ChunkPlanner(self.config)
+        plan = planner.plan(tokens, self.costs(), max_chunk, start, in_flight) if sizes is None else \
+            planner.evaluate(list(sizes), self.costs(), start)
         report.plan_ms += (time.perf_counter() - began) * 1000
         return plan, self._rates()
 
@@ -84,15 +101,18 @@ class PrefillPipeline:
         return any(abs(now / then - 1) > self.config.replan_drift for now, then in zip(self._rates(), reference) if then)
 
     def run(self, session_id: str, token_ids: list[int], caches: DeviceCaches, max_chunk: int,
-            steps: list[StepTiming], open_sequence: int | None = None) -> tuple[torch.Tensor, PrefillReport]:
+            steps: list[StepTiming], open_sequence: int | None = None,
+            sizes: tuple[int, ...] | None = None) -> tuple[torch.Tensor, PrefillReport]:
         """Prefill positions [0, len(token_ids)); returns the middle part's output of the last position (as the
         output part left it: ready for the head) and the report. Device caches are written from position 0.
-        `open_sequence`: the session's OPEN, sent and not yet answered (its reply comes before any chunk's)."""
+        `open_sequence`: the session's OPEN, sent and not yet answered (its reply comes before any chunk's).
+        `sizes`: this cut instead of the configured mode's (the probe's)."""
         model, report = self.model, PrefillReport()
         self._open_sequence = open_sequence
         total = len(token_ids)
         self.cloud.refresh()
-        plan, reference = self._plan(total, 0, max_chunk, report)
+        began = time.perf_counter()
+        plan, reference = self._plan(total, 0, max_chunk, report, sizes)
         report.predicted_s = plan.predicted_s + report.plan_ms / 1000
         queue, position = deque(plan.sizes), 0
         in_flight: deque[_Chunk] = deque()
@@ -107,8 +127,9 @@ class PrefillPipeline:
                         self._take_opened()
                     else:
                         last = self._complete(in_flight.popleft(), caches, steps)
-                if queue and self.config.mode == "adaptive" and self._drifted(reference):
-                    plan, reference = self._plan(total - position, position, max_chunk, report)
+                if queue and sizes is None and self.config.mode == "adaptive" and self._drifted(reference):
+                    plan, reference = self._plan(total - position, position, max_chunk, report,
+                                                 in_flight=tuple(c.count for c in in_flight))
                     queue = deque(plan.sizes)
                     report.replans += 1
                 count = min(queue.popleft() if queue else max_chunk, total - position, max_chunk)
@@ -124,12 +145,20 @@ class PrefillPipeline:
                 position += count
             while in_flight:
                 last = self._complete(in_flight.popleft(), caches, steps)
+            self._learn(report, time.perf_counter() - began)
         finally:
             for chunk in in_flight:  # given up on (an error): their replies, if any come, are dropped
                 self.link.forget(chunk.sequence)
             if self._open_sequence is not None:
                 self.link.forget(self._open_sequence)
         return last, report
+
+    def _learn(self, report: PrefillReport, measured_s: float) -> None:
+        """Teach the misprediction model what this prompt took beyond the model's prediction for its cut, the
+        costs as they stand after it (every stage's fit has its timings now)."""
+        costs = self.costs()
+        predicted = ChunkPlanner(self.config).evaluate(report.chunks, costs, 0).predicted_s - costs.final_s
+        self.misprediction.add(len(report.chunks), measured_s, predicted + report.plan_ms / 1000)
 
     def _take_opened(self) -> None:
         """The OPENED reply, which comes before any chunk's: a refused OPEN is the error to report."""
@@ -162,3 +191,17 @@ class PrefillPipeline:
 def _reply_bytes(reply: wire.DataMessage) -> int:
     tensor = reply.tensor
     return reply.header.ByteSize() + (tensor.numel() * tensor.element_size() if tensor is not None else 0)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _uses_every_core() -> bool:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores >= (os.cpu_count() or 1) and torch.get_num_threads() >= cores
