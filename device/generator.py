@@ -8,6 +8,8 @@ If the cloud has lost the session (expired, restarted), the device re-sends its 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import secrets
 import threading
@@ -106,11 +108,13 @@ class SplitGenerator:
         model = self.model
         caches = DeviceCaches(model.input_part.new_cache(), model.output_part.new_cache(),
                               model.adapter.new_cache() if self.speculation else None)
-        session = secrets.token_hex(6)
+        session, config = secrets.token_hex(6), self.prefill.config
+        self.prefill.config = dataclasses.replace(config, max_in_flight=1)  # one at a time: every timing solo
         try:
             self.prefill.run(session, ids, caches, self.max_message_tokens, [], self.link.send_open(session, total + 1),
                              sizes=sizes)
         finally:
+            self.prefill.config = config
             self._close_quietly(session)
 
     def _profile(self) -> DeviceProfile:

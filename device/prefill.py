@@ -58,6 +58,7 @@ class PrefillPipeline:
         self.cloud = CloudCostTracker(link)
         self.misprediction = MispredictionModel()  # what the cost model left out of the prompts so far
         self._open_sequence: int | None = None  # the session's OPEN while its reply has not been taken
+        self._solo = True  # the chunk being completed computed with the cores to itself (always, unless shared)
         spec = model.spec
         self.up_bytes_per_token = spec.hidden_size * model.input_part.dtype.itemsize
         self.down_bytes_per_token = self.up_bytes_per_token if model.output_part.num_layers else 0.0
@@ -112,6 +113,7 @@ class PrefillPipeline:
         total = len(token_ids)
         self.cloud.refresh()
         began = time.perf_counter()
+        shared = self.shared_compute()
         plan, reference = self._plan(total, 0, max_chunk, report, sizes)
         report.predicted_s = plan.predicted_s + report.plan_ms / 1000
         queue, position = deque(plan.sizes), 0
@@ -121,12 +123,12 @@ class PrefillPipeline:
         try:
             while position < total:
                 if len(in_flight) >= self.config.max_in_flight:
-                    last = self._complete(in_flight.popleft(), caches, steps)
+                    last = self._complete_oldest(in_flight, caches, steps, shared)
                 while in_flight and self.link.reply_ready():  # replies that came while the last chunk was computed
                     if self._open_sequence is not None:
                         self._take_opened()
                     else:
-                        last = self._complete(in_flight.popleft(), caches, steps)
+                        last = self._complete_oldest(in_flight, caches, steps, shared)
                 if queue and sizes is None and self.config.mode == "adaptive" and self._drifted(reference):
                     plan, reference = self._plan(total - position, position, max_chunk, report,
                                                  in_flight=tuple(c.count for c in in_flight))
@@ -140,11 +142,12 @@ class PrefillPipeline:
                 up0 = self.link.bytes_up
                 sequence = self.link.send_forward(session_id, position, hidden, return_last, append_only=True)
                 in_flight.append(_Chunk(sequence, position, count, self.link.bytes_up - up0, input_s))
-                self.profile.add_input(count, position, input_s)
+                if not (shared and len(in_flight) > 1):  # shared cores and a chunk in the cloud: no solo timing
+                    self.profile.add_input(count, position, input_s)
                 report.chunks.append(count)
                 position += count
             while in_flight:
-                last = self._complete(in_flight.popleft(), caches, steps)
+                last = self._complete_oldest(in_flight, caches, steps, shared)
             self._learn(report, time.perf_counter() - began)
         finally:
             for chunk in in_flight:  # given up on (an error): their replies, if any come, are dropped
@@ -165,6 +168,15 @@ class PrefillPipeline:
         sequence, self._open_sequence = self._open_sequence, None
         self.estimator.on_open(self.link.receive(sequence))
 
+    def _complete_oldest(self, in_flight: deque, caches: DeviceCaches, steps: list[StepTiming],
+                         shared: bool) -> torch.Tensor:
+        chunk = in_flight.popleft()
+        self._solo = not (shared and in_flight)  # on shared cores, a chunk behind it in the cloud spoils its timings
+        try:
+            return self._complete(chunk, caches, steps)
+        finally:
+            self._solo = True
+
     def _complete(self, chunk: _Chunk, caches: DeviceCaches, steps: list[StepTiming]) -> torch.Tensor:
         """Wait for a chunk's reply and run the output part over it; returns the middle output of its last position."""
         if self._open_sequence is not None:
@@ -172,7 +184,8 @@ class PrefillPipeline:
         reply = self.link.receive(chunk.sequence)
         self.estimator.on_reply(reply, chunk.up_bytes, _reply_bytes(reply))
         header = reply.header
-        self.cloud.observe(chunk.count, chunk.start, header.compute_us / 1e6, header.batch_sessions)
+        if self._solo:  # on shared cores, only a chunk that computed alone times the cloud and the output part
+            self.cloud.observe(chunk.count, chunk.start, header.compute_us / 1e6, header.batch_sessions)
         middle = reply.tensor
         output_s = 0.0
         if self.down_bytes_per_token:
@@ -180,7 +193,8 @@ class PrefillPipeline:
             middle = self.model.output_part.forward_layers(middle, [SequenceSpan(caches.output, chunk.start,
                                                                                  chunk.count)])
             output_s = time.perf_counter() - began
-            self.profile.add_output(chunk.count, chunk.start, output_s)
+            if self._solo:
+                self.profile.add_output(chunk.count, chunk.start, output_s)
         steps.append(StepTiming(chunk.count, (chunk.input_s + output_s) * 1000,
                                 (reply.received_s - reply.request_sent_s) * 1000, header.compute_us / 1000,
                                 sent_s=reply.request_sent_s, in_cloud_ms=in_cloud_ms(header),
