@@ -124,4 +124,6 @@ def prefill_lower_bound(tokens: int, costs: PipelineCosts, start: int = 0) -> fl
     up = costs.up_bytes_per_token * tokens / costs.uplink_bytes_per_s
     down = costs.down_bytes_per_token * tokens / costs.downlink_bytes_per_s
     cloud = work(costs.cloud) / costs.cloud_stages  # the busiest stage's share
+    if costs.shared_compute:  # one processor does all of the compute
+        device += work(costs.cloud)
     return max(device, max(up, cloud, down) + costs.rtt_s) + costs.final_s

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from hat.common.cost_fit import LinearCost
-from hat.common.prefill_pipeline import simulate_prefill
+from hat.common.prefill_pipeline import prefill_lower_bound, simulate_prefill
 from hat.device.chunk_planner import FIXED_SIZES, ChunkingConfig, ChunkPlanner, even_cut, fixed_cut
 from hat.device.misprediction import MispredictionModel
 
@@ -65,6 +65,7 @@ def test_shared_cores_make_compute_take_turns():
     tokens = 1024
     total = sum(c.predict(tokens) for c in (costs.device_input, costs.device_output, costs.cloud))
     rng = random.Random(1)
+    assert prefill_lower_bound(tokens, shared) >= total - 3 * 1e-3 - 2e-3  # the bound leaves out the bases
     for _ in range(20):
         sizes = even_cut(tokens, rng.randint(1, 32))
         assert simulate_prefill(sizes, shared, 8).ttft_s >= total * 0.999
@@ -103,3 +104,26 @@ def test_a_learned_overhead_per_chunk_moves_the_plan_to_fewer_chunks():
     learned = dataclasses.replace(costs, chunk_overhead_s=model.per_chunk_s, prompt_overhead_s=model.per_prompt_s)
     assert planner.evaluate(list(before.sizes), learned, 0).predicted_s == pytest.approx(measured, rel=0.1)
     assert len(planner.plan(1024, learned, 4096).sizes) < len(before.sizes)
+
+
+def test_the_probe_measures_the_path_before_the_first_prompt(tiny_checkpoint, tmp_path):
+    """SplitGenerator.probe() (cold start): afterwards the link estimator has measured both offsets and the uplink
+    (no longer its 20 ms prior round trip), the cloud tracker has its ratio from replies, the device's fits hold the
+    probe's chunks, the session is closed on the cloud, and the first prompt still equals an unprobed device's."""
+    from tests.cluster import running_cloud
+
+    prompt = [(11 * i + 5) % 200 + 3 for i in range(96)]
+    with running_cloud(tiny_checkpoint("llama3"), 2, 1, tmp_path) as cluster:
+        with cluster.generator() as plain:
+            want = plain.generate_ids(prompt, 4).token_ids
+        with cluster.generator() as gen:
+            fitted = len(gen.prefill.profile.input)
+            gen.probe()
+            estimator = gen.link_estimator
+            assert estimator.up.offset_s is not None and estimator.up.samples > 0
+            assert estimator.rtt_s != estimator.prior_rtt_s
+            assert gen.prefill.cloud._ratio_samples > 0
+            assert len(gen.prefill.profile.input) > fitted
+            assert gen.prefill.config.max_in_flight == ChunkingConfig().max_in_flight  # restored
+            assert gen.link.stats().sessions == 0
+            assert gen.generate_ids(prompt, 4).token_ids == want
