@@ -49,7 +49,7 @@ ZERO_COST = LinearCost(0.0, 0.0, 0.0)
 
 MIN_TOKEN_SHARE = 0.02  # floor of the per-token cost, as a share of the least seconds per token any timing shows
 SIZE_CLASSES = 16  # size classes of forwards (tokens within a factor of two), each keeping its own newest timings
-CHANGE_RATIO = 1.25  # a timing this many times off the fit (either way) is a surprise
+CHANGE_RATIO = 1.5  # a timing this many times off the fit (either way) is a surprise (a loaded machine's noise is less)
 CHANGE_RUN = 2  # surprises in a row, all the same way: the hardware changed, and the older timings are rescaled
 REFIT_EVERY = 32  # the change watch refits at least once in this many timings (reads of `cost` refit sooner)
 

@@ -3,8 +3,8 @@
 After each prompt the cut that was sent is simulated again with the costs as they stand now (each stage's fit has
 taken that prompt's timings), and the time to the last chunk's output that is still unexplained is split into a
 cost per prompt and a cost per chunk: residual = per_prompt + per_chunk * chunks, fitted (no negative term) over the
-newest prompts. A prompt that ran no slower than predicted adds a zero, so the correction fades when the model
-holds again. Added to the next plans, the per-chunk cost makes cuts into many chunks dearer exactly as far as
+newest prompts (residuals signed, so noise either way averages out; the two costs never below zero). Prompts as
+predicted make the correction fade. Until cuts of different sizes have been seen, the prompt takes it all. Added to the next plans, the per-chunk cost makes cuts into many chunks dearer exactly as far as
 they have been seen to cost more than the model said (Python and wake-up overheads per message, two processes
 on the same cores); the per-prompt cost makes the prediction right without changing the choice.
 """
@@ -31,9 +31,9 @@ class MispredictionModel:
         if chunks < 1:
             return
         unexplained = measured_s - (predicted_s - self.per_prompt_s - self.per_chunk_s * chunks)
-        self._residuals.append((chunks, max(0.0, unexplained)))
+        self._residuals.append((chunks, unexplained))  # signed: noise either way averages out
         data = np.asarray([(1.0, float(k), r) for k, r in self._residuals])
-        if len({k for k, _ in self._residuals}) == 1:  # one cut seen: the split is unknown; the chunks take it
-            self.per_prompt_s, self.per_chunk_s = 0.0, float(np.mean(data[:, 2]) / data[0, 1])
+        if len({k for k, _ in self._residuals}) == 1:  # one cut seen: nothing tells chunks apart, the prompt takes it
+            self.per_prompt_s, self.per_chunk_s = max(0.0, float(np.mean(data[:, 2]))), 0.0
             return
         self.per_prompt_s, self.per_chunk_s = map(float, bounded_least_squares(data[:, :2], data[:, 2], np.zeros(2)))

@@ -89,6 +89,11 @@ def test_the_misprediction_model_learns_and_forgets():
     for _ in range(8):
         model.add(10, measured_s=0.19, predicted_s=predicted(10))  # faster than even the bare model
     assert model.per_chunk_s == 0 and model.per_prompt_s == 0
+    rng = random.Random(3)
+    for _ in range(8):  # noise either way around the bare model teaches next to nothing
+        chunks = rng.choice([1, 4, 16])
+        model.add(chunks, measured_s=0.20 + rng.uniform(-0.05, 0.05), predicted_s=predicted(chunks))
+    assert model.per_prompt_s < 0.03 and model.per_chunk_s < 0.003
 
 
 def test_a_learned_overhead_per_chunk_moves_the_plan_to_fewer_chunks():
@@ -99,8 +104,12 @@ def test_a_learned_overhead_per_chunk_moves_the_plan_to_fewer_chunks():
     before = planner.plan(1024, costs, 4096)
     assert len(before.sizes) > 2
     model = MispredictionModel()
-    measured = before.predicted_s + 0.02 * len(before.sizes)  # 20 ms a chunk the model left out
-    model.add(len(before.sizes), measured, before.predicted_s)
+    whole = planner.evaluate([1024], costs, 0)
+    for _ in range(2):  # the chosen cut ran 20 ms a chunk slower than predicted, the whole prompt as predicted
+        model.add(len(before.sizes), before.predicted_s + 0.02 * len(before.sizes),
+                  before.predicted_s + model.per_prompt_s + model.per_chunk_s * len(before.sizes))
+        model.add(1, whole.predicted_s, whole.predicted_s + model.per_prompt_s + model.per_chunk_s)
+    measured = before.predicted_s + 0.02 * len(before.sizes)
     learned = dataclasses.replace(costs, chunk_overhead_s=model.per_chunk_s, prompt_overhead_s=model.per_prompt_s)
     assert planner.evaluate(list(before.sizes), learned, 0).predicted_s == pytest.approx(measured, rel=0.1)
     assert len(planner.plan(1024, learned, 4096).sizes) < len(before.sizes)
