@@ -65,7 +65,7 @@ class PrefillPipeline:
 
     def costs(self) -> PipelineCosts:
         link = self.estimator.estimate
-        cloud, queue_s = self.cloud.cost()
+        cloud, queue_s = self.cloud.cost(own=self.shared_compute())
         return PipelineCosts(device_input=self.profile.input.cost, device_output=self.profile.output.cost,
                              cloud=cloud, cloud_queue_s=queue_s, uplink_bytes_per_s=link.uplink_bytes_per_s,
                              downlink_bytes_per_s=link.downlink_bytes_per_s, rtt_s=link.rtt_s,
