@@ -133,7 +133,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     lengths = [int(v) for v in args.lengths.split(",")]
-    uplinks = [float(v) for v in args.uplinks.split(",")]
+    uplinks = [float(v) for v in args.uplinks.split(",") if v]
     sizes = [int(v) for v in args.sizes.split(",")]
     from hat.common.model_store import resolve_model
 
