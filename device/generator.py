@@ -9,7 +9,6 @@ If the cloud has lost the session (expired, restarted), the device re-sends its 
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import secrets
 import threading

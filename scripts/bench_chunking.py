@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     from hat.testbed.local_cloud import local_cloud_process
 
     torch.set_num_threads(args.threads)
-    lengths = [int(v) for v in args.lengths.split(",")]
+    lengths = [int(v) for v in args.lengths.split(",") if v]
     uplinks = [float(v) for v in args.uplinks.split(",") if v]
     sizes = [int(v) for v in args.sizes.split(",")]
     from hat.common.model_store import resolve_model
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     cells: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="hat-bench-chunk-") as tmp:
         context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
-        if max(lengths) >= context:
+        if max(lengths + [args.cold_tokens]) >= context:
             log(f"the model's context is {context}: using a copy allowing {args.max_positions} positions")
             model_dir = long_context_copy(model_dir, args.max_positions, Path(tmp) / "model")
         device_dir, cloud_dir = split_checkpoint(model_dir, args.input_layers, args.output_layers, Path(tmp) / "bundle",
