@@ -147,7 +147,10 @@ def connected_generator(bundle: str, link_config, speculation_args, backend: str
     print(f"device backend: {model.backend}", file=sys.stderr, flush=True)
     with CloudLink(link_config) as link:
         link.register(model.manifest, backend=model.backend)
-        yield SplitGenerator(model, link, speculation_config(speculation_args, model), chunking_config(speculation_args))
+        generator = SplitGenerator(model, link, speculation_config(speculation_args, model),
+                                   chunking_config(speculation_args))
+        generator.probe()  # the link and the cloud measured before the first prompt, so its plan is right
+        yield generator
 
 
 def generate_once(bundle: str, link_config, prompt: str, max_new_tokens: int, sampling, stream: bool, speculation_args,

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from hat.common.cost_fit import PROFILE_SHAPES, CostFit, LinearCost, attended
+from hat.common.cost_fit import CLOUD_PROFILE_SHAPES, CostFit, LinearCost, attended
 from hat.common.layers import SequenceSpan
 from hat.common.model_part import ModelPart
 from hat.common.proto import hat_pb2 as pb
@@ -48,7 +48,7 @@ class CloudLatencyModel:
         """Time a few forwards of `part` on a scratch cache (the first of each shape is a warm-up)."""
         cache = part.new_cache()
         generator = torch.Generator(device="cpu").manual_seed(0)
-        for tokens, start in PROFILE_SHAPES:
+        for tokens, start in CLOUD_PROFILE_SHAPES:
             if start + tokens > cache.max_length:
                 continue
             hidden = torch.randn(start + tokens, part.spec.hidden_size, generator=generator).to(part.dtype)

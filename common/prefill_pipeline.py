@@ -6,7 +6,8 @@ an even share of a chunk's middle-part time: chunk i + 1 enters stage 0 as chunk
 executor's (`hat.device.prefill`) policy exactly: it computes and sends the chunks in order; before
 each chunk it waits for the oldest reply when `max_in_flight` chunks are out, then runs the output part
 over every reply that has arrived; once all are sent it takes the remaining replies in order. The time to
-the first token is when the last chunk's output part is done, plus the head and sampling.
+the first token is when the last chunk's output part is done, plus the head and sampling. When the device and
+the cloud share cores (`shared_compute`), their compute takes turns on one processor.
 
 `prefill_lower_bound` is the bound no cut can beat: the busiest resource's total work plus the
 latency every byte pays once.
@@ -32,6 +33,9 @@ class PipelineCosts:
     message_bytes: float = 64.0  # bytes of a message besides its tensor (header)
     final_s: float = 0.0  # head and sampling of the first token after the last chunk
     cloud_stages: int = 1  # stages of the cloud's pipeline-parallel middle part (as it publishes)
+    shared_compute: bool = False  # the device and the cloud compute on the same cores: their compute never overlaps
+    chunk_overhead_s: float = 0.0  # device time per chunk the fitted parts leave out (learned from mispredictions)
+    prompt_overhead_s: float = 0.0  # time per prompt the model leaves out (learned from mispredictions)
 
     def up_s(self, tokens: int) -> float:
         return (self.message_bytes + self.up_bytes_per_token * tokens) / self.uplink_bytes_per_s
@@ -49,9 +53,16 @@ class SimulatedPrefill:
     done_s: tuple[float, ...]  # per chunk: when the device has run the output part over its reply
 
 
-def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int, start: int = 0) -> SimulatedPrefill:
-    """Predicted timeline of sending `sizes` chunks, the first at prompt position `start`, from time 0."""
-    positions, position = [], start
+def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int, start: int = 0,
+                     in_flight: tuple[int, ...] = ()) -> SimulatedPrefill:
+    """Predicted timeline of sending `sizes` chunks, the first at prompt position `start`, from time 0.
+    `in_flight`: sizes of the chunks just before `start` that are sent and not yet answered (a re-plan in the middle
+    of a prompt): they hold the link and the cloud at time 0 and count towards `max_in_flight`.
+    With `shared_compute` the device's and the cloud's compute take turns on one processor (in the order the
+    simulation meets them), so a pipeline gains only what the link's time hides."""
+    sent_before = len(in_flight)
+    sizes = [*in_flight, *sizes]
+    positions, position = [], start - sum(in_flight)
     for n in sizes:
         positions.append(position)
         position += n
@@ -63,9 +74,18 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
     stage_free = [0.0] * costs.cloud_stages
     half_rtt = costs.rtt_s / 2
     handled = 0  # replies the device has run the output part over
+    host_free = 0.0  # with shared_compute: when the one processor is free
+
+    def compute(at: float, seconds: float) -> float:
+        """The end of `seconds` of compute that may start at `at`."""
+        nonlocal host_free
+        if not costs.shared_compute:
+            return at + seconds
+        host_free = max(at, host_free) + seconds
+        return host_free
 
     def handle(i: int, at: float) -> float:
-        end = max(at, received[i]) + costs.device_output.predict(sizes[i], positions[i])
+        end = compute(max(at, received[i]), costs.device_output.predict(sizes[i], positions[i]))
         done[i] = end
         return end
 
@@ -76,19 +96,21 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
         while handled < i and received[handled] <= now:  # replies that came while it computed or waited
             now = handle(handled, now)
             handled += 1
-        now += costs.device_input.predict(n, positions[i])
+        if i >= sent_before:
+            now = compute(now, costs.device_input.predict(n, positions[i]) + costs.chunk_overhead_s)
         sent[i] = now
         up_free = max(now, up_free) + costs.up_s(n)
         at = max(up_free + half_rtt, stage_free[0]) + costs.cloud_queue_s
         share = costs.cloud.predict(n, positions[i]) / costs.cloud_stages
         for k in range(costs.cloud_stages):
-            at = stage_free[k] = max(at, stage_free[k]) + share
+            at = stage_free[k] = compute(max(at, stage_free[k]), share)
         down_free = max(at, down_free) + costs.down_s(n)
         received[i] = down_free + half_rtt
     while handled < count:
         now = handle(handled, now)
         handled += 1
-    return SimulatedPrefill(now + costs.final_s, tuple(sent), tuple(done))
+    return SimulatedPrefill(now + costs.final_s + costs.prompt_overhead_s, tuple(sent[sent_before:]),
+                            tuple(done[sent_before:]))
 
 
 def prefill_lower_bound(tokens: int, costs: PipelineCosts, start: int = 0) -> float:
@@ -102,4 +124,6 @@ def prefill_lower_bound(tokens: int, costs: PipelineCosts, start: int = 0) -> fl
     up = costs.up_bytes_per_token * tokens / costs.uplink_bytes_per_s
     down = costs.down_bytes_per_token * tokens / costs.downlink_bytes_per_s
     cloud = work(costs.cloud) / costs.cloud_stages  # the busiest stage's share
+    if costs.shared_compute:  # one processor does all of the compute
+        device += work(costs.cloud)
     return max(device, max(up, cloud, down) + costs.rtt_s) + costs.final_s

@@ -1,6 +1,7 @@
 """Chooses how to cut a prompt into chunks: the cut the pipeline cost model predicts to reach the first
-token soonest, among even cuts and ramps (small chunks first to fill the pipeline, then the chunk
-size that keeps the slowest stage busy, optionally small again at the end to drain it)."""
+token soonest, among all its candidates weighed under one cost model: the whole prompt, every fixed size,
+even cuts and ramps (small chunks first to fill the pipeline, then the chunk size that keeps the slowest stage
+busy, optionally small again at the end to drain it). So it never predicts itself worse than the trivial cuts."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,8 @@ class ChunkingConfig:
     max_chunks: int = 64  # most chunks the planner cuts one prompt into
     max_in_flight: int = 8  # prompt chunks sent and not yet answered, at most
     replan_drift: float = 0.25  # re-plan the rest of a prompt when a measured rate moves this far from the plan's
+    shared_host: bool | None = None  # the device and the cloud compute on the same cores; None: so when the cloud is
+    # on loopback and this process may use every core with as many torch threads (see device/prefill.py)
 
     def __post_init__(self) -> None:
         if self.fixed_size < 0:
@@ -67,30 +70,41 @@ def ramp_cut(tokens: int, first: int, steady: int, taper: bool) -> list[int]:
     return head + even_cut(middle, math.ceil(middle / steady)) + tail
 
 
+FIXED_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)  # fixed chunk sizes among the planner's candidates
+
+
 class ChunkPlanner:
     def __init__(self, config: ChunkingConfig = DEFAULT_CHUNKING):
         self.config = config
 
-    def plan(self, tokens: int, costs: PipelineCosts, max_chunk: int, start: int = 0) -> ChunkPlan:
-        """Cut `tokens` prompt positions from `start` into chunks of at most `max_chunk` (the cloud's limit)."""
+    def plan(self, tokens: int, costs: PipelineCosts, max_chunk: int, start: int = 0,
+             in_flight: tuple[int, ...] = ()) -> ChunkPlan:
+        """Cut `tokens` prompt positions from `start` into chunks of at most `max_chunk` (the cloud's limit).
+        `in_flight`: sizes of the chunks sent just before `start` and not yet answered (a re-plan mid-prompt)."""
         if tokens < 1:
             raise ValueError("nothing to plan: the prompt is empty")
         c = self.config
         if c.mode == "none":
-            return self._evaluate(even_cut(tokens, math.ceil(tokens / max_chunk)), costs, start)
+            return self.evaluate(even_cut(tokens, math.ceil(tokens / max_chunk)), costs, start, in_flight)
         if c.mode == "fixed":
-            return self._evaluate(fixed_cut(tokens, min(c.fixed_size, max_chunk)), costs, start)
+            return self.evaluate(fixed_cut(tokens, min(c.fixed_size, max_chunk)), costs, start, in_flight)
         fewest = math.ceil(tokens / max_chunk)
+        # the trivial choices first: the whole prompt (in the fewest messages) and every fixed size
+        best = self.evaluate(even_cut(tokens, fewest), costs, start, in_flight)
+        for size in FIXED_SIZES:
+            if c.min_chunk <= size < min(tokens, max_chunk + 1) and math.ceil(tokens / size) <= max(c.max_chunks, fewest):
+                best = self._better(best, self.evaluate(fixed_cut(tokens, size), costs, start, in_flight))
         most = max(fewest, min(c.max_chunks, tokens // c.min_chunk))
         grid = sorted({fewest, most, *(round(fewest * 1.25 ** i) for i in range(40) if fewest * 1.25 ** i <= most)})
-        even = {k: self._evaluate(even_cut(tokens, k), costs, start) for k in grid}
+        even = {k: self.evaluate(even_cut(tokens, k), costs, start, in_flight) for k in grid}
         coarse = min(even, key=lambda k: even[k].predicted_s)
         at = grid.index(coarse)  # then every piece count between the best one's grid neighbours
         for k in range(grid[max(0, at - 1)], grid[min(len(grid) - 1, at + 1)] + 1):
             if k not in even:
-                even[k] = self._evaluate(even_cut(tokens, k), costs, start)
-        best = min(even.values(), key=lambda plan: plan.predicted_s)
-        steady = max(best.sizes)
+                even[k] = self.evaluate(even_cut(tokens, k), costs, start, in_flight)
+        best_even = min(even.values(), key=lambda plan: plan.predicted_s)
+        best = self._better(best, best_even)
+        steady = max(best_even.sizes)
         for target in {steady // 2, steady, steady * 2}:
             target = min(max(target, c.min_chunk), max_chunk, tokens)
             first = c.min_chunk
@@ -98,12 +112,14 @@ class ChunkPlanner:
                 for taper in (False, True):
                     sizes = ramp_cut(tokens, first, target, taper)
                     if len(sizes) <= max(c.max_chunks, fewest) and max(sizes) <= max_chunk:
-                        best = self._better(best, self._evaluate(sizes, costs, start))
+                        best = self._better(best, self.evaluate(sizes, costs, start, in_flight))
                 first *= 2
         return best
 
-    def _evaluate(self, sizes: list[int], costs: PipelineCosts, start: int) -> ChunkPlan:
-        return ChunkPlan(tuple(sizes), simulate_prefill(sizes, costs, self.config.max_in_flight, start).ttft_s)
+    def evaluate(self, sizes: list[int], costs: PipelineCosts, start: int, in_flight: tuple[int, ...] = ()) -> ChunkPlan:
+        """The plan of cutting into `sizes`, with its predicted time to the first token."""
+        return ChunkPlan(tuple(sizes), simulate_prefill(sizes, costs, self.config.max_in_flight, start,
+                                                        in_flight).ttft_s)
 
     @staticmethod
     def _better(a: ChunkPlan | None, b: ChunkPlan) -> ChunkPlan:

@@ -6,6 +6,7 @@ from hat.common.cost_fit import CostFit, LinearCost, attended
 from .cloud_link import CloudLink
 
 _CLOUD_WEIGHT = 0.3  # weight of the newest chunk in the moving ratio of measured to predicted cloud time
+OWN_FIT_MIN = 3  # compute times reported before `cost(own=True)` trusts this device's own fit (the probe gives 3)
 
 
 class CloudCostTracker:
@@ -29,11 +30,16 @@ class CloudCostTracker:
         return (LinearCost(reply.base_us / 1e6, reply.per_token_us / 1e6, reply.per_token_context_ns / 1e9),
                 reply.queue_us / 1e6)
 
-    def cost(self) -> tuple[LinearCost, float]:
+    def cost(self, own: bool = False) -> tuple[LinearCost, float]:
+        """The cloud's cost and queue. `own`: this device's fit of the compute times replies reported, once it has
+        OWN_FIT_MIN of them (on shared cores: the cloud's own fit also takes the batches this device's compute
+        slowed down, which the device's solo timings leave out)."""
         published = self.published()
         if published is None:
             return self._own_fit.cost, 0.0
         cost, queue_s = published
+        if own and len(self._own_fit) >= OWN_FIT_MIN:
+            return self._own_fit.cost, queue_s
         return cost.scaled(self.ratio), queue_s
 
     def stages(self) -> int:

@@ -8,6 +8,7 @@ If the cloud has lost the session (expired, restarted), the device re-sends its 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -43,6 +44,7 @@ RETRY_BACKOFF_S = (0.2, 4.0)  # first and longest wait between attempts to reach
 _ROUND_EMA = 0.3  # weight of the newest round time in the predicted round time
 _ROUND_FIT_WINDOW = 64  # verification rounds the round-time fit keeps
 _MIN_ROUND_S = 1e-4  # floor of a predicted round time
+PROBE_CHUNKS = (32, 128, 512)  # the probe's scratch prompt, as chunks: small, medium and large forwards on every stage
 
 
 class PromptTooLongError(ValueError):
@@ -104,6 +106,28 @@ class SplitGenerator:
         self.link_estimator = LinkEstimator()  # kept across generations: the link as measured so far
         self.prefill = PrefillPipeline(model, link, chunking, profile, self.link_estimator)
         self._reprofile = threading.Event()  # set from another thread (telemetry): the device's speed changed
+
+    @torch.inference_mode()
+    def probe(self, sizes: tuple[int, ...] = PROBE_CHUNKS) -> None:
+        """A scratch prompt cut into `sizes` (within the context), unrecorded, before the first real one: the link
+        estimator learns the link, the cloud tracker how the cloud's published predictor holds, and the device's
+        fits its parts over the real path, so that the first prompt's plan and prediction are right (a cold start
+        would otherwise plan with a 10 MB/s, 20 ms prior link)."""
+        sizes = tuple(n for n in sizes if n < self.max_context // 2) or (min(16, self.max_context - 1),)
+        total = sum(sizes)
+        vocab = min(self.model.spec.vocab_size, 1000)
+        ids = torch.randint(vocab, (total,), generator=torch.Generator().manual_seed(0)).tolist()
+        model = self.model
+        caches = DeviceCaches(model.input_part.new_cache(), model.output_part.new_cache(),
+                              model.adapter.new_cache() if self.speculation else None)
+        session, config = secrets.token_hex(6), self.prefill.config
+        self.prefill.config = dataclasses.replace(config, max_in_flight=1)  # one at a time: every timing solo
+        try:
+            self.prefill.run(session, ids, caches, self.max_message_tokens, [], self.link.send_open(session, total + 1),
+                             sizes=sizes)
+        finally:
+            self.prefill.config = config
+            self._close_quietly(session)
 
     def _profile(self) -> DeviceProfile:
         """Time this device's parts now (a fraction of a second)."""

@@ -6,6 +6,9 @@ the rest of the prompt is re-planned.
 """
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,9 +26,11 @@ from .device_model import DeviceModel
 from .device_profile import DeviceProfile
 from .drafter import DeviceCaches
 from .link_estimator import LinkEstimator
+from .misprediction import MispredictionModel
 from .results import StepTiming, in_cloud_ms
 
 HEADER_BYTES = 64.0  # a FORWARD's or RESULT's bytes besides its tensor, near enough
+LOOPBACK_BYTES_PER_S = 1e9  # least rate of a loopback link on shared cores (a memory copy; any machine is faster)
 
 
 @dataclass(slots=True)
@@ -53,24 +58,43 @@ class PrefillPipeline:
         self.config = config  # may be replaced between prompts
         self.profile, self.estimator = profile, estimator
         self.cloud = CloudCostTracker(link)
+        self.misprediction = MispredictionModel()  # what the cost model left out of the prompts so far
         self._open_sequence: int | None = None  # the session's OPEN while its reply has not been taken
+        self._solo = True  # the chunk being completed computed with the cores to itself (always, unless shared)
         spec = model.spec
         self.up_bytes_per_token = spec.hidden_size * model.input_part.dtype.itemsize
         self.down_bytes_per_token = self.up_bytes_per_token if model.output_part.num_layers else 0.0
 
     def costs(self) -> PipelineCosts:
         link = self.estimator.estimate
-        cloud, queue_s = self.cloud.cost()
+        shared = self.shared_compute()
+        if shared:  # loopback: the estimates measure the cloud's late stamps on busy cores, not a link to hide
+            link = dataclasses.replace(link, uplink_bytes_per_s=max(link.uplink_bytes_per_s, LOOPBACK_BYTES_PER_S),
+                                       downlink_bytes_per_s=max(link.downlink_bytes_per_s, LOOPBACK_BYTES_PER_S))
+        cloud, queue_s = self.cloud.cost(own=shared)
         return PipelineCosts(device_input=self.profile.input.cost, device_output=self.profile.output.cost,
                              cloud=cloud, cloud_queue_s=queue_s, uplink_bytes_per_s=link.uplink_bytes_per_s,
                              downlink_bytes_per_s=link.downlink_bytes_per_s, rtt_s=link.rtt_s,
                              up_bytes_per_token=self.up_bytes_per_token, down_bytes_per_token=self.down_bytes_per_token,
                              message_bytes=HEADER_BYTES, final_s=self.profile.final_s,
-                             cloud_stages=self.cloud.stages())
+                             cloud_stages=self.cloud.stages(), shared_compute=shared,
+                             chunk_overhead_s=self.misprediction.per_chunk_s,
+                             prompt_overhead_s=self.misprediction.per_prompt_s)
 
-    def _plan(self, tokens: int, start: int, max_chunk: int, report: PrefillReport) -> tuple[ChunkPlan, tuple]:
+    def shared_compute(self) -> bool:
+        """Whether the device and the cloud compute on the same cores (`ChunkingConfig.shared_host`, or guessed:
+        a cloud on loopback, and a device that may use every core of the machine with a thread each, as torch does
+        by default; a device pinned to some cores or given fewer threads has left the others to the cloud)."""
+        if self.config.shared_host is not None:
+            return self.config.shared_host
+        return _is_loopback(self.link.config.host) and _uses_every_core()
+
+    def _plan(self, tokens: int, start: int, max_chunk: int, report: PrefillReport,
+              sizes: tuple[int, ...] | None = None, in_flight: tuple[int, ...] = ()) -> tuple[ChunkPlan, tuple]:
         began = time.perf_counter()
-        plan = ChunkPlanner(self.config).plan(tokens, self.costs(), max_chunk, start)
+        planner = ChunkPlanner(self.config)
+        plan = planner.plan(tokens, self.costs(), max_chunk, start, in_flight) if sizes is None else \
+            planner.evaluate(list(sizes), self.costs(), start)
         report.plan_ms += (time.perf_counter() - began) * 1000
         return plan, self._rates()
 
@@ -84,15 +108,19 @@ class PrefillPipeline:
         return any(abs(now / then - 1) > self.config.replan_drift for now, then in zip(self._rates(), reference) if then)
 
     def run(self, session_id: str, token_ids: list[int], caches: DeviceCaches, max_chunk: int,
-            steps: list[StepTiming], open_sequence: int | None = None) -> tuple[torch.Tensor, PrefillReport]:
+            steps: list[StepTiming], open_sequence: int | None = None,
+            sizes: tuple[int, ...] | None = None) -> tuple[torch.Tensor, PrefillReport]:
         """Prefill positions [0, len(token_ids)); returns the middle part's output of the last position (as the
         output part left it: ready for the head) and the report. Device caches are written from position 0.
-        `open_sequence`: the session's OPEN, sent and not yet answered (its reply comes before any chunk's)."""
+        `open_sequence`: the session's OPEN, sent and not yet answered (its reply comes before any chunk's).
+        `sizes`: this cut instead of the configured mode's (the probe's)."""
         model, report = self.model, PrefillReport()
         self._open_sequence = open_sequence
         total = len(token_ids)
         self.cloud.refresh()
-        plan, reference = self._plan(total, 0, max_chunk, report)
+        began = time.perf_counter()
+        shared = self.shared_compute()
+        plan, reference = self._plan(total, 0, max_chunk, report, sizes)
         report.predicted_s = plan.predicted_s + report.plan_ms / 1000
         queue, position = deque(plan.sizes), 0
         in_flight: deque[_Chunk] = deque()
@@ -101,14 +129,15 @@ class PrefillPipeline:
         try:
             while position < total:
                 if len(in_flight) >= self.config.max_in_flight:
-                    last = self._complete(in_flight.popleft(), caches, steps)
+                    last = self._complete_oldest(in_flight, caches, steps, shared)
                 while in_flight and self.link.reply_ready():  # replies that came while the last chunk was computed
                     if self._open_sequence is not None:
                         self._take_opened()
                     else:
-                        last = self._complete(in_flight.popleft(), caches, steps)
-                if queue and self.config.mode == "adaptive" and self._drifted(reference):
-                    plan, reference = self._plan(total - position, position, max_chunk, report)
+                        last = self._complete_oldest(in_flight, caches, steps, shared)
+                if queue and sizes is None and self.config.mode == "adaptive" and self._drifted(reference):
+                    plan, reference = self._plan(total - position, position, max_chunk, report,
+                                                 in_flight=tuple(c.count for c in in_flight))
                     queue = deque(plan.sizes)
                     report.replans += 1
                 count = min(queue.popleft() if queue else max_chunk, total - position, max_chunk)
@@ -119,11 +148,13 @@ class PrefillPipeline:
                 up0 = self.link.bytes_up
                 sequence = self.link.send_forward(session_id, position, hidden, return_last, append_only=True)
                 in_flight.append(_Chunk(sequence, position, count, self.link.bytes_up - up0, input_s))
-                self.profile.add_input(count, position, input_s)
+                if not (shared and len(in_flight) > 1):  # shared cores and a chunk in the cloud: no solo timing
+                    self.profile.add_input(count, position, input_s)
                 report.chunks.append(count)
                 position += count
             while in_flight:
-                last = self._complete(in_flight.popleft(), caches, steps)
+                last = self._complete_oldest(in_flight, caches, steps, shared)
+            self._learn(report, time.perf_counter() - began)
         finally:
             for chunk in in_flight:  # given up on (an error): their replies, if any come, are dropped
                 self.link.forget(chunk.sequence)
@@ -131,10 +162,26 @@ class PrefillPipeline:
                 self.link.forget(self._open_sequence)
         return last, report
 
+    def _learn(self, report: PrefillReport, measured_s: float) -> None:
+        """Teach the misprediction model what this prompt took beyond the model's prediction for its cut, the
+        costs as they stand after it (every stage's fit has its timings now)."""
+        costs = self.costs()
+        predicted = ChunkPlanner(self.config).evaluate(report.chunks, costs, 0).predicted_s - costs.final_s
+        self.misprediction.add(len(report.chunks), measured_s, predicted + report.plan_ms / 1000)
+
     def _take_opened(self) -> None:
         """The OPENED reply, which comes before any chunk's: a refused OPEN is the error to report."""
         sequence, self._open_sequence = self._open_sequence, None
         self.estimator.on_open(self.link.receive(sequence))
+
+    def _complete_oldest(self, in_flight: deque, caches: DeviceCaches, steps: list[StepTiming],
+                         shared: bool) -> torch.Tensor:
+        chunk = in_flight.popleft()
+        self._solo = not (shared and in_flight)  # on shared cores, a chunk behind it in the cloud spoils its timings
+        try:
+            return self._complete(chunk, caches, steps)
+        finally:
+            self._solo = True
 
     def _complete(self, chunk: _Chunk, caches: DeviceCaches, steps: list[StepTiming]) -> torch.Tensor:
         """Wait for a chunk's reply and run the output part over it; returns the middle output of its last position."""
@@ -143,7 +190,8 @@ class PrefillPipeline:
         reply = self.link.receive(chunk.sequence)
         self.estimator.on_reply(reply, chunk.up_bytes, _reply_bytes(reply))
         header = reply.header
-        self.cloud.observe(chunk.count, chunk.start, header.compute_us / 1e6, header.batch_sessions)
+        if self._solo:  # on shared cores, only a chunk that computed alone times the cloud and the output part
+            self.cloud.observe(chunk.count, chunk.start, header.compute_us / 1e6, header.batch_sessions)
         middle = reply.tensor
         output_s = 0.0
         if self.down_bytes_per_token:
@@ -151,7 +199,8 @@ class PrefillPipeline:
             middle = self.model.output_part.forward_layers(middle, [SequenceSpan(caches.output, chunk.start,
                                                                                  chunk.count)])
             output_s = time.perf_counter() - began
-            self.profile.add_output(chunk.count, chunk.start, output_s)
+            if self._solo:
+                self.profile.add_output(chunk.count, chunk.start, output_s)
         steps.append(StepTiming(chunk.count, (chunk.input_s + output_s) * 1000,
                                 (reply.received_s - reply.request_sent_s) * 1000, header.compute_us / 1000,
                                 sent_s=reply.request_sent_s, in_cloud_ms=in_cloud_ms(header),
@@ -162,3 +211,17 @@ class PrefillPipeline:
 def _reply_bytes(reply: wire.DataMessage) -> int:
     tensor = reply.tensor
     return reply.header.ByteSize() + (tensor.numel() * tensor.element_size() if tensor is not None else 0)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _uses_every_core() -> bool:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores >= (os.cpu_count() or 1) and torch.get_num_threads() >= cores

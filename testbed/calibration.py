@@ -49,7 +49,7 @@ def _mean_cost(costs: list[LinearCost]) -> LinearCost:
 
 
 def _fit(samples: list[tuple[int, float]]) -> LinearCost:
-    fit = CostFit(max(3, len(samples)))
+    fit = CostFit(max(3, len(samples)), follow_changes=False)
     for tokens, seconds in samples:
         fit.add(tokens, 0.0, seconds)
     return fit.cost if len(fit) else ZERO
@@ -135,7 +135,7 @@ def calibrate(scenario: Scenario, results_dir: str | Path) -> tuple[dict[str, Sy
 def _solo_fit(done: list[ExperimentRecord]) -> LinearCost | None:
     """The middle part's LinearCost fitted to the forward times replies reported for batches a round had to itself
     (prompt chunks and decode rounds, at their positions); None with fewer than 3 such rounds."""
-    fit = CostFit(4096)
+    fit = CostFit(4096, follow_changes=False)
     for r in done:
         position = 0
         for s in r.timeline:

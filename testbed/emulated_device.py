@@ -46,13 +46,15 @@ class DeviceJob:
 
 
 def _chunking(system: SystemConfig, fixed: int = 0) -> ChunkingConfig:
+    """The system's chunking; an emulated device stands for hardware of its own (its compute slowed by padding), so
+    its planner does not model sharing the cloud's cores."""
     if system.chunking == "none":
-        return ChunkingConfig(enabled=False)
+        return ChunkingConfig(enabled=False, shared_host=False)
     if system.chunking == "fixed":
-        return ChunkingConfig(fixed_size=system.fixed_size)
+        return ChunkingConfig(fixed_size=system.fixed_size, shared_host=False)
     if system.chunking == "per-device" and fixed:
-        return ChunkingConfig(fixed_size=fixed)
-    return ChunkingConfig()
+        return ChunkingConfig(fixed_size=fixed, shared_host=False)
+    return ChunkingConfig(shared_host=False)
 
 
 def _record(job: DeviceJob, start_at: float, request: int, arrival_s: float, started_s: float, began: float,
@@ -83,7 +85,7 @@ def device_main(job: DeviceJob, ready, go, start_at) -> None:
         generator = SplitGenerator(model, link, speculation, _chunking(system))
         generator.generate_ids(WARMUP_PROMPT, 4)
         if system.chunking == "per-device":  # HAT: one size per device from its cost model, for a typical prompt
-            plan = ChunkPlanner(ChunkingConfig()).plan(job.mean_prompt_tokens, generator.prefill.costs(),
+            plan = ChunkPlanner(_chunking(system)).plan(job.mean_prompt_tokens, generator.prefill.costs(),
                                                        generator.max_message_tokens)
             generator.prefill.config = _chunking(system, max(plan.sizes))
         ready.put(job.index)

@@ -44,7 +44,7 @@ import zmq
 
 from .link_traces import BandwidthTrace
 
-START_TIMEOUT_S = 20.0  # longest wait for the shim process to bind (spawn re-imports the parent's main module)
+START_TIMEOUT_S = 120.0  # longest wait for the shim process to bind (spawn re-imports the parent's main module; a loaded machine)
 STOP_TIMEOUT_S = 5.0  # longest wait for a clean exit before the process is terminated, then killed
 STATS_TIMEOUT_S = 5.0  # longest wait for the shim process to answer stats()
 _IDLE_POLL_MS = 1000  # poll timeout when nothing is pending (stop and stats arrive on the pipe)

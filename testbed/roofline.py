@@ -222,7 +222,7 @@ class RooflineCost:
 
 def fit_linear(cost: RooflineCost, shapes=PROFILE_SHAPES) -> LinearCost:
     """The LinearCost a device's start-up profile would fit from these roofline timings."""
-    fit = CostFit(window=max(3, len(shapes)))
+    fit = CostFit(window=max(3, len(shapes)), follow_changes=False)
     for tokens, start in shapes:
         fit.add(tokens, attended(tokens, start), cost.predict(tokens, start))
     return fit.cost

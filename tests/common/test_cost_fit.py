@@ -5,8 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hat.common.cost_fit import ZERO_COST, CostFit, LinearCost, attended
+from hat.common.cost_fit import CHANGE_RUN, ZERO_COST, CostFit, LinearCost, attended
 
 TRUE = LinearCost(base_s=2e-3, per_token_s=50e-6, per_attended_s=5e-9)
 
@@ -102,19 +104,68 @@ def test_clamps_when_timings_fall_with_size():
     assert_non_negative(fit.cost)
 
 
-def test_window_forgets_old_samples():
-    """After a change of the true cost, `window` new timings replace the old ones entirely (and fewer do not)."""
-    window = 32
-    old, new = LinearCost(1e-3, 20e-6, 1e-9), LinearCost(4e-3, 80e-6, 8e-9)
-    fit = fitted(timings(old, window, seed=2), window=window)
-    assert_close(fit.cost, old, rel=1e-6)
-    changed = timings(new, window, seed=3)
-    for sample in changed[:-1]:
+def test_window_keeps_each_size_class_apart():
+    """Thousands of one-token decode rounds do not push out the few prompt chunks: the window keeps the newest
+    timings of each size class, so a fit over both still predicts a 900-token chunk (where a decode-only fit of
+    base and per-pair cost cannot know the per-token cost)."""
+    fit = CostFit(window=32)
+    for tokens, pairs, seconds in timings(TRUE, 12, seed=6, max_tokens=1024):
+        fit.add(tokens, pairs, seconds)
+    for tokens, pairs, seconds in timings(TRUE, 3000, seed=7, max_tokens=1):
+        fit.add(tokens, pairs, seconds)
+    assert len(fit) == 12 + 32
+    assert fit.cost.predict(900, 100) == pytest.approx(TRUE.predict(900, 100), rel=1e-6)
+
+
+@pytest.mark.parametrize("factor", [3.0, 0.4])
+def test_follows_a_change_of_the_hardware_within_a_few_timings(factor):
+    """The hardware slows down (or speeds up) by `factor` after a full window of timings: CHANGE_RUN timings later
+    the fit predicts the new speed, where a plain sliding window would still average old and new."""
+    fit = fitted(timings(TRUE, 64, seed=8, noise=0.02), window=64)
+    changed = timings(TRUE.scaled(factor), CHANGE_RUN, seed=9, noise=0.02)
+    for sample in changed:
         fit.add(*sample)
-    assert len(fit) == window
-    assert fit.cost.per_token_s != pytest.approx(new.per_token_s, rel=1e-3)  # one old timing still pulls
-    fit.add(*changed[-1])
-    assert_close(fit.cost, new, rel=1e-6)
+    assert fit.changes == 1
+    for tokens, start in ((16, 0), (256, 0), (512, 1024)):
+        assert fit.cost.predict(tokens, start) == pytest.approx(TRUE.scaled(factor).predict(tokens, start), rel=0.08)
+
+
+def test_noise_and_a_lone_outlier_are_no_change():
+    """Timings within the noise, and one outlier among them, leave the fit where it was (no rescaling)."""
+    fit = fitted(timings(TRUE, 64, seed=10, noise=0.1), window=64)
+    before = fit.cost
+    samples = timings(TRUE, 20, seed=11, noise=0.1)
+    samples[5] = (samples[5][0], samples[5][1], samples[5][2] * 3)  # one slow forward (a hiccup)
+    for sample in samples:
+        fit.add(*sample)
+    assert fit.changes == 0
+    assert fit.cost.predict(256, 512) == pytest.approx(before.predict(256, 512), rel=0.05)
+
+
+def test_without_the_change_watch_old_timings_keep_their_weight():
+    """follow_changes=False (a calibration over a whole run): a change moves the fit only as far as its share."""
+    fit = CostFit(window=64, follow_changes=False)
+    for sample in timings(TRUE, 64, seed=8) + timings(TRUE.scaled(3.0), CHANGE_RUN, seed=9):
+        fit.add(*sample)
+    assert fit.changes == 0
+    assert fit.cost.predict(256) < TRUE.scaled(2.0).predict(256)
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.floats(0, 0.05), per_token=st.floats(1e-7, 1e-3), per_attended=st.floats(0, 1e-8),
+       shapes=st.lists(st.tuples(st.integers(1, 2048), st.integers(0, 4096), st.floats(0.5, 2.0)), min_size=1,
+                       max_size=40))
+def test_no_fit_of_a_stage_that_computes_has_a_zero_or_negative_cost(base, per_token, per_attended, shapes):
+    """Property: whatever the true costs of a part that computes (a per-token cost above zero) and whatever the
+    noise (each timing off by up to 2x either way), the fit's per-token cost is above zero and no coefficient
+    is negative, with the change watch on and off."""
+    truth = LinearCost(base, per_token, per_attended)
+    for follow in (True, False):
+        fit = CostFit(window=8, follow_changes=follow)
+        for tokens, start, noise in shapes:
+            fit.add(tokens, attended(tokens, start), truth.predict(tokens, start) * noise)
+            assert fit.cost.per_token_s > 0
+            assert_non_negative(fit.cost)
 
 
 def test_empty_fit_returns_the_fallback():
@@ -135,10 +186,11 @@ def test_single_sample_is_a_per_token_cost():
 
 
 def test_ignores_empty_forwards_and_negative_times():
-    """A timing with no new positions or a negative duration is dropped."""
+    """A timing with no new positions or no positive duration is dropped."""
     fit = CostFit(fallback=TRUE)
     fit.add(0, 0, 1.0)
     fit.add(10, attended(10, 0), -0.1)
+    fit.add(10, attended(10, 0), 0.0)
     assert len(fit) == 0 and fit.cost == TRUE
 
 

@@ -253,17 +253,29 @@ def test_plan_starts_at_the_given_position():
     assert plan.predicted_s > ChunkPlanner().plan(1000, costs, max_chunk=512).predicted_s
 
 
-def test_planning_2048_tokens_is_fast():
-    """Planning a 2048-token prompt takes under 20 ms (best of five), also when the plan has the most chunks."""
+def test_planning_2048_tokens_weighs_few_candidates(monkeypatch):
+    """Planning a 2048-token prompt weighs a bounded number of candidate cuts (deterministic), and takes no longer
+    than 80 simulations of its own longest candidate measured in the same run (a ratio, so a loaded machine holds
+    it; `scripts/bench_chunking.py` prints the planning time in ms)."""
     planner = ChunkPlanner()
     many_chunks = uniform_costs(LinearCost(1e-5, 1e-7, 0.0), up=1e5, down=1e5)
     for costs in (TYPICAL, many_chunks):
-        best = float("inf")
+        calls = []
+        evaluate = ChunkPlanner.evaluate
+        monkeypatch.setattr(ChunkPlanner, "evaluate", lambda self, *a, **k: calls.append(a[0]) or evaluate(self, *a, **k))
+        planner.plan(2048, costs, max_chunk=4096)
+        monkeypatch.undo()
+        assert len(calls) <= 60
+        longest = max(calls, key=len)
+        plan_s = sim_s = float("inf")
         for _ in range(5):
             began = time.perf_counter()
             planner.plan(2048, costs, max_chunk=4096)
-            best = min(best, time.perf_counter() - began)
-        assert best < 0.02
+            plan_s = min(plan_s, time.perf_counter() - began)
+            began = time.perf_counter()
+            ttft(longest, costs, 8)
+            sim_s = min(sim_s, time.perf_counter() - began)
+        assert plan_s < 80 * sim_s
 
 
 def test_a_pipelined_cloud_gets_more_chunks_and_a_sooner_first_token():

@@ -35,3 +35,14 @@ def test_a_reply_that_reports_no_batch_leaves_the_ratio():
     tracker = CloudCostTracker(PublishedPredictor())
     tracker.observe(100, 0, 1.0, batch_sessions=0)
     assert tracker.ratio == 1.0
+
+
+def test_on_shared_cores_the_device_plans_with_its_own_fit_once_it_has_three_timings():
+    """cost(own=True) (device and cloud on the same cores): the published predictor scaled until three compute
+    times came back, then the device's own fit of them (3 ms + 30 us a token here), whatever the cloud publishes."""
+    tracker = CloudCostTracker(PublishedPredictor())
+    for tokens in (32, 128):
+        tracker.observe(tokens, 0, 3e-3 + 30e-6 * tokens, batch_sessions=1)
+    assert tracker.cost(own=True)[0] == tracker.cost()[0]
+    tracker.observe(512, 0, 3e-3 + 30e-6 * 512, batch_sessions=1)
+    assert tracker.cost(own=True)[0].predict(839) == pytest.approx(3e-3 + 30e-6 * 839, rel=1e-6)

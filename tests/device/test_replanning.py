@@ -34,7 +34,7 @@ def test_a_wrong_link_prior_is_corrected_during_the_prompt(slow_link):
     gen.prefill.config = ChunkingConfig(enabled=False)
     whole = gen.generate_ids(prompt, 4)
     gen.prefill.estimator = gen.link_estimator = LinkEstimator(UPLINK / 1000, DOWNLINK / 1000, RTT)
-    config = ChunkingConfig(max_in_flight=2)
+    config = ChunkingConfig(max_in_flight=2, shared_host=False)  # the shim emulates a remote cloud
     gen.prefill.config = config
     first_plan = ChunkPlanner(config).plan(PROMPT_TOKENS, gen.prefill.costs(), PROMPT_TOKENS)
     chunked = gen.generate_ids(prompt, 4)
@@ -64,7 +64,7 @@ def test_the_estimated_link_matches_the_emulated_one(slow_link):
 def test_the_prediction_tracks_the_measured_time(slow_link):
     """Once the link is learnt, the plan's predicted time to first token is within 30% of the measured one."""
     gen = slow_link
-    gen.prefill.config = ChunkingConfig()
+    gen.prefill.config = ChunkingConfig(shared_host=False)  # the shim emulates a remote cloud
     results = [gen.generate_ids(_prompt(gen), 1) for _ in range(2)]
     results += [gen.generate_ids(_prompt(gen), 1) for _ in range(3)]
     assert all(len(r.chunks) > 1 for r in results[2:])

@@ -1,0 +1,39 @@
+"""What the chunk planner's cost model leaves out, learned from the prompts it mispredicted.
+
+After each prompt the cut that was sent is simulated again with the costs as they stand now (each stage's fit has
+taken that prompt's timings), and the time to the last chunk's output that is still unexplained is split into a
+cost per prompt and a cost per chunk: residual = per_prompt + per_chunk * chunks, fitted (no negative term) over the
+newest prompts (residuals signed, so noise either way averages out; the two costs never below zero). Prompts as
+predicted make the correction fade. Until cuts of different sizes have been seen, the prompt takes it all. Added to the next plans, the per-chunk cost makes cuts into many chunks dearer exactly as far as
+they have been seen to cost more than the model said (Python and wake-up overheads per message, two processes
+on the same cores); the per-prompt cost makes the prediction right without changing the choice.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from hat.common.cost_fit import bounded_least_squares
+
+WINDOW = 8  # prompts the correction is fitted over
+
+
+class MispredictionModel:
+    def __init__(self, window: int = WINDOW):
+        self._residuals: deque[tuple[int, float]] = deque(maxlen=window)  # (chunks, unexplained seconds >= 0)
+        self.per_prompt_s = 0.0  # unexplained time per prompt
+        self.per_chunk_s = 0.0  # unexplained time per chunk
+
+    def add(self, chunks: int, measured_s: float, predicted_s: float) -> None:
+        """One prompt: its chunks, the measured time and what the current costs (plus the current correction)
+        predict for the cut it was sent in."""
+        if chunks < 1:
+            return
+        unexplained = measured_s - (predicted_s - self.per_prompt_s - self.per_chunk_s * chunks)
+        self._residuals.append((chunks, unexplained))  # signed: noise either way averages out
+        data = np.asarray([(1.0, float(k), r) for k, r in self._residuals])
+        if len({k for k, _ in self._residuals}) == 1:  # one cut seen: nothing tells chunks apart, the prompt takes it
+            self.per_prompt_s, self.per_chunk_s = max(0.0, float(np.mean(data[:, 2]))), 0.0
+            return
+        self.per_prompt_s, self.per_chunk_s = map(float, bounded_least_squares(data[:, :2], data[:, 2], np.zeros(2)))

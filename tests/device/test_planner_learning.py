@@ -1,0 +1,138 @@
+"""The chunk planner against its own cost model (hat.device.chunk_planner, hat.common.prefill_pipeline): it never
+predicts itself worse than the whole prompt or any fixed size; a re-plan counts the chunks in flight; device and
+cloud on the same cores take turns; and the misprediction model (hat.device.misprediction) learns what the
+model left out."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+
+from hat.common.cost_fit import LinearCost
+from hat.common.prefill_pipeline import prefill_lower_bound, simulate_prefill
+from hat.device.chunk_planner import FIXED_SIZES, ChunkingConfig, ChunkPlanner, even_cut, fixed_cut
+from hat.device.misprediction import MispredictionModel
+
+from tests.device.test_chunk_planner import TYPICAL, random_cases
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_plan_is_never_predicted_worse_than_the_trivial_cuts(seed):
+    """For random costs, the adaptive plan's prediction is at most the whole prompt's and every fixed size's
+    (under the same model, so the trivial choices are among its candidates)."""
+    for tokens, max_chunk, costs, in_flight, start in random_cases(seed, 40):
+        config = ChunkingConfig(max_in_flight=in_flight)
+        planner = ChunkPlanner(config)
+        plan = planner.plan(tokens, costs, max_chunk, start)
+        assert sum(plan.sizes) == tokens and max(plan.sizes) <= max_chunk
+        whole = planner.evaluate(even_cut(tokens, math.ceil(tokens / max_chunk)), costs, start)
+        assert plan.predicted_s <= whole.predicted_s + 1e-12
+        for size in FIXED_SIZES:
+            if config.min_chunk <= size < min(tokens, max_chunk + 1) and math.ceil(tokens / size) <= config.max_chunks:
+                assert plan.predicted_s <= planner.evaluate(fixed_cut(tokens, size), costs, start).predicted_s + 1e-12
+
+
+def test_a_replan_counts_the_chunks_in_flight():
+    """Mid-prompt, with three 192-token chunks holding the link and the cloud, the rest of the prompt is not ramped
+    up from the smallest chunk again (the pipeline is already full), and its prediction includes their wait."""
+    costs = dataclasses.replace(TYPICAL, uplink_bytes_per_s=5e6, downlink_bytes_per_s=7.5e6)
+    planner = ChunkPlanner()
+    fresh = planner.plan(1024, costs, 4096, start=576)
+    assert fresh.sizes[0] == ChunkingConfig().min_chunk  # an empty pipeline: a ramp from the smallest chunk
+    busy = planner.plan(1024, costs, 4096, start=576, in_flight=(192, 192, 192))
+    assert busy.sizes[0] > ChunkingConfig().min_chunk, busy.sizes
+    assert busy.predicted_s > fresh.predicted_s
+    # the prediction is the simulation with the in-flight chunks ahead of the new ones
+    assert busy.predicted_s == pytest.approx(simulate_prefill(list(busy.sizes), costs, 8, 576, (192, 192, 192)).ttft_s)
+
+
+def test_in_flight_chunks_are_the_same_as_chunks_sent_at_time_zero():
+    """A chunk in flight costs the link and the cloud what it would if just sent, and no device input time."""
+    free_input = dataclasses.replace(TYPICAL, device_input=LinearCost(0.0, 0.0, 0.0))
+    together = simulate_prefill([64, 128, 256], free_input, 8, 0).ttft_s
+    assert simulate_prefill([256], free_input, 8, 192, in_flight=(64, 128)).ttft_s == pytest.approx(together)
+
+
+def test_shared_cores_make_compute_take_turns():
+    """With the device and the cloud on the same cores, any cut takes at least all the compute added up, and
+    over loopback (a link with nothing to hide) the planner keeps the prompt whole where separate hardware would
+    pipeline it."""
+    costs = dataclasses.replace(TYPICAL, uplink_bytes_per_s=1e12, downlink_bytes_per_s=1e12, rtt_s=1e-4,
+                                cloud=LinearCost(2e-3, 1e-4, 2e-10))
+    shared = dataclasses.replace(costs, shared_compute=True)
+    tokens = 1024
+    total = sum(c.predict(tokens) for c in (costs.device_input, costs.device_output, costs.cloud))
+    rng = random.Random(1)
+    assert prefill_lower_bound(tokens, shared) >= total - 3 * 1e-3 - 2e-3  # the bound leaves out the bases
+    for _ in range(20):
+        sizes = even_cut(tokens, rng.randint(1, 32))
+        assert simulate_prefill(sizes, shared, 8).ttft_s >= total * 0.999
+    planner = ChunkPlanner()
+    assert len(planner.plan(tokens, costs, 4096).sizes) > 1
+    assert planner.plan(tokens, shared, 4096).sizes == (tokens,)
+
+
+def test_the_misprediction_model_learns_and_forgets():
+    """Prompts slower than predicted teach a cost per chunk and per prompt (split by least squares over cuts of
+    different sizes); prompts as predicted make it fade; faster ones never make it negative."""
+    model = MispredictionModel()
+
+    def predicted(chunks: int) -> float:  # the model's prediction, the current correction included
+        return 0.20 + model.per_prompt_s + chunks * model.per_chunk_s
+
+    for _ in range(4):
+        model.add(10, measured_s=0.30, predicted_s=predicted(10))  # 10 ms a chunk unexplained
+        model.add(1, measured_s=0.21, predicted_s=predicted(1))
+    assert model.per_chunk_s == pytest.approx(0.01, rel=0.02) and model.per_prompt_s == pytest.approx(0.0, abs=1e-3)
+    for _ in range(8):
+        model.add(10, measured_s=0.19, predicted_s=predicted(10))  # faster than even the bare model
+    assert model.per_chunk_s == 0 and model.per_prompt_s == 0
+    rng = random.Random(3)
+    for _ in range(8):  # noise either way around the bare model teaches next to nothing
+        chunks = rng.choice([1, 4, 16])
+        model.add(chunks, measured_s=0.20 + rng.uniform(-0.05, 0.05), predicted_s=predicted(chunks))
+    assert model.per_prompt_s < 0.03 and model.per_chunk_s < 0.003
+
+
+def test_a_learned_overhead_per_chunk_moves_the_plan_to_fewer_chunks():
+    """After chunked prompts ran slower than predicted, the planner's next cut has fewer chunks, and its prediction
+    for the cut that mispredicted is now the measured time."""
+    costs = dataclasses.replace(TYPICAL, uplink_bytes_per_s=2e8, downlink_bytes_per_s=2e8, rtt_s=1e-3)
+    planner = ChunkPlanner()
+    before = planner.plan(1024, costs, 4096)
+    assert len(before.sizes) > 2
+    model = MispredictionModel()
+    whole = planner.evaluate([1024], costs, 0)
+    for _ in range(2):  # the chosen cut ran 20 ms a chunk slower than predicted, the whole prompt as predicted
+        model.add(len(before.sizes), before.predicted_s + 0.02 * len(before.sizes),
+                  before.predicted_s + model.per_prompt_s + model.per_chunk_s * len(before.sizes))
+        model.add(1, whole.predicted_s, whole.predicted_s + model.per_prompt_s + model.per_chunk_s)
+    measured = before.predicted_s + 0.02 * len(before.sizes)
+    learned = dataclasses.replace(costs, chunk_overhead_s=model.per_chunk_s, prompt_overhead_s=model.per_prompt_s)
+    assert planner.evaluate(list(before.sizes), learned, 0).predicted_s == pytest.approx(measured, rel=0.1)
+    assert len(planner.plan(1024, learned, 4096).sizes) < len(before.sizes)
+
+
+def test_the_probe_measures_the_path_before_the_first_prompt(tiny_checkpoint, tmp_path):
+    """SplitGenerator.probe() (cold start): afterwards the link estimator has measured both offsets and the uplink
+    (no longer its 20 ms prior round trip), the cloud tracker has its ratio from replies, the device's fits hold the
+    probe's chunks, the session is closed on the cloud, and the first prompt still equals an unprobed device's."""
+    from tests.cluster import running_cloud
+
+    prompt = [(11 * i + 5) % 200 + 3 for i in range(96)]
+    with running_cloud(tiny_checkpoint("llama3"), 2, 1, tmp_path) as cluster:
+        with cluster.generator() as plain:
+            want = plain.generate_ids(prompt, 4).token_ids
+        with cluster.generator() as gen:
+            fitted = len(gen.prefill.profile.input)
+            gen.probe()
+            estimator = gen.link_estimator
+            assert estimator.up.offset_s is not None and estimator.up.samples > 0
+            assert estimator.rtt_s != estimator.prior_rtt_s
+            assert gen.prefill.cloud._ratio_samples > 0
+            assert len(gen.prefill.profile.input) > fitted
+            assert gen.prefill.config.max_in_flight == ChunkingConfig().max_in_flight  # restored
+            assert gen.link.stats().sessions == 0
+            assert gen.generate_ids(prompt, 4).token_ids == want
