@@ -32,7 +32,8 @@ from hat.common.checkpoint import fingerprint
 from hat.common.datasets import mt_bench_questions, sharegpt_conversations
 from hat.common.layers import SequenceSpan
 from hat.common.model_spec import load_model_spec
-from hat.common.model_store import resolve_model
+from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
+from hat.common.model_store import DEFAULT_MODEL, resolve_model
 from hat.common.sampling import SamplingParams
 from hat.common.split import split_checkpoint
 from hat.common.adapter import ADAPTER_CONFIG
@@ -123,10 +124,10 @@ def agreement(model: DeviceModel, heads: dict, model_dir: Path, prompts: list[li
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="store name or checkpoint folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="store name or checkpoint folder")
     p.add_argument("--adapter", type=Path, help="adapter folder with token_frequencies.json (default: untrained)")
-    p.add_argument("-K", type=int, default=2, help="input layers")
-    p.add_argument("-M", type=int, default=1, help="output layers")
+    p.add_argument("-K", type=int, default=DEFAULT_INPUT_LAYERS, help="input layers")
+    p.add_argument("-M", type=int, default=DEFAULT_OUTPUT_LAYERS, help="output layers")
     p.add_argument("--sizes", default="4096,8192,16384", help="reduced vocabulary sizes (default: %(default)s)")
     p.add_argument("--count-tokens", type=int, default=1_000_000, help="ShareGPT tokens counted for the table")
     p.add_argument("--steps", type=int, default=16, help="draft steps per timing")
