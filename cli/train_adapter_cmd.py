@@ -23,7 +23,17 @@ def add_parser(commands) -> None:
     p.add_argument("--lr", type=float, default=C.lr, help="peak learning rate")
     p.add_argument("--ce-weight", type=float, default=C.ce_weight, help="weight of the cross-entropy term")
     p.add_argument("--seed", type=int, default=C.seed)
-    p.add_argument("--data", nargs="*", default=[], help="text files or folders to train on (default: the stdlib corpus)")
+    p.add_argument("--data", nargs="*", default=[],
+                   help="text files or folders to train on, or `sharegpt` (the store's ShareGPT conversations in the "
+                        "model's chat template; `hat pull sharegpt`); default: the stdlib corpus")
+    p.add_argument("--cache", default=C.cache,
+                   help="hidden-state cache folder: the teacher's middle runs once per token, training runs epochs "
+                        "over the cache (resumable; reused by later runs with the same model, split and data)")
+    p.add_argument("--cache-tokens", type=int, default=C.cache_tokens, help="training tokens the cache holds")
+    p.add_argument("--ce-vocab", type=int, default=C.ce_vocab,
+                   help="the cross-entropy term scores only the N most frequent training tokens (0 = all)")
+    p.add_argument("--save-dtype", default=C.save_dtype, choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the written adapter weights")
     p.add_argument("--eval-every", type=int, default=C.eval_every, help="steps between held-out evaluations")
     p.add_argument("--draft-len", type=int, default=C.draft_len, help="longest draft chain in the held-out measure")
     p.add_argument("--eval-windows", type=int, default=C.eval_windows, help="held-out windows for draft agreement")
@@ -49,7 +59,8 @@ def run(args) -> int:
         width=args.width, depth=args.depth, intermediate_size=args.intermediate_size, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, ce_weight=args.ce_weight, seed=args.seed,
         data=args.data, eval_every=args.eval_every, eval_windows=args.eval_windows, eval_chains=args.eval_chains,
-        draft_len=args.draft_len, resume=args.resume)
+        draft_len=args.draft_len, resume=args.resume, cache=args.cache, cache_tokens=args.cache_tokens,
+        ce_vocab=args.ce_vocab, save_dtype=args.save_dtype)
     if args.eval_only or args.calibrate_only:
         evaluate_adapter(config, calibrate=args.calibrate_only)
         return 0

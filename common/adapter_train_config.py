@@ -27,3 +27,8 @@ class AdapterTrainConfig:
     draft_len: int = 8  # longest greedy draft chain in that measure
     ckpt_every: int = 50  # steps between resumable checkpoints
     resume: bool = False  # continue from OUT/checkpoint.pt
+    cache: str = ""  # hidden-state cache folder (hat.common.hidden_cache): the teacher's middle runs once per token
+    # and training runs epochs over it; "" = the teacher runs on every step's windows
+    cache_tokens: int = 1_000_000  # training tokens the cache holds (with cache)
+    ce_vocab: int = 0  # the cross-entropy term scores only the N most frequent training tokens (0 = the full vocabulary)
+    save_dtype: str = "float32"  # dtype of the written adapter weights (bfloat16 halves the file)

@@ -21,6 +21,7 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -29,11 +30,12 @@ from tqdm import tqdm
 
 from .adapter import AdapterConfig, DraftAdapter
 from .adapter_train_config import AdapterTrainConfig
-from .checkpoint import fingerprint, load_tensors
+from .checkpoint import fingerprint, load_tensors, parse_dtype
+from .hidden_cache import CacheMeta, HiddenStateCache
 from .layers import SequenceSpan
 from .model_part import ModelPart
 from .model_spec import load_model_spec
-from .reference_corpus import corpus_files, read_text, split_corpus
+from .training_text import TrainingText, training_data
 from .split import validate_split
 
 CHECKPOINT = "checkpoint.pt"
@@ -60,54 +62,40 @@ class Teacher:
         return [SequenceSpan(part.new_cache(length), 0, length) for _ in range(batch)]
 
     @torch.no_grad()
-    def targets(self, ids: torch.Tensor):
-        """ids [B, T] -> (embeddings, h_K, h_mid, teacher logits), flattened to [B*T, ...]."""
+    def hidden(self, ids: torch.Tensor):
+        """ids [B, T] -> (embeddings, h_K, h_mid), flattened to [B*T, width]."""
         b, t = ids.shape
         embeds = self.input.embed(ids.reshape(-1))
         h_k = self.input.forward_layers(embeds, self.spans(self.input, b, t))
-        h_mid = self.middle.forward_layers(h_k, self.spans(self.middle, b, t))
-        logits = self.output.logits(self.output.forward_layers(h_mid, self.spans(self.output, b, t)))
-        return embeds, h_k, h_mid, logits
+        return embeds, h_k, self.middle.forward_layers(h_k, self.spans(self.middle, b, t))
+
+    @torch.no_grad()
+    def targets(self, ids: torch.Tensor):
+        """ids [B, T] -> (embeddings, h_K, h_mid, teacher logits), flattened to [B*T, ...]."""
+        b, t = ids.shape
+        embeds, h_k, h_mid = self.hidden(ids)
+        return embeds, h_k, h_mid, self.output_logits(h_mid, b, t)
+
+    def output_logits(self, hidden: torch.Tensor, b: int, t: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The output part's logits for middle outputs [B*T, width]: over the full vocabulary, or only the
+        token ids `rows` (a reduced head, column i standing for rows[i])."""
+        out = self.output.forward_layers(hidden, self.spans(self.output, b, t))
+        if rows is None:
+            return self.output.logits(out)
+        return F.linear(self.output.model.norm(out), self.output.lm_head.weight[rows]).float()
 
     def draft_logits(self, adapter: DraftAdapter, embeds, h_k, b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         estimate = adapter(h_k, embeds, self.spans(adapter, b, t))
         return estimate, self.output.logits(self.output.forward_layers(estimate, self.spans(self.output, b, t)))
 
 
-def text_files(config: AdapterTrainConfig) -> tuple[list[Path], list[Path], str]:
-    """(training files, held-out files, a description): the stdlib corpus split, or --data split 98/2 by hash."""
-    if not config.data:
-        train, heldout = split_corpus(corpus_files())
-        return [f.path for f in train], [f.path for f in heldout], "the Python stdlib corpus (hat.common.reference_corpus)"
-    files: list[Path] = []
-    for item in map(Path, config.data):
-        if item.is_dir():
-            files += sorted(p for ext in ("*.py", "*.txt", "*.md") for p in item.rglob(ext) if p.is_file())
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"--data {item}: no such file or folder")
-    if not files:
-        raise ValueError(f"--data {config.data}: no *.py, *.txt or *.md files found")
-    heldout = [f for f in files if hash_fraction(str(f)) < 0.02] or files[-1:]
-    train = [f for f in files if f not in heldout] or files
-    return train, heldout, f"{len(files)} files under {', '.join(config.data)}"
-
-
-def hash_fraction(text: str) -> float:
-    import hashlib
-    return hashlib.sha256(text.encode()).digest()[0] / 256
-
-
-def token_stream(tokenizer, files: list[Path], needed: int, seed: int, desc: str) -> np.ndarray:
-    """Tokens of files in a seeded random order, each ended by eos, until `needed` tokens are there."""
-    order = list(files)
-    random.Random(seed).shuffle(order)
+def token_stream(tokenizer, texts: Iterable[TrainingText], needed: int, desc: str) -> np.ndarray:
+    """Tokens of the texts in their order, each ended by eos, until `needed` tokens are there."""
     pieces, total = [], 0
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     with tqdm(total=needed, desc=desc, unit="tok", unit_scale=True, leave=False) as bar:
-        for path in order:
-            ids = tokenizer(read_text(path))["input_ids"] + [eos]
+        for text in texts:
+            ids = text.ids(tokenizer) + [eos]
             pieces.append(np.asarray(ids, dtype=np.int64))
             total += len(ids)
             bar.update(len(ids))
@@ -127,6 +115,33 @@ def windows(stream: np.ndarray, seed: int, step: int, batch: int, length: int) -
     return torch.from_numpy(np.stack([stream[s:s + length] for s in starts]))
 
 
+def open_cache(config: AdapterTrainConfig, teacher: Teacher, description: str, stream: np.ndarray) -> HiddenStateCache | None:
+    """The hidden-state cache of --cache, filled (resuming an interrupted fill); None without --cache."""
+    if not config.cache:
+        return None
+    windows_wanted = len(stream) // config.seq_len
+    if windows_wanted < config.batch_size:
+        raise ValueError(f"--cache-tokens {config.cache_tokens}: the data gives {len(stream):,} tokens, fewer than "
+                         f"one batch of {config.batch_size} windows of {config.seq_len}")
+    meta = CacheMeta(source_fingerprint=fingerprint(config.model_dir), input_layers=config.input_layers,
+                     output_layers=config.output_layers, width=teacher.spec.hidden_size, seq_len=config.seq_len,
+                     windows=windows_wanted, stream=f"{description}; seed {config.seed}")
+    cache = HiddenStateCache.open(config.cache, meta)
+    cache.fill(teacher, stream)
+    return cache
+
+
+def ce_vocabulary(config: AdapterTrainConfig, vocab_size: int, cache: HiddenStateCache | None,
+                  stream: np.ndarray) -> torch.Tensor | None:
+    """The token ids the cross-entropy term scores (--ce-vocab N: the N most frequent in the training tokens,
+    ties by id); None: the full vocabulary."""
+    if not config.ce_vocab or config.ce_vocab >= vocab_size:
+        return None
+    counts = cache.token_counts(vocab_size) if cache else np.bincount(stream, minlength=vocab_size)
+    order = np.lexsort((np.arange(vocab_size), -counts))  # most frequent first, then by id
+    return torch.from_numpy(np.sort(order[:config.ce_vocab]).astype(np.int64))
+
+
 def lr_factor(step: int, config: AdapterTrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -134,11 +149,21 @@ def lr_factor(step: int, config: AdapterTrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def distillation_loss(teacher: Teacher, adapter: DraftAdapter, ids: torch.Tensor, ce_weight: float):
-    """(total loss, smooth-L1 term, cross-entropy term) for windows ids [B, T]."""
+def distillation_loss(teacher: Teacher, adapter: DraftAdapter, ids: torch.Tensor, ce_weight: float,
+                      h_k: torch.Tensor | None = None, h_mid: torch.Tensor | None = None,
+                      rows: torch.Tensor | None = None):
+    """(total loss, smooth-L1 term, cross-entropy term) for windows ids [B, T]. h_k and h_mid ([B*T, width]) come
+    from the hidden-state cache, or the teacher computes them; the cross-entropy compares the teacher's and the
+    draft's distributions over the full vocabulary, or over the token ids `rows` only (--ce-vocab)."""
     b, t = ids.shape
-    embeds, h_k, h_mid, teacher_logits = teacher.targets(ids)
-    estimate, draft_logits = teacher.draft_logits(adapter, embeds, h_k, b, t)
+    if h_k is None or h_mid is None:
+        embeds, h_k, h_mid = teacher.hidden(ids)
+    else:
+        embeds = teacher.input.embed(ids.reshape(-1))
+    estimate = adapter(h_k, embeds, teacher.spans(adapter, b, t))
+    with torch.no_grad():
+        teacher_logits = teacher.output_logits(h_mid, b, t, rows)
+    draft_logits = teacher.output_logits(estimate, b, t, rows)
     regression = F.smooth_l1_loss(estimate, h_mid)
     ce = -(torch.softmax(teacher_logits, -1) * torch.log_softmax(draft_logits, -1)).sum(-1).mean()
     return regression + ce_weight * ce, regression, ce
@@ -235,12 +260,12 @@ def _chain_targets(teacher: Teacher, prefix: list[int], count: int) -> list[int]
     return _greedy_continuation(teacher, prefix, count + 1)[1:]
 
 
-def heldout_prefixes(tokenizer, files: list[Path], count: int, length: int, seed: int) -> list[list[int]]:
-    """`count` token prefixes of `length` tokens cut from held-out files at seeded positions."""
+def heldout_prefixes(tokenizer, texts: list[TrainingText], count: int, length: int, seed: int) -> list[list[int]]:
+    """`count` token prefixes of `length` tokens cut from held-out texts at seeded positions."""
     rng = random.Random(seed)
-    streams = [ids for ids in (tokenizer(read_text(f))["input_ids"] for f in files) if len(ids) > length]
+    streams = [ids for ids in (text.ids(tokenizer) for text in texts) if len(ids) > length]
     if not streams:
-        raise ValueError(f"no held-out file has more than {length} tokens")
+        raise ValueError(f"no held-out text has more than {length} tokens")
     out = []
     for _ in range(count):
         ids = rng.choice(streams)
@@ -249,7 +274,7 @@ def heldout_prefixes(tokenizer, files: list[Path], count: int, length: int, seed
     return out
 
 
-def heldout_sets(tokenizer, heldout: list[Path], config: AdapterTrainConfig) -> tuple[torch.Tensor, list[list[int]]]:
+def heldout_sets(tokenizer, heldout: list[TrainingText], config: AdapterTrainConfig) -> tuple[torch.Tensor, list[list[int]]]:
     """(windows for coverage [eval_windows, seq_len], prefixes of 64 tokens for draft chains), seeded."""
     ids = torch.tensor(heldout_prefixes(tokenizer, heldout, config.eval_windows, config.seq_len, config.seed + 1))
     return ids, heldout_prefixes(tokenizer, heldout, config.eval_chains, 64, config.seed + 2)
@@ -272,11 +297,11 @@ def evaluate_adapter(config: AdapterTrainConfig, calibrate: bool = False, log=pr
     fit its confidence temperature and store it in its adapter_config.json."""
     from transformers import AutoTokenizer
 
-    _, heldout, _ = text_files(config)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
+    heldout = training_data(config.data, tokenizer).heldout
     teacher = Teacher(config.model_dir, config.input_layers, config.output_layers)
     adapter = DraftAdapter.load(config.out, teacher.spec, torch.float32)
     adapter.config.check_matches(fingerprint(config.model_dir), config.input_layers, config.output_layers)
-    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
     eval_ids, chain_prefixes = heldout_sets(tokenizer, heldout, config)
     result = heldout_evaluation(teacher, adapter, eval_ids, chain_prefixes, config.draft_len, -1, log)  # -1: no step
     if calibrate:
@@ -299,7 +324,8 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
 
     started = time.perf_counter()
     out = Path(config.out)
-    train_files, heldout, data_desc = text_files(config)  # bad --data fails before the model is read
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
+    data = training_data(config.data, tokenizer)  # bad --data fails before the model is read
     torch.manual_seed(config.seed)
     teacher = Teacher(config.model_dir, config.input_layers, config.output_layers)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,14 +353,24 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
     elif config.resume:
         log(f"no {ckpt_path} to resume from (a finished run removes it): starting from step 0")
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
-    needed = config.steps * config.batch_size * config.seq_len // 2  # windows overlap: half the tokens seen suffice
-    stream = token_stream(tokenizer, train_files, needed, config.seed, "tokenize")
-    eval_ids, chain_prefixes = heldout_sets(tokenizer, heldout, config)
+    if config.cache:
+        needed = config.cache_tokens // config.seq_len * config.seq_len
+    else:
+        needed = config.steps * config.batch_size * config.seq_len // 2  # windows overlap: half the tokens seen suffice
+    stream = token_stream(tokenizer, data.train(config.seed), needed, "tokenize")
+    if config.cache:
+        stream = stream[:min(needed, len(stream) // config.seq_len * config.seq_len)]  # whole windows: what the cache holds
+    fill_started = time.perf_counter()
+    cache = open_cache(config, teacher, data.description, stream)
+    cache_fill_s = time.perf_counter() - fill_started  # this session's share of filling it (0 when it was full)
+    eval_ids, chain_prefixes = heldout_sets(tokenizer, data.heldout, config)
+    ce_rows = ce_vocabulary(config, spec.vocab_size, cache, stream)
     n_params = sum(p.numel() for p in adapter.parameters())
+    seen = config.steps * config.batch_size * config.seq_len
     log(f"adapter: width {adapter_config.width}, depth {adapter_config.depth}, {n_params:,} parameters; teacher "
-        f"{spec.num_layers} layers, split K={config.input_layers} M={config.output_layers}; data: {data_desc}, "
-        f"{len(stream):,} tokens; {config.steps} steps x {config.batch_size} x {config.seq_len} tokens")
+        f"{spec.num_layers} layers, split K={config.input_layers} M={config.output_layers}; data: {data.description}, "
+        f"{len(stream):,} tokens; {config.steps} steps x {config.batch_size} x {config.seq_len} tokens"
+        + (f" = {seen / len(stream):.1f} epochs over the hidden-state cache" if cache else ""))
 
     def evaluate() -> dict:
         adapter.eval()
@@ -355,8 +391,11 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
     bar = tqdm(total=config.steps, initial=step, desc="train-adapter", unit="step")
     while step < config.steps:
         t0 = time.perf_counter()
-        ids = windows(stream, config.seed, step, config.batch_size, config.seq_len)
-        loss, regression, ce = distillation_loss(teacher, adapter, ids, config.ce_weight)
+        if cache:
+            ids, h_k, h_mid = cache.batch(config.seed, step, config.batch_size)
+        else:
+            ids, h_k, h_mid = windows(stream, config.seed, step, config.batch_size, config.seq_len), None, None
+        loss, regression, ce = distillation_loss(teacher, adapter, ids, config.ce_weight, h_k, h_mid, ce_rows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -379,14 +418,16 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
     adapter.config = dataclasses.replace(adapter.config, confidence_temperature=temperature)
     log(f"drafting confidence temperature {temperature} (held-out log loss {calibration['log_loss']} against "
         f"{calibration['log_loss_at_1']} at 1.0)")
-    adapter.to_runtime(torch.float32).save(out)
+    adapter.to_runtime(parse_dtype(config.save_dtype)).save(out)
     with open(out / LOSS_LOG, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["step", "loss", "smooth_l1", "ce", "lr"])
         writer.writeheader()
         writer.writerows(rows)
     summary = {
         "adapter": asdict(adapter.config), "parameters": n_params, "train_config": asdict(config),
-        "data": data_desc, "tokens_seen": step * config.batch_size * config.seq_len,
+        "data": data.description, "tokens_seen": step * config.batch_size * config.seq_len,
+        "distinct_tokens": len(stream), "epochs": round(step * config.batch_size * config.seq_len / len(stream), 2),
+        "cache_fill_s": round(cache_fill_s, 1),
         "train_s": round(train_s, 1), "wall_s_this_session": round(time.perf_counter() - started, 1),
         "threads": torch.get_num_threads(), "final": evals[-1], "evals": evals, "calibration": calibration,
     }
