@@ -143,7 +143,8 @@ def connected_generator(bundle: str, link_config, speculation_args, backend: str
     from hat.device.device_model import DeviceModel
     from hat.device.generator import SplitGenerator
 
-    model = DeviceModel.load(bundle, backend=backend, threads=threads)
+    model = DeviceModel.load(bundle, backend=backend, threads=threads,
+                             with_adapter=not speculation_args.no_speculation)
     print(f"device backend: {model.backend}", file=sys.stderr, flush=True)
     with CloudLink(link_config) as link:
         link.register(model.manifest, backend=model.backend)

@@ -133,7 +133,14 @@ class DraftAdapter(nn.Module):
         config = AdapterConfig.load(folder)
         with torch.device("meta"):
             adapter = cls(spec, config)
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-        stored = next(iter(tensors.values())).dtype
-        adapter.load_state_dict(tensors, strict=True, assign=True)
+        weights = folder / ADAPTER_WEIGHTS
+        try:
+            tensors = load_file(str(weights))
+            stored = next(iter(tensors.values())).dtype
+            adapter.load_state_dict(tensors, strict=True, assign=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}") from None
+        except Exception as exc:  # safetensors' own errors, missing/unexpected keys, wrong shapes
+            raise ValueError(f"{weights} is corrupt or does not hold the weights its {ADAPTER_CONFIG} describes "
+                             f"({str(exc).splitlines()[0][:200]}): train or copy the adapter again") from None
         return adapter.to_runtime(dtype or stored, device).eval()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .default_model import reference_model_dir
 from .gguf_import import convert_gguf
+from .shipped_adapters import install_shipped_adapters, pending_adapters
 from .registry_fetch import RegistryFile, StoreError, downloads_folder, fetch_member, store_lock, store_root
 
 REFERENCE_NAME = "reference"  # the 10.8M model shipped inside the package (the test suite's fast model)
@@ -53,6 +54,9 @@ def resolve_model(spec: str | Path | None, pull_missing: bool = False,
         return reference_model_dir()
     if spec in catalog:
         if is_present(spec):
+            if pending_adapters(spec, model_path(spec)):  # adapters this version ships, not installed yet
+                with store_lock(store_root()):
+                    install_shipped_adapters(spec, model_path(spec))
             return model_path(spec)
         if pull_missing:
             return pull(spec, catalog=catalog)
@@ -73,12 +77,14 @@ def pull(name: str, force: bool = False, source_file: str | Path | None = None,
     with store_lock(store_root()):
         if is_present(name) and not force:
             print(f"{name} is already in the store", flush=True)
+            install_shipped_adapters(name, target)
             return target
         with downloads_folder() as downloads:
             gguf = fetch_member(entry, downloads, source_file)
             staged = target.parent / f".{name}.staged"
             shutil.rmtree(staged, ignore_errors=True)
             convert_gguf(gguf, staged, "float32", card_extra=_card_extra(entry))
+            install_shipped_adapters(name, staged)
             _swap_in(staged, target)
     return target
 

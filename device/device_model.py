@@ -39,16 +39,18 @@ class DeviceModel:
     token_frequencies: FrequencyTable | None = None  # the adapter's token frequency table (reduced draft head), if any
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, device: str = "cpu", backend: str = "torch", threads: int = 0) -> "DeviceModel":
+    def load(cls, bundle_dir: str | Path, device: str = "cpu", backend: str = "torch", threads: int = 0,
+             with_adapter: bool = True) -> "DeviceModel":
         """`backend`: "torch" (the bundle's weights on `device`) or "onnxruntime" (the graphs `hat export-onnx` wrote
         into the bundle, on TensorRT, CUDA or CPU, the first this onnxruntime offers; `threads`: its CPU threads, 0 for
-        its default)."""
+        its default). `with_adapter=False` leaves the bundle's draft adapter unread (plain decoding asked for): a
+        damaged adapter then stops nothing; otherwise a damaged or mismatched one is an error, never skipped."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir, part="device")
         spec = load_model_spec(bundle_dir)
-        adapter_dir = bundle_dir / ADAPTER_DIR if (bundle_dir / ADAPTER_DIR).is_dir() else None
+        adapter_dir = bundle_dir / ADAPTER_DIR if with_adapter and (bundle_dir / ADAPTER_DIR).is_dir() else None
         if backend == "onnxruntime":
             from .onnx_backend import load_onnx_parts
 

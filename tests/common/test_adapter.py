@@ -126,6 +126,24 @@ def test_save_load_round_trip(spec, tmp_path):
     torch.testing.assert_close(out.float(), expected, rtol=0.03, atol=0.05)
 
 
+def test_corrupt_or_foreign_weights_get_a_clear_error(spec, tmp_path):
+    adapter = DraftAdapter(spec, config_for(spec))
+    adapter.save(tmp_path / "a")
+    weights = tmp_path / "a" / ADAPTER_WEIGHTS
+    intact = weights.read_bytes()
+    for damaged in (intact[: len(intact) // 2], b"\x00" * 64, intact[:8] + b"{not json" + intact[17:]):
+        weights.write_bytes(damaged)
+        with pytest.raises(ValueError, match="is corrupt or does not hold the weights"):
+            DraftAdapter.load(tmp_path / "a", spec)
+    wider = DraftAdapter(spec, config_for(spec, intermediate_size=spec.intermediate_size * 2))
+    save_file({k: v.contiguous() for k, v in wider.state_dict().items()}, str(weights))  # weights of another shape
+    with pytest.raises(ValueError, match="is corrupt or does not hold the weights"):
+        DraftAdapter.load(tmp_path / "a", spec)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=f"no {ADAPTER_WEIGHTS}"):
+        DraftAdapter.load(tmp_path / "a", spec)
+
+
 def test_config_load_refuses_a_folder_that_is_no_adapter(spec, tmp_path):
     with pytest.raises(FileNotFoundError, match="hat train-adapter"):
         AdapterConfig.load(tmp_path)

@@ -110,3 +110,29 @@ def test_names_and_folders_resolve(store, tmp_path, capsys):
     assert "knows no model or dataset 'no-such-model'" in capsys.readouterr().err
     assert main(["split", NAME, "-K", "1", "-M", "1", "--out", str(tmp_path / "b")]) == 2
     assert f"run `hat pull {NAME}`" in capsys.readouterr().err
+
+
+def test_shipped_adapters_are_installed_and_updated_never_over_the_users(store, tmp_path, monkeypatch):
+    from hat.common import shipped_adapters
+    from hat.common.shipped_adapters import SHIPPED_MARKER
+
+    shipped = tmp_path / "shipped"
+    adapter = shipped / NAME / "k2-m1"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"v": 1}')
+    (adapter / "adapter.safetensors").write_bytes(b"w1")
+    monkeypatch.setattr(shipped_adapters, "SHIPPED_ROOT", shipped)
+
+    assert main(["pull", NAME]) == 0
+    installed = tmp_path / "home" / "models" / NAME / "adapters" / "k2-m1"
+    assert (installed / "adapter.safetensors").read_bytes() == b"w1" and (installed / SHIPPED_MARKER).is_file()
+
+    (adapter / "adapter.safetensors").write_bytes(b"weights 2")  # a newer package version ships another one
+    resolve_model(NAME)
+    assert (installed / "adapter.safetensors").read_bytes() == b"weights 2"
+
+    (installed / SHIPPED_MARKER).unlink()  # now it stands for the user's own adapter: never replaced
+    (adapter / "adapter.safetensors").write_bytes(b"weights 3")
+    resolve_model(NAME)
+    assert (installed / "adapter.safetensors").read_bytes() == b"weights 2"
+    assert not list(installed.parent.glob(".*"))  # no staging folder left behind

@@ -309,6 +309,16 @@ def test_generate_refuses_a_bundle_whose_adapter_does_not_match(bundle, model, w
                        "generate", "K=3, M=1", f"K={K}, M={M}")
 
 
+def test_a_corrupt_adapter_is_an_error_unless_plain_decoding_is_asked_for(plain, cloud, bundle, work, capsys):
+    device = work / "corrupt-adapter-device"
+    shutil.copytree(bundle / "device", device)
+    weights = device / "adapter" / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert_usage_error(hat_main(capsys, *generate_args(cloud, device)), "generate", "is corrupt")
+    result = generate_json(capsys, cloud, device, "--no-speculation")  # asked for: the adapter is not read
+    assert result["speculative"] is False and result["token_ids"] == plain["token_ids"]
+
+
 def test_generate_speculative_json(speculative_process, plain):
     rc, out, err = finish(speculative_process)
     assert rc == 0, err
