@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 EXPLORE_EVERY = 16  # rounds without a draft before one round drafts a token to measure acceptance again
+# drafting ahead while a round is verified is kept only if the round's whole draft is accepted and the bonus token
+# is the one guessed; a kept one saves at least a draft step of the next round, a wasted one delays handling the
+# reply by half a step on average (the step under way when it arrives): below this chance it does not pay
+PREDRAFT_MIN_CHANCE = 0.35
 
 
 @dataclass
@@ -42,6 +46,13 @@ class AcceptanceTracker:
         for i in range(min(position, self.positions)):
             rate = (self.accepted[i] + rate * self.prior_weight) / (self.tried[i] + self.prior_weight)
         return rate
+
+    def reach(self, positions: int) -> float:
+        """Chance that draft positions 1..`positions` are all accepted."""
+        chance = 1.0
+        for position in range(1, positions + 1):
+            chance *= self.rate(position)
+        return chance
 
     def expected_tokens(self, drafted: int) -> float:
         """Tokens a round that drafts `drafted` yields in expectation (the target's own token included)."""
@@ -89,6 +100,11 @@ class DraftLengthChooser:
 
     def observe(self, drafted: int, accepted: int) -> None:
         self.acceptance.observe(drafted, accepted)
+
+    def predraft_pays(self, drafted: int) -> bool:
+        """Whether drafting ahead during a round that verifies `drafted` tokens is likely enough to be kept (all of
+        them accepted and the bonus token guessed, the guess standing for position drafted + 1)."""
+        return self.acceptance.reach(drafted + 1) >= PREDRAFT_MIN_CHANCE
 
 
 @dataclass

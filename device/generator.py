@@ -343,7 +343,7 @@ class SplitGenerator:
         hidden = torch.cat(draft.hiddens[:n + 1])
         sequence = self.link.send_forward(g.session_id, start, hidden)
         ahead = None
-        if self.speculation.parallel and remaining > n + 2 and g.guard.allow():
+        if self.speculation.parallel and remaining > n + 2 and g.lengths.predraft_pays(n) and g.guard.allow():
             deadline = sent + self.predicted_round_s
             ahead = drafter.predraft(draft, lambda: not self.link.reply_ready() and time.perf_counter() < deadline)
         reply = self._receive(g, sequence, start, hidden)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hat.device.draft_length import (EXPLORE_EVERY, AcceptanceTracker, DraftLengthChooser, ParallelGuard,
+from hat.device.draft_length import (PREDRAFT_MIN_CHANCE, EXPLORE_EVERY, AcceptanceTracker, DraftLengthChooser, ParallelGuard,
                                      best_length)
 
 
@@ -104,3 +104,17 @@ def test_parallel_guard_stops_drafting_ahead_when_it_slows_the_cloud():
             guard.observe(ahead, 0.03 * (slowdown if ahead else 1.0), 0.03)
     assert not slowed.enabled and not slowed.allow()
     assert idle.enabled
+
+
+def test_drafting_ahead_only_where_it_is_likely_to_be_kept():
+    chooser = DraftLengthChooser(4)
+    assert chooser.predraft_pays(0)  # the prior: position 1 accepted half the time
+    for _ in range(20):
+        chooser.observe(1, 0)  # the draft's first token always rejected
+    assert not chooser.predraft_pays(0) and not chooser.predraft_pays(2)
+    for _ in range(60):
+        chooser.observe(3, 3)  # whole drafts of 3 accepted
+    assert chooser.predraft_pays(0) and chooser.predraft_pays(2)
+    reach = chooser.acceptance.reach(3)
+    assert reach == pytest.approx(chooser.acceptance.rate(1) * chooser.acceptance.rate(2) * chooser.acceptance.rate(3))
+    assert chooser.predraft_pays(2) == (reach >= PREDRAFT_MIN_CHANCE)
