@@ -43,6 +43,7 @@ from multiprocessing.connection import Connection
 import zmq
 
 from .link_traces import BandwidthTrace
+from .process_context import process_context
 
 START_TIMEOUT_S = 120.0  # longest wait for the shim process to bind (spawn re-imports the parent's main module; a loaded machine)
 STOP_TIMEOUT_S = 5.0  # longest wait for a clean exit before the process is terminated, then killed
@@ -158,7 +159,7 @@ class LinkShim:
     def start(self) -> "LinkShim":
         if self.is_alive():
             raise RuntimeError("the link shim is already started")
-        context = multiprocessing.get_context("spawn")
+        context = process_context()
         parent_conn, child_conn = context.Pipe(duplex=True)
         process = context.Process(target=_serve, args=(self.cloud_data_address, list(self.profiles), child_conn),
                                   name="hat-link-shim", daemon=True)
