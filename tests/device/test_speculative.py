@@ -26,6 +26,10 @@ from test_generate_oracle import PROMPTS, assert_same_greedy, hf_greedy
 NEW_TOKENS = 20
 CASES = [("llama3", 1, 0), ("llama_tied_bias", 2, 1), ("mistral", 2, 1), ("qwen2", 1, 3), ("qwen3", 2, 2)]
 
+# many small forwards (drafts, verifications, transformers' generate on tiny models): on a 2-core machine intra-op
+# threads only add synchronisation
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def random_adapter(model_dir, k: int, m: int, out, seed: int = 0):
     """An adapter with random weights everywhere (project too), saved to `out`."""
