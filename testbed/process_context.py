@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import multiprocessing
 
-# imported once by the fork server: every target of a testbed process and what its first model load imports
+# imported once by the fork server: every target of a testbed process, and what a first DeviceModel.load imports
+# (transformers' tokenizer classes; its modeling utilities, which pull in accelerate and more: 2-3 s alone)
 PRELOAD = ("hat.testbed.emulated_device", "hat.testbed.cloud_only", "hat.testbed.link_shim",
-           "transformers.models.auto.tokenization_auto")
+           "transformers.models.auto.tokenization_auto", "transformers.modeling_utils")
 
 
 def process_context():
