@@ -249,8 +249,9 @@ def cloud_only_server(device_dir: str | Path, cloud_dir: str | Path, threads: in
 
 
 def cloud_only_device_main(job: DeviceJob, ready, go, start_at) -> None:
-    """The process's body (spawned): connect, warm up once (unrecorded), put its index on `ready`, wait for `go`, then
-    replay the requests with arrivals counted from `start_at.value` (time.time()), one at a time."""
+    """The process's body (forked: testbed/process_context.py): connect, warm up once (unrecorded), put its index on
+    `ready`, wait for `go`, then replay the requests with arrivals counted from `start_at.value` (time.time()), one
+    at a time."""
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
