@@ -22,8 +22,9 @@ def hf_greedy(model_dir, ids: list[int], max_new_tokens: int) -> list[int]:
     session for each (model, prompt, length): tests of several splits ask for the same ones."""
     key = (str(model_dir), tuple(ids), max_new_tokens)
     if key not in _GREEDY:
-        out = hf_model(model_dir).generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                           do_sample=False, max_new_tokens=max_new_tokens)
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        out = hf_model(model_dir).generate(torch.tensor([ids]), attention_mask=mask, do_sample=False,
+                                           max_new_tokens=max_new_tokens)
         _GREEDY[key] = tuple(out[0, len(ids):].tolist())
     return list(_GREEDY[key])
 
