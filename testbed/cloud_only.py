@@ -37,7 +37,7 @@ from .cloud_only_protocol import (Error, ProtocolError, ProtocolLimits, Request,
                                   request_tokens)
 from .device_replay import replay_on_devices
 from .emulated_device import REPLY_TIMEOUT_S, WARMUP_PROMPT, DeviceJob
-from .process_context import process_context
+from .process_context import DEVICE_PRELOAD, process_context
 from .records import ExperimentRecord, TimelineStep
 
 SERVER_READY_TIMEOUT_S = 120.0  # longest wait for the server process to load both bundles and bind
@@ -219,7 +219,7 @@ def _server_main(device_dir: str, cloud_dir: str, threads: int, config: CloudOnl
 def cloud_only_server(device_dir: str | Path, cloud_dir: str | Path, threads: int = 1,
                       config: CloudOnlyConfig = CloudOnlyConfig()):
     """A CloudOnlyServer process on 127.0.0.1; yields its port, stops it on exit."""
-    context = process_context()
+    context = process_context(DEVICE_PRELOAD)
     parent, child = context.Pipe()
     process = context.Process(target=_server_main, args=(str(device_dir), str(cloud_dir), threads, config, child),
                               name="hat-cloud-only", daemon=True)
