@@ -17,7 +17,6 @@ the workload's prompts come tokenized already.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
 import traceback
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from .cloud_only_protocol import (Error, ProtocolError, ProtocolLimits, Request,
                                   request_tokens)
 from .device_replay import replay_on_devices
 from .emulated_device import REPLY_TIMEOUT_S, WARMUP_PROMPT, DeviceJob
+from .process_context import DEVICE_PRELOAD, process_context
 from .records import ExperimentRecord, TimelineStep
 
 SERVER_READY_TIMEOUT_S = 120.0  # longest wait for the server process to load both bundles and bind
@@ -219,7 +219,7 @@ def _server_main(device_dir: str, cloud_dir: str, threads: int, config: CloudOnl
 def cloud_only_server(device_dir: str | Path, cloud_dir: str | Path, threads: int = 1,
                       config: CloudOnlyConfig = CloudOnlyConfig()):
     """A CloudOnlyServer process on 127.0.0.1; yields its port, stops it on exit."""
-    context = multiprocessing.get_context("spawn")
+    context = process_context(DEVICE_PRELOAD)
     parent, child = context.Pipe()
     process = context.Process(target=_server_main, args=(str(device_dir), str(cloud_dir), threads, config, child),
                               name="hat-cloud-only", daemon=True)
@@ -249,8 +249,9 @@ def cloud_only_server(device_dir: str | Path, cloud_dir: str | Path, threads: in
 
 
 def cloud_only_device_main(job: DeviceJob, ready, go, start_at) -> None:
-    """The process's body (spawned): connect, warm up once (unrecorded), put its index on `ready`, wait for `go`, then
-    replay the requests with arrivals counted from `start_at.value` (time.time()), one at a time."""
+    """The process's body (forked: testbed/process_context.py): connect, warm up once (unrecorded), put its index on
+    `ready`, wait for `go`, then replay the requests with arrivals counted from `start_at.value` (time.time()), one
+    at a time."""
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)

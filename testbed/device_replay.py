@@ -6,13 +6,13 @@ knows nothing of the cloud behind `data_address`.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import queue
 import time
 from pathlib import Path
 
 from .emulated_device import DeviceJob
 from .link_shim import LinkShim
+from .process_context import DEVICE_PRELOAD, process_context
 from .records import ExperimentRecord
 from .scenario import Scenario
 from .systems import SYSTEMS
@@ -29,7 +29,7 @@ def replay_on_devices(scenario: Scenario, name: str, requests: list[WorkloadRequ
     behind its group's port of one LinkShim in front of `data_address`; all released at once and followed through
     their result files. The records in workload order."""
     system, count = SYSTEMS[name], scenario.device_count
-    context = multiprocessing.get_context("spawn")
+    context = process_context(DEVICE_PRELOAD)
     ready, go, start_at = context.Queue(), context.Event(), context.Value("d", 0.0)
     result_paths = [work / f"{name}-device{i}.jsonl" for i in range(count)]
     processes = []

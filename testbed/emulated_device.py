@@ -71,8 +71,8 @@ def _record(job: DeviceJob, start_at: float, request: int, arrival_s: float, sta
 
 
 def device_main(job: DeviceJob, ready, go, start_at) -> None:
-    """The process's body (spawned): set up and warm up, put its index on `ready`, wait for `go`, then replay the
-    requests with arrivals counted from `start_at.value` (time.time())."""
+    """The process's body (forked: testbed/process_context.py): set up and warm up, put its index on `ready`, wait
+    for `go`, then replay the requests with arrivals counted from `start_at.value` (time.time())."""
     torch.set_num_threads(job.threads)
     model = DeviceModel.load(job.device_dir)
     ComputeThrottle(model, job.schedule)

@@ -99,3 +99,17 @@ def smollm2():
         if os.environ.get("CI"):
             pytest.fail(f"{DEFAULT_MODEL} could not be obtained, and CI must run the real-model tests: {exc}")
         pytest.skip(f"{DEFAULT_MODEL} could not be obtained: {exc}")
+
+
+@pytest.fixture(scope="session")
+def reference_cloud(tmp_path_factory):
+    """A loopback cloud (tests/cluster.py) of the reference model's default split, as shipped (bfloat16), started
+    once per session for the tests that generate with the reference model: its start-up profile alone takes seconds
+    (1024-token chunks through nine bfloat16 layers). Its registry and latency fit carry what earlier tests left;
+    tests must not stop it, and those that need a fresh cloud start their own."""
+    from cluster import running_cloud
+    from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, reference_model_dir
+
+    with running_cloud(reference_model_dir(), DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS,
+                       tmp_path_factory.mktemp("reference-cloud")) as cluster:
+        yield cluster

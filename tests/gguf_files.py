@@ -7,6 +7,8 @@ and llama 3's rope scaling goes in as a `rope_freqs` tensor computed by transfor
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
@@ -114,3 +116,37 @@ def _add_tokenizer(writer, model_dir: Path) -> None:
     writer.add_eos_token_id(ids["</s>"])
     writer.add_pad_token_id(ids["<pad>"])
     writer.add_add_bos_token(True)
+
+
+@contextmanager
+def each_gguf_parsed_once():
+    """Within the block, gguf.GGUFReader gives back one parsed reader per file (path resolved) and
+    gguf.get_tensor_name_map one map per (architecture, layer count).
+
+    Parsing a real vocabulary (49k strings, field by field) costs seconds each time, and a conversion
+    checked against transformers' GGUF loader parses the same read-only file four times (our reader, the
+    tokenizer transformers builds, transformers' config and its weights), while transformers asks for the
+    same tensor name map once per module. Both are pure functions of their arguments, so the importer and
+    the oracle still read the same bytes through the same parser; they only share its result.
+    """
+    readers, maps = {}, {}
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(path, mode: str = "r"):
+        key = (os.path.realpath(path), mode)
+        if mode != "r":  # a writable map is not shared
+            return real_reader(path, mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = real_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 TIE = 1e-4  # logits closer than this are a tie in float32 (the runtime matches transformers to ~1e-5)
 
 _HF: dict = {}
+_GREEDY: dict = {}  # (model folder, prompt ids, max_new_tokens) -> transformers' greedy tokens
 
 
 def hf_model(model_dir):
@@ -17,10 +18,15 @@ def hf_model(model_dir):
 
 @torch.no_grad()
 def hf_greedy(model_dir, ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy new tokens (it stops early at an end-of-sequence id, which it keeps)."""
-    out = hf_model(model_dir).generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                       do_sample=False, max_new_tokens=max_new_tokens)
-    return out[0, len(ids):].tolist()
+    """transformers' greedy new tokens (it stops early at an end-of-sequence id, which it keeps); computed once per
+    session for each (model, prompt, length): tests of several splits ask for the same ones."""
+    key = (str(model_dir), tuple(ids), max_new_tokens)
+    if key not in _GREEDY:
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        out = hf_model(model_dir).generate(torch.tensor([ids]), attention_mask=mask, do_sample=False,
+                                           max_new_tokens=max_new_tokens)
+        _GREEDY[key] = tuple(out[0, len(ids):].tolist())
+    return list(_GREEDY[key])
 
 
 @torch.no_grad()

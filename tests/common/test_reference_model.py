@@ -52,19 +52,15 @@ def test_heldout_loss_matches_card_through_the_runtime(reference):
     assert loss == pytest.approx(expected, rel=TOLERANCE)
 
 
-def test_split_generation_writes_python(tmp_path):
+def test_split_generation_writes_python(reference_cloud):
     """What `hat demo --model reference` shows (its prompt and sampling, the default split): the reference model
     continues a function header with an indented Python body."""
-    from cluster import running_cloud
-
     from hat.cli.demo_cmd import REFERENCE_PROMPT, REFERENCE_SEED, REFERENCE_TEMPERATURE, REFERENCE_TOP_P
-    from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS
     from hat.common.sampling import SamplingParams
 
     sampling = SamplingParams(REFERENCE_TEMPERATURE, REFERENCE_TOP_P, REFERENCE_SEED)
-    with running_cloud(reference_model_dir(), DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, tmp_path) as cluster:
-        with cluster.generator() as generator:
-            text = generator.generate(REFERENCE_PROMPT, 60, sampling).text
+    with reference_cloud.generator() as generator:
+        text = generator.generate(REFERENCE_PROMPT, 60, sampling).text
     assert text.startswith("\n"), repr(text)
     body = text.splitlines()[1:]
     assert body and all(line.startswith("    ") or not line.strip() for line in body[:2]), repr(text)

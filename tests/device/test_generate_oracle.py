@@ -34,6 +34,10 @@ CASES = [
 ]
 assert {f for f, _, _ in CASES} == set(FAMILIES)
 
+# many small forwards (16 decode steps per prompt, transformers' generate on tiny models): on a 2-core machine
+# intra-op threads only add synchronisation
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def test_prompt_lengths(tiny_checkpoint):
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint("llama3"))

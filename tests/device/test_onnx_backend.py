@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from cluster import running_cloud
 from hat.cli.main import main
 from hat.common.default_model import DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, reference_model_dir
 from hat.common.layers import SequenceSpan
 from hat.common.split import split_checkpoint
+from hat.device.cloud_link import LinkConfig
 from hat.device.device_model import DeviceModel
 from hat.device.onnx_backend import choose_providers
 from hat.device.onnx_graphs import AdapterGraph, HeadGraph, InputPartGraph, OutputLayersGraph
@@ -168,16 +168,15 @@ def test_sessions_burn_no_cpu_between_calls(reference_export):
     assert (time.process_time() - began) * 1e3 < 15
 
 
-def test_greedy_speculation_gives_the_same_tokens_on_both_backends(reference_export, tmp_path):
+def test_greedy_speculation_gives_the_same_tokens_on_both_backends(reference_export, reference_cloud):
     prompts = ["def fibonacci(n):", CODE, "class Stack:\n    def __init__(self):"]
     model_dir = reference_model_dir()
     models = {b: DeviceModel.load(reference_export, backend=b) for b in ("torch", "onnxruntime")}
-    with running_cloud(model_dir, DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, tmp_path) as cluster:
-        runs = {}
-        for backend, model in models.items():
-            with cluster.generator(model) as gen:
-                gen.speculation = SpeculationConfig(length="threshold")  # timing-free lengths: the same rounds on both
-                runs[backend] = [gen.generate_ids(gen.encode(p), 32) for p in prompts]
+    runs = {}
+    for backend, model in models.items():
+        with reference_cloud.generator(model) as gen:
+            gen.speculation = SpeculationConfig(length="threshold")  # timing-free lengths: the same rounds on both
+            runs[backend] = [gen.generate_ids(gen.encode(p), 32) for p in prompts]
     for prompt, torch_run, onnx_run in zip(prompts, runs["torch"], runs["onnxruntime"]):
         assert onnx_run.token_ids == torch_run.token_ids
         assert [r.accepted for r in onnx_run.decode_rounds] == [r.accepted for r in torch_run.decode_rounds]
@@ -186,16 +185,17 @@ def test_greedy_speculation_gives_the_same_tokens_on_both_backends(reference_exp
         assert_same_greedy(model_dir, ids, onnx_run.token_ids, hf_greedy(model_dir, ids, 32))
 
 
-def test_generate_command_reports_its_backend(reference_export, tmp_path, capsys):
-    with running_cloud(reference_model_dir(), DEFAULT_INPUT_LAYERS, DEFAULT_OUTPUT_LAYERS, tmp_path) as cluster:
-        assert main(["generate", "--bundle", str(reference_export), "--cloud", "127.0.0.1", "--data-port",
-                     str(cluster.data_port), "--control-port", str(cluster.control_port), "--prompt", "def add(a, b):",
-                     "--max-new-tokens", "8", "--backend", "onnxruntime", "--json"]) == 0
-        registered = list(cluster.server.registry._devices.values())
+def test_generate_command_reports_its_backend(reference_export, reference_cloud, capsys):
+    cluster = reference_cloud
+    assert main(["generate", "--bundle", str(reference_export), "--cloud", "127.0.0.1", "--data-port",
+                 str(cluster.data_port), "--control-port", str(cluster.control_port), "--prompt", "def add(a, b):",
+                 "--max-new-tokens", "8", "--backend", "onnxruntime", "--json"]) == 0
+    # the device id the command derives (host name and this process's id): its registration is the command's, the latest
+    registered = cluster.server.registry._devices[LinkConfig().resolved_device_id()]
     out, err = capsys.readouterr()
     assert "device backend: onnxruntime (CPUExecutionProvider)" in err
     assert len(json.loads(out)["token_ids"]) == 8
-    assert registered[0].capabilities.backend == "onnxruntime (CPUExecutionProvider)"
+    assert registered.capabilities.backend == "onnxruntime (CPUExecutionProvider)"
 
 
 @torch.inference_mode()
