@@ -144,11 +144,14 @@ def sample_windows(files: Sequence, tokenizer, max_tokens: int, seq_len: int, se
 
 @torch.no_grad()
 def collect_states(model, windows: Sequence[Sequence[int]], layers: Sequence[int], skip_first: bool = True,
-                   batch_size: int = 8, desc: str = "forward") -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+                   batch_size: int = 8, desc: str = "forward",
+                   keep: Sequence[Sequence[bool]] | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """({K: hidden states [N, hidden] float32}, token ids [N]) for every position of every window, in order (the
     first of each left out when `skip_first`, the <s>): `hidden_states[K]` of one forward per window, the output of
     the first K decoder layers (K=0: the embeddings). Windows of equal length run together, up to `batch_size` at a
-    time (no padding: each is computed as if alone). The LM head is not run: the decoder stack alone."""
+    time (no padding: each is computed as if alone). `keep` (a mask per window, its length): the positions taken,
+    instead of all but the first. Only the layers up to max(layers) + 1 run (the hidden state after the last one
+    run has the final norm applied, which no device sends), nor the LM head."""
     num_layers = model.config.num_hidden_layers
     if any(k < 0 or k >= num_layers for k in layers):
         raise ValueError(f"split points must lie in [0, {num_layers}) for a {num_layers}-layer model: got "
@@ -161,16 +164,27 @@ def collect_states(model, windows: Sequence[Sequence[int]], layers: Sequence[int
         by_length.setdefault(len(window), []).append(i)
     batches = [group[j:j + batch_size] for group in by_length.values() for j in range(0, len(group), batch_size)]
     per_window: list[dict[int, torch.Tensor]] = [{}] * len(windows)
-    with tqdm(total=len(windows), desc=desc, unit="win", file=sys.stderr, leave=False) as bar:
-        for batch in batches:
-            ids = torch.tensor([windows[i] for i in batch], dtype=torch.long, device=device)
-            hidden = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-            for row, i in enumerate(batch):
-                per_window[i] = {k: hidden[k][row, start:].float().cpu() for k in layers}
-            bar.update(len(batch))
+    if keep is None:
+        keep = [[j >= start for j in range(len(window))] for window in windows]
+    elif [len(mask) for mask in keep] != [len(window) for window in windows]:
+        raise ValueError("keep: one mask per window, as long as it")
+    all_layers = decoder.layers
+    decoder.layers = all_layers[:max(layers) + 1]  # the layers past the deepest K asked for need not run
+    try:
+        with tqdm(total=sum(map(len, windows)), desc=desc, unit="tok", file=sys.stderr, leave=False) as bar:
+            for batch in batches:
+                ids = torch.tensor([windows[i] for i in batch], dtype=torch.long, device=device)
+                hidden = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+                for row, i in enumerate(batch):
+                    mask = torch.tensor(keep[i], dtype=torch.bool, device=device)
+                    per_window[i] = {k: hidden[k][row, mask].float().cpu() for k in layers}
+                bar.update(ids.numel())
+    finally:
+        decoder.layers = all_layers
     states = {k: torch.cat([w[k] for w in per_window]) if windows else torch.empty(0, model.config.hidden_size)
               for k in layers}
-    tokens = torch.tensor([t for window in windows for t in window[start:]], dtype=torch.long)
+    tokens = torch.tensor([t for window, mask in zip(windows, keep) for t, kept in zip(window, mask) if kept],
+                          dtype=torch.long)
     return states, tokens
 
 
