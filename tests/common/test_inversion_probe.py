@@ -126,7 +126,7 @@ def test_baselines_on_known_tokens():
 
 def test_main_writes_one_row_per_split_point(tmp_path, capsys):
     out = tmp_path / "probe.json"
-    assert probe_script.main(["-K", "2", "--train-tokens", "2000", "--eval-tokens", "800", "--seq-len", "128",
+    assert probe_script.main(["--model", "reference", "-K", "2", "--train-tokens", "2000", "--eval-tokens", "800", "--seq-len", "128",
                               "--epochs", "1", "--probe-width", "128", "--batch-size", "128", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [row["input_layers"] for row in result["rows"]] == [0, 2]  # K=0, the embedding check, comes first
@@ -143,4 +143,4 @@ def test_main_writes_one_row_per_split_point(tmp_path, capsys):
 
 def test_main_refuses_a_split_past_the_model(capsys):
     with pytest.raises(SystemExit, match="below the model's 12 layers"):
-        probe_script.main(["-K", "12", "--train-tokens", "100", "--eval-tokens", "100"])
+        probe_script.main(["--model", "reference", "-K", "12", "--train-tokens", "100", "--eval-tokens", "100"])
