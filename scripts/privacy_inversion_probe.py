@@ -3,39 +3,47 @@
 
 The device runs the first K decoder layers and sends their output, one hidden-state vector per prompt token,
 to the cloud. Token ids never leave the device, but whoever holds the cloud part sees those vectors. This
-script plays that attacker on the reference model: a probe learns to map the hidden state at position t to
-the token at t (a learned inversion) from text the attacker has (the reference corpus's training split),
-and is scored on text it never saw (the held-out split).
+script plays that attacker: a probe learns to map the hidden state at position t to the token at t (a learned
+inversion) from text the attacker has, and is scored on text it never saw. Beside each K it prints what that K
+costs the device per generated token (privacy_device_cost.py), so a user chooses K knowingly.
 
+Model (--model): the project's default model (smollm2-135m-instruct, from the store) unless told otherwise;
+`--model reference` is the 10.8M toy model. Text (--data, auto: chat when the tokenizer has a chat template):
+- chat: the attacker trains on ShareGPT conversations and is scored on MT-Bench's first turns and HumanEval's
+  prompts, everything in the model's chat template as a device runs it; only the user's text is scored
+  (privacy_chat_text.py). Defaults: K = 1,2,4,8; 200,000 training positions (--quick: 40,000); windows of 512;
+  the LDA probe.
+- corpus: the reference corpus's training and held-out files, windows of --seq-len tokens (<s> then up to
+  seq-len - 1 tokens of one file; files in a seeded random order, round robin: every file's first window before
+  any file's second), --train-tokens and --eval-tokens positions (the <s> not counted). Defaults: K =
+  1,2,3,4,6,8,10; 40,000 and 20,000 positions; windows of 256; the linear and MLP probes.
 Per K of --input-layers, and first K=0 (the raw embeddings: a check that the probe works; --skip-embedding):
-  1. Windows of --seq-len tokens (<s> then up to seq-len - 1 tokens of one file; files in a seeded random
-     order, round robin: every file's first window before any file's second) up to --train-tokens prompt
-     tokens from training files and --eval-tokens from held-out files. One forward pass per window (windows
-     of equal length batched) gives every layer's output (`hidden_states[K]`, exactly what a device with
-     `--input-layers K` sends, float32); the <s> position is not counted.
-  2. Two probes on the training pairs, inputs standardised per feature with the training mean and std
-     (the hidden states' scale grows with depth): a softmax classifier (Linear(hidden, classes)) and an MLP
-     (Linear -> GELU -> Linear, --probe-width wide), Adam with a cosine-decayed rate, --epochs passes in
-     minibatches. Their classes are the token ids seen in training: no learned probe can name another.
-  3. The better probe (held-out top-1) is the row's figure: top-1 recovery is the fraction of held-out token
-     positions whose exact id the probe names first, top-5 the fraction within its five best guesses.
+  1. One forward pass per window (windows of equal length batched, only the layers up to the deepest K) gives
+     `hidden_states[K]`, exactly what a device with `--input-layers K` sends, float32.
+  2. Probes on the training pairs, inputs standardised per feature with the training mean and std (the hidden
+     states' scale grows with depth): "lda", linear discriminant analysis in closed form (one Gaussian per token
+     id, a shared shrunk covariance: one pass and a d x d solve, affordable with a real vocabulary on a CPU);
+     "linear", a softmax classifier; "mlp", Linear -> GELU -> Linear (--probe-width wide). The last two train
+     with Adam at a cosine-decayed rate for --epochs passes in minibatches. Their classes are the token ids seen
+     in training: no learned probe can name another.
+  3. The better probe (scored top-1) is the row's figure: top-1 recovery is the fraction of scored positions
+     whose exact id the probe names first, top-5 the fraction within its five best guesses (chat: per set too).
 References printed with the table: the majority baseline (always the most frequent training token; top-5:
-the five most frequent) and the coverage (held-out tokens whose id occurs in the training pairs: the
-ceiling of any learned probe, which K=0 should nearly reach).
+the five most frequent) and the coverage (scored tokens whose id occurs in the training pairs: the ceiling of
+any learned probe, which K=0 should nearly reach).
 
 Context: the published figure for a 7B model is about 59% of tokens recovered from the hidden states at a
-2-layer split and 35% at 8 layers. The reference model has 10.8M parameters and 12 layers of width 256, so
-only the trend is comparable, not the numbers. This measures one attacker (a probe per position, no
-context), a lower bound on what a stronger one recovers. The split point is the user's choice: this
-shows what it costs in privacy.
+2-layer split and 35% at 8 layers. This measures one attacker (a probe per position, no context), a lower
+bound on what a stronger one recovers. The split point is the user's choice: this shows what it costs in
+privacy, and what a deeper split costs the device.
 
-Time: the defaults (K = 0,1,2,3,4,6,8,10; 40000 training and 20000 held-out tokens; 4 epochs; width 1024)
-take about 7 to 13 minutes on this project's 2-core CPU machine, the spread being how busy another job keeps
-its cores: measured at these sizes, 26-36 s to read the text and run the model once, then 47-81 s per K (most
-of it the MLP probe), times 8 rows. torch's default of one thread per core suffers when another job holds a
-core (the model's forward ran ten times slower on 2 threads than on 1 there): try --threads 1 on a shared
-machine. Peak memory is about 1.3 GB (every K's hidden states are held at once). Time grows linearly with
---train-tokens and --epochs; more training tokens make a stronger attacker (they raise the coverage).
+Time (this project's 2-core CPU machine, one thread, shared with other jobs): chat on SmolLM2 with the
+defaults, see docs/architecture.md (the forward passes dominate: about 9 layers x 240,000 positions; the LDA
+probe takes seconds to a minute per K; memory about 3 GB, every K's states held at once); --quick a few
+minutes. Corpus on the reference model with its defaults: 7 to 13 minutes (26-36 s to read the text and run
+the model once, then 47-81 s per K, most of it the MLP probe). torch's default of one thread per core suffers
+when another job holds a core: use --threads 1 on a shared machine. Time grows linearly with --train-tokens
+(and --epochs for the gradient probes); more training tokens make a stronger attacker (they raise the coverage).
 """
 from __future__ import annotations
 
