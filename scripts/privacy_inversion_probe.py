@@ -130,6 +130,8 @@ def apply_mode_defaults(args: argparse.Namespace, mode: str) -> None:
     """Fill what the command line left unset with `mode`'s defaults, then check the settings."""
     p, defaults = args.parser, MODE_DEFAULTS[mode]
     args.data = mode
+    if mode == "chat" and args.eval_tokens is not None:
+        p.error("--eval-tokens: chat data scores every MT-Bench and HumanEval prompt whole")
     for key in ("input_layers", "seq_len", "probes", "eval_tokens"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
