@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import privacy_inversion_probe as probe_script  # noqa: E402
 from privacy_chat_text import fixed_opening, prompt_windows, training_windows  # noqa: E402
-from privacy_inversion_probe import baselines, collect_states, evaluate, fit_lda, sample_windows, train_probe  # noqa: E402
+from privacy_inversion_probe import (baselines, collect_states, evaluate, fit_lda, fit_nearest, sample_windows,  # noqa: E402
+                                     train_probe)
 
 SEQ_LEN = 128
 # a ChatML template with a default system prompt, as SmolLM2's, for the reference tokenizer (which has none)
@@ -169,6 +170,26 @@ def test_lda_probe_inverts_the_hidden_states(pairs):
                        eval_states[2], eval_tokens)
     assert lda[2]["top1"] > reference["majority_top1"] + 0.3
     assert lda[2]["top1"] >= softmax["top1"] - 0.02
+
+
+def test_nearest_probe_names_tokens_never_seen_in_training(reference, pairs):
+    """The attacker with the model's weights maps states to the input embeddings: on the embeddings themselves it
+    recovers every token, those absent from its training pairs included (past the coverage, the other probes'
+    ceiling); two layers in it still beats the majority baseline by far."""
+    _, model, _ = reference
+    _, _, (train_states, train_tokens), (eval_states, eval_tokens) = pairs
+    table = model.get_input_embeddings().weight.detach().float()
+    reference_figures = baselines(train_tokens, eval_tokens)
+    unseen = ~torch.isin(eval_tokens, train_tokens)
+    assert unseen.any()
+    probe = fit_nearest(train_states[0], train_tokens, table)
+    assert len(probe.classes) == model.config.vocab_size
+    assert evaluate(probe, eval_states[0], eval_tokens)["top1"] == 1.0 > reference_figures["coverage"]
+    assert evaluate(probe, eval_states[0][unseen], eval_tokens[unseen])["top1"] == 1.0
+    deeper = evaluate(fit_nearest(train_states[2], train_tokens, table), eval_states[2], eval_tokens)
+    assert deeper["top1"] > reference_figures["majority_top1"] + 0.2
+    with pytest.raises(ValueError, match="input embeddings"):
+        train_probe(train_states[2], train_tokens, "nearest")
 
 
 def test_lda_is_the_gaussian_bayes_rule():
