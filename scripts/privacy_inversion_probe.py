@@ -262,11 +262,9 @@ class Probe:
 
 LDA_SHRINKAGE = 3e-3  # the LDA probe's ridge on the pooled within-class covariance of the standardised states: the best
 # held-out top-1 among 1e-3 to 0.2 at K = 2 and 8 of the reference model (20,000 training tokens; 1e-3 to 1e-2 within 0.5%)
-
-
 NEAREST_RIDGE = 1e-4  # the nearest probe's ridge (times the rows) on its map from standardised states to embeddings: the best held-out
 # top-1 among 1e-4 to 1e-2 at K = 2 and 8 of the reference model
-LDA_LOSS_ROWS = 8192  # training rows the LDA probe's recorded training loss is computed on
+LDA_LOSS_ROWS = 8192  # training rows the closed-form probes' recorded training loss is computed on
 
 
 def make_net(kind: str, hidden: int, classes: int, width: int) -> nn.Module:
