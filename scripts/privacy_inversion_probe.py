@@ -40,9 +40,10 @@ bound on what a stronger one recovers. The split point is the user's choice: thi
 privacy, and what a deeper split costs the device.
 
 Time (this project's 2-core CPU machine, one thread, shared with other jobs): chat on SmolLM2 with the
-defaults, see docs/architecture.md (the forward passes dominate: about 9 layers x 240,000 positions; the LDA
-probe takes seconds to a minute per K; memory about 3 GB, every K's states held at once); --quick a few
-minutes. Corpus on the reference model with its defaults: 7 to 13 minutes (26-36 s to read the text and run
+defaults about 20 minutes (measured 1188 s: 512 s running 9 layers over 228,501 positions, then 109-159 s per
+K for the two closed-form probes, most of it scoring the nearest probe over the 49,152-token vocabulary;
+memory about 3 GB, every K's states held at once); --quick runs 40,000 training positions (with -K up to 24
+and the softmax probe at 2 epochs: 893 s). Corpus on the reference model with its defaults: 7 to 13 minutes (26-36 s to read the text and run
 the model once, then 47-81 s per K, most of it the MLP probe). torch's default of one thread per core suffers
 when another job holds a core: use --threads 1 on a shared machine. Time grows linearly with --train-tokens
 (and --epochs for the gradient probes); more training tokens make a stronger attacker (they raise the coverage).
