@@ -98,8 +98,15 @@ class DraftLengthChooser:
             self._idle_rounds = 0
         return n
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        self.acceptance.observe(drafted, accepted)
+    def observe(self, drafted: int, accepted: int, guessed: bool | None = None) -> None:
+        """One verified round. `guessed`: whether the bonus token guessed while drafting ahead was right (None: no
+        guess, or a draft token was rejected first). The guess is the draft of position drafted + 1, so it is
+        measured like one: otherwise rounds that draft nothing but guess ahead would never correct the estimate
+        that makes guessing ahead look worth it."""
+        if guessed is None:
+            self.acceptance.observe(drafted, accepted)
+        else:
+            self.acceptance.observe(drafted + 1, accepted + int(guessed))
 
     def predraft_pays(self, drafted: int) -> bool:
         """Whether drafting ahead during a round that verifies `drafted` tokens is likely enough to be kept (all of

@@ -362,7 +362,7 @@ class SplitGenerator:
         verdict = verify(draft.drafted, probs, target_logits, sampling, rng)
         accepted = verdict.accepted
         new = draft.drafted[:accepted] + [verdict.next_token]
-        g.lengths.observe(n, accepted)
+        g.lengths.observe(n, accepted, verdict.next_token == ahead.tokens[0] if ahead and accepted == n else None)
         compute_s = reply.header.compute_us / 1e6
         g.guard.observe(ahead is not None, compute_s, self.prefill.cloud.cost()[0].predict(n + 1, start))
         measured = round_s + (verified_at - received)

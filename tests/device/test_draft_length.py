@@ -118,3 +118,22 @@ def test_drafting_ahead_only_where_it_is_likely_to_be_kept():
     reach = chooser.acceptance.reach(3)
     assert reach == pytest.approx(chooser.acceptance.rate(1) * chooser.acceptance.rate(2) * chooser.acceptance.rate(3))
     assert chooser.predraft_pays(2) == (reach >= PREDRAFT_MIN_CHANCE)
+
+
+def test_guesses_made_while_drafting_ahead_are_measured_like_drafts():
+    """Rounds that draft nothing but guess the bonus token ahead: wrong guesses lower position 1's acceptance
+    (an optimistic start included) until guessing ahead stops; right ones count as accepted drafts."""
+    chooser = DraftLengthChooser(4)
+    chooser.acceptance.prior = 0.9
+    rounds = 0
+    while chooser.predraft_pays(0):
+        chooser.observe(0, 0, guessed=False)
+        rounds += 1
+        assert rounds < 10
+    assert rounds >= 1 and chooser.acceptance.rate(1) < PREDRAFT_MIN_CHANCE
+    tried = chooser.acceptance.tried[1]
+    chooser.observe(1, 1, guessed=True)  # a draft of 1 accepted, then the guess for position 2 right
+    assert chooser.acceptance.tried[1] > tried and chooser.acceptance.accepted[1] > 0
+    before = list(chooser.acceptance.tried)
+    chooser.observe(2, 0, guessed=None)  # position 1 rejected, no guess: position 2 was never tried
+    assert chooser.acceptance.tried[0] > before[0] and chooser.acceptance.tried[1] == before[1]
