@@ -19,6 +19,10 @@ EXPLORE_EVERY = 16  # rounds without a draft before one round drafts a token to 
 # is the one guessed; a kept one saves at least a draft step of the next round, a wasted one delays handling the
 # reply by half a step on average (the step under way when it arrives): below this chance it does not pay
 PREDRAFT_MIN_CHANCE = 0.35
+# rounds in a row that drafted nothing accepted (explore rounds included) after which a generation decodes plainly:
+# a speculative round that drafts nothing still runs the adapter over its token and the length choice, a few
+# percent of a round for nothing; the next generation measures afresh
+GIVE_UP_ROUNDS = 24
 
 
 @dataclass
@@ -82,6 +86,7 @@ class DraftLengthChooser:
     def __init__(self, max_draft: int):
         self.acceptance = AcceptanceTracker(max(1, max_draft))
         self._idle_rounds = 0  # rounds in a row that drafted nothing
+        self._fruitless_rounds = 0  # rounds in a row with no draft token accepted
 
     def choose(self, draft_step_s: float | None, round_s: Callable[[int], float], limit: int, free: int = 0) -> int:
         """`draft_step_s`: None before any draft step was timed (then a short draft measures it)."""
@@ -107,6 +112,12 @@ class DraftLengthChooser:
             self.acceptance.observe(drafted, accepted)
         else:
             self.acceptance.observe(drafted + 1, accepted + int(guessed))
+        self._fruitless_rounds = 0 if accepted or guessed else self._fruitless_rounds + 1
+
+    def gave_up(self) -> bool:
+        """Whether speculation has stopped paying for this generation: GIVE_UP_ROUNDS rounds in a row accepted no
+        draft token, and guessing ahead does not pay either."""
+        return self._fruitless_rounds >= GIVE_UP_ROUNDS and not self.predraft_pays(0)
 
     def predraft_pays(self, drafted: int) -> bool:
         """Whether drafting ahead during a round that verifies `drafted` tokens is likely enough to be kept (all of

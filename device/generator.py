@@ -215,6 +215,8 @@ class SplitGenerator:
                     g.tokens.extend([pending] + new[:-1])
                     pending = new[-1]
                     done = emit(new)
+                    if carried is None and g.lengths.gave_up():  # measured not to pay: plain rounds from here on
+                        drafter = None
             stream.update(generated, final=True)
         finally:
             self._close_quietly(g.session_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hat.device.draft_length import (PREDRAFT_MIN_CHANCE, EXPLORE_EVERY, AcceptanceTracker, DraftLengthChooser, ParallelGuard,
+from hat.device.draft_length import (GIVE_UP_ROUNDS, PREDRAFT_MIN_CHANCE, EXPLORE_EVERY, AcceptanceTracker, DraftLengthChooser, ParallelGuard,
                                      best_length)
 
 
@@ -137,3 +137,21 @@ def test_guesses_made_while_drafting_ahead_are_measured_like_drafts():
     before = list(chooser.acceptance.tried)
     chooser.observe(2, 0, guessed=None)  # position 1 rejected, no guess: position 2 was never tried
     assert chooser.acceptance.tried[0] > before[0] and chooser.acceptance.tried[1] == before[1]
+
+
+def test_a_generation_gives_up_speculating_only_after_rounds_in_a_row_accept_nothing():
+    chooser = DraftLengthChooser(4)
+    for _ in range(GIVE_UP_ROUNDS - 1):
+        chooser.observe(0, 0)
+    assert not chooser.gave_up()
+    chooser.observe(1, 1)  # one accepted draft token starts the count again
+    for _ in range(GIVE_UP_ROUNDS - 1):
+        chooser.observe(0, 0)
+    assert not chooser.gave_up()
+    chooser.observe(1, 0)  # an explore round rejected: the count goes on
+    assert chooser.acceptance.rate(1) < PREDRAFT_MIN_CHANCE and chooser.gave_up()
+    optimistic = DraftLengthChooser(4)
+    optimistic.acceptance.prior = 0.9
+    for _ in range(GIVE_UP_ROUNDS):
+        optimistic.observe(0, 0)
+    assert not optimistic.gave_up()  # guessing ahead still looks worth it: keep speculating

@@ -20,6 +20,7 @@ from hat.common.proto import hat_pb2 as pb
 from hat.common.split import default_adapter_dir, split_checkpoint
 from hat.device.cloud_link import CloudError
 from hat.device.device_model import DeviceModel
+from hat.device.draft_length import GIVE_UP_ROUNDS
 from hat.device.speculation import SpeculationConfig
 from test_generate_oracle import PROMPTS, assert_same_greedy, hf_greedy
 
@@ -152,6 +153,8 @@ def test_cost_chosen_lengths_stop_drafting_for_an_adapter_that_is_never_right(ti
     assert rounds[0].drafted > 0 and accepted < 0.2, accepted
     late = rounds[len(rounds) // 2:]
     assert sum(s.drafted for s in late) <= 0.2 * len(late), [s.drafted for s in rounds]
+    # after GIVE_UP_ROUNDS rounds in a row accepting nothing, plain decode steps: no drafting time at all
+    assert len(rounds) > GIVE_UP_ROUNDS + 4 and all(s.draft_ms == 0 for s in rounds[-4:]), [s.draft_ms for s in rounds]
 
 
 def _sabotage_after(gen, rounds: int, sabotage):
