@@ -142,11 +142,11 @@ def test_guesses_made_while_drafting_ahead_are_measured_like_drafts():
 def test_a_generation_gives_up_speculating_only_after_rounds_in_a_row_accept_nothing():
     chooser = DraftLengthChooser(4)
     for _ in range(GIVE_UP_ROUNDS - 1):
-        chooser.observe(0, 0)
+        chooser.observe(0, 0, guessed=False)  # nothing drafted, the bonus token guessed ahead wrongly
     assert not chooser.gave_up()
     chooser.observe(1, 1)  # one accepted draft token starts the count again
     for _ in range(GIVE_UP_ROUNDS - 1):
-        chooser.observe(0, 0)
+        chooser.observe(0, 0, guessed=False)
     assert not chooser.gave_up()
     chooser.observe(1, 0)  # an explore round rejected: the count goes on
     assert chooser.acceptance.rate(1) < PREDRAFT_MIN_CHANCE and chooser.gave_up()
