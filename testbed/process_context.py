@@ -1,12 +1,11 @@
-"""The multiprocessing context of the testbed's helper processes (emulated devices, link shims, the cloud-only
-server): a fork server, so each process starts in a fraction of a second.
+"""The multiprocessing context of the testbed's helper processes (emulated devices, the cloud-only server): a fork
+server, so each process starts in a fraction of a second. (Link shims are spawned: see LinkShim.)
 
 With "spawn" every such process started a fresh interpreter that imported the caller's main module again and its
 own (torch, transformers and the device agent: 5-6 s of CPU each, more on a loaded machine); a run of three systems
 started nine of them. The fork server is one process per parent, started by the first process created; it imports,
 and runs nothing, so no thread pool exists when it forks. Callers whose processes run a model ask for DEVICE_PRELOAD
-(imported once by the server); a link shim alone asks for nothing, so a light parent (a test run) gets a light
-server. Where the platform has no fork server, "spawn" as before.
+(imported once by the server). Where the platform has no fork server, "spawn" as before.
 """
 from __future__ import annotations
 
