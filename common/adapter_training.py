@@ -35,6 +35,7 @@ from .hidden_cache import CacheMeta, HiddenStateCache
 from .layers import SequenceSpan
 from .model_part import ModelPart
 from .model_spec import load_model_spec
+from .token_frequencies import FrequencyTable
 from .training_text import TrainingText, training_data
 from .split import validate_split
 
@@ -86,7 +87,7 @@ class Teacher:
 
     def draft_logits(self, adapter: DraftAdapter, embeds, h_k, b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         estimate = adapter(h_k, embeds, self.spans(adapter, b, t))
-        return estimate, self.output.logits(self.output.forward_layers(estimate, self.spans(self.output, b, t)))
+        return estimate, self.output_logits(estimate, b, t)
 
 
 def token_stream(tokenizer, texts: Iterable[TrainingText], needed: int, desc: str) -> np.ndarray:
@@ -138,8 +139,8 @@ def ce_vocabulary(config: AdapterTrainConfig, vocab_size: int, cache: HiddenStat
     if not config.ce_vocab or config.ce_vocab >= vocab_size:
         return None
     counts = cache.token_counts(vocab_size) if cache else np.bincount(stream, minlength=vocab_size)
-    order = np.lexsort((np.arange(vocab_size), -counts))  # most frequent first, then by id
-    return torch.from_numpy(np.sort(order[:config.ce_vocab]).astype(np.int64))
+    table = FrequencyTable(vocab_size, "", tuple(int(c) for c in counts), "the training tokens")
+    return torch.tensor(table.top(config.ce_vocab), dtype=torch.long)
 
 
 def lr_factor(step: int, config: AdapterTrainConfig) -> float:

@@ -42,6 +42,14 @@ class CacheMeta:
     format_version: int = CACHE_FORMAT_VERSION  # on-disk layout version
 
 
+def _arrays(folder: Path, meta: CacheMeta, mode: str) -> tuple[np.memmap, np.memmap, np.memmap]:
+    """(ids, h_k, h_mid) memory maps of a cache folder: "w+" creates them, "r+" opens them."""
+    shape = (meta.windows, meta.seq_len)
+    return (np.lib.format.open_memmap(folder / "ids.npy", mode=mode, dtype=np.int32, shape=shape),
+            *(np.lib.format.open_memmap(folder / name, mode=mode, dtype=np.float16, shape=shape + (meta.width,))
+              for name in ("h_k.npy", "h_mid.npy")))
+
+
 class CacheMismatchError(ValueError):
     """A cache folder made for another checkpoint, split or token stream."""
 
@@ -51,11 +59,7 @@ class HiddenStateCache:
         """`used`: how many of its windows this run fills and trains on (default: all)."""
         self.folder, self.meta = Path(folder), meta
         self.used = meta.windows if used is None else min(used, meta.windows)
-        shape = (meta.windows, meta.seq_len)
-        mode = "r+"
-        self.ids = np.lib.format.open_memmap(self.folder / "ids.npy", mode=mode, dtype=np.int32, shape=shape)
-        self.h_k = np.lib.format.open_memmap(self.folder / "h_k.npy", mode=mode, dtype=np.float16, shape=shape + (meta.width,))
-        self.h_mid = np.lib.format.open_memmap(self.folder / "h_mid.npy", mode=mode, dtype=np.float16, shape=shape + (meta.width,))
+        self.ids, self.h_k, self.h_mid = _arrays(self.folder, meta, "r+")
 
     @classmethod
     def open(cls, folder: str | Path, wanted: CacheMeta) -> "HiddenStateCache":
@@ -76,10 +80,7 @@ class HiddenStateCache:
                                          f"the {wanted.windows} asked for: remove it or ask for fewer tokens")
             return cls(folder, found, wanted.windows)  # the same stream's first windows serve a smaller request
         folder.mkdir(parents=True, exist_ok=True)
-        shape = (wanted.windows, wanted.seq_len)
-        np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=np.int32, shape=shape)
-        for name in ("h_k.npy", "h_mid.npy"):
-            np.lib.format.open_memmap(folder / name, mode="w+", dtype=np.float16, shape=shape + (wanted.width,))
+        _arrays(folder, wanted, "w+")
         cache = cls(folder, replace(wanted, filled=0))
         cache._write_meta()
         return cache
