@@ -3,7 +3,8 @@
 fixed chunk size of a sweep, and the pipeline's lower bound, for each prompt length and uplink rate.
 
 One run prints one table. Per cell (prompt length x uplink rate) the figures are medians over --repeats
-runs of held-out prompts (modes interleaved, so drift of the machine hits every mode alike):
+runs of held-out prompts (modes interleaved, their order rotated per prompt, so drift of the machine and the order
+itself hit every mode alike):
   adaptive  the chunk planner's cut (`ChunkingConfig()`), after one warm-up prompt on that link
   none      the whole prompt in one message (--no-chunking)
   best      the fastest fixed size of the sweep (--sizes), and which it was
@@ -200,15 +201,23 @@ def chunking_modes(sizes: list[int], length: int) -> dict:
     return modes
 
 
+def rotated(modes: dict, index: int) -> list[str]:
+    """The modes' names in the order prompt `index` runs them: rotated by one per prompt, so no mode always runs
+    first (after the previous prompt's last mode) or right after the same other mode."""
+    names = list(modes)
+    shift = index % len(names)
+    return names[shift:] + names[:shift]
+
+
 def run_cell(generator, prompts: list[list[int]], length: int, uplink: float, profile, sizes: list[int],
              greedy) -> dict:
     modes = chunking_modes(sizes, length)
     generator.prefill.config = modes["adaptive"]
     generator.generate_ids(prompts[0], 1, greedy)  # warm-up: the link estimator learns this link
     results: dict[str, list] = {name: [] for name in modes}
-    for prompt in prompts[1:]:
-        for name, config in modes.items():
-            generator.prefill.config = config
+    for index, prompt in enumerate(prompts[1:]):
+        for name in rotated(modes, index):
+            generator.prefill.config = modes[name]
             results[name].append(generator.generate_ids(prompt, 1, greedy))
         check_lossless(results, length, uplink)
     return summarize(results, length, uplink, profile)
@@ -225,7 +234,8 @@ def cold_cell(cloud_dir, model, prompts: list[list[int]], sizes: list[int], gree
     modes = chunking_modes(sizes, length)
     results: dict[str, list] = {name: [] for name in modes}
     for index, prompt in enumerate(prompts):
-        for name, config in modes.items():
+        for name in rotated(modes, index):
+            config = modes[name]
             with local_cloud_process(cloud_dir, 0) as cloud, CloudLink(LinkConfig(
                     host="127.0.0.1", data_port=cloud.data_port, control_port=cloud.control_port,
                     device_id=f"bench-chunking-cold-{index}")) as link:
