@@ -11,6 +11,7 @@ from hat.testbed.calibration import CalibrationError, calibrate
 from hat.testbed.records import ExperimentRecord, TimelineStep
 from hat.testbed.report import write_report
 from hat.testbed.scenario import parse_scenario
+from hat.testbed.sim_costs import HEADER_BYTES
 
 SCENARIO = parse_scenario({
     "name": "c", "devices": [{"count": 1, "class": "jetson-agx-xavier", "power": [[0, "15W"]],
@@ -121,3 +122,23 @@ def test_cloud_only_pays_per_further_sequence_what_its_own_run_measured(tmp_path
     assert costs.cloud.per_sequence_s == pytest.approx(0.044)
     assert costs.cloud.spans([(1, 20), (1, 30)]) == pytest.approx(costs.cloud.predict(1, 20) + costs.cloud.predict(1, 30)
                                                                  - costs.cloud.cost.base_s + 0.044)
+
+
+def test_cloud_only_cost_is_fitted_to_its_own_forwards_while_alone(tmp_path):
+    """Requests one after another: each first token comes the whole model's prompt forward plus the link after the
+    start, each further token one forward at its position after the one before; the fit gives that model back."""
+    whole = LinearCost(0.03, 2e-4, 1e-7)
+    records, start = [], 0.0
+    for i, prompt in enumerate((12, 40, 90, 200)):
+        link_s = (HEADER_BYTES + 4 * prompt) / 10e6 + (HEADER_BYTES + 4) / 15e6 + 0.020
+        gaps = [whole.predict(1, prompt + k) * 1000 for k in range(1, 6)]
+        record = _cloud_only(i, start, gaps, ttft_ms=(whole.predict(prompt) + link_s) * 1000)
+        record.prompt_tokens = prompt
+        records.append(record)
+        start = record.finished_s + 0.5
+    _write_run(tmp_path, cloud_only=records)
+    costs = calibrate(SCENARIO, tmp_path)[0]["cloud-only"]
+    for tokens, at in ((1, 0), (1, 300), (64, 0), (500, 0)):
+        assert costs.cloud.predict(tokens, at) == pytest.approx(whole.predict(tokens, at), rel=1e-4)
+    assert costs.cloud.per_sequence_s == 0.0  # never two at once: nothing measured
+    assert any("fitted to its own run" in n for n in costs.notes)
