@@ -12,7 +12,7 @@ its run (its fitted input and output parts, head and sampling, and the cloud's p
 - the cloud: a LinearCost fitted to the forward times its replies reported for batches a round had to
   itself, as its batch latency; its published predictor (what the devices planned with, and its own
   scheduler's SLO check) as its predictor;
-- per-round overhead: the median of each decode round's time less its time in the cloud and its
+- per-round overhead: the mean of each decode round's time less its time in the cloud and its
   link model time (sockets, framework, the emulator's own cost);
 - speculation: the run's verification rounds as (drafted, accepted, kept ahead), drawn at random;
 - the workload: each request's arrival, prompt length, and the tokens it really generated.
