@@ -6,18 +6,22 @@ its run (its fitted input and output parts, head and sampling, and the cloud's p
 
 - prompt chunks: the devices' fitted input and output parts (what their chunk planners used);
 - decode rounds: a LinearCost fitted to the drafting before each send over the tokens newly drafted,
-  and one fitted to the work after each reply over the positions verified;
+  and one fitted to the work after each reply over the positions verified; the mean time before the send of a
+  speculative round that drafted nothing fresh (the adapter over its token and the length choice still run until
+  the generation gives up speculating);
 - the cloud: a LinearCost fitted to the forward times its replies reported for batches a round had to
   itself, as its batch latency; its published predictor (what the devices planned with, and its own
   scheduler's SLO check) as its predictor;
-- per-round overhead: the median of each decode round's time less its time in the cloud and its
+- per-round overhead: the mean of each decode round's time less its time in the cloud and its
   link model time (sockets, framework, the emulator's own cost);
 - speculation: the run's verification rounds as (drafted, accepted, kept ahead), drawn at random;
 - the workload: each request's arrival, prompt length, and the tokens it really generated.
 
 Device times are divided by the power mode's factor when they were taken, so the simulator can apply
-the schedule again. A cloud-only system's whole-model cost is estimated from the split systems' cloud
-fit times (all layers / middle layers); that is an estimate, not a fit.
+the schedule again. A cloud-only system's whole-model cost is fitted to its own run's forwards while no other
+request was active (prompts and token gaps); with too few of them it is estimated from the split systems' cloud
+fit times (all layers / middle layers). Its cost per further sequence in a batch is measured on its own run
+(token gaps while other requests decoded against those while alone).
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ from .experiment import CALIBRATION_FILE
 from .records import ExperimentRecord
 from .report import load_results
 from .scenario import Scenario
-from .sim_costs import DEFAULT_TBT_SLO_S, HEADER_BYTES, ZERO, DeviceCosts, SpeculationModel, SystemCosts
-from .simulator import SimRequest
+from .sim_costs import (DEFAULT_TBT_SLO_S, HEADER_BYTES, ZERO, DeviceCosts, SequenceCost, SpeculationModel,
+                        SystemCosts)
+from .simulator import TOKEN_ID_BYTES, SimRequest
 from .systems import SYSTEMS
 
 
@@ -110,10 +115,20 @@ def calibrate(scenario: Scenario, results_dir: str | Path) -> tuple[dict[str, Sy
         if system.cloud_only:
             split_done = [r for rs in results.records_by_system.values() for r in rs
                           if not r.error and not SYSTEMS[r.system].cloud_only]
-            cloud = (_solo_fit(split_done) or _mean_cost(clouds)).scaled(spec.num_layers / max(1, middle_layers))
-            notes.append("cloud-only: whole-model cost = the split cloud's fitted cost x layers / middle layers")
-            by_system[name] = SystemCosts({}, cloud, cloud, 0.0, None, 4.0, 4.0, HEADER_BYTES,
-                                          max_batch_tokens=CloudOnlyConfig().token_budget, cloud_tokens=True,
+            budget = CloudOnlyConfig().token_budget
+            whole = _whole_model_fit(done, groups, budget)
+            if whole is None:
+                whole = (_solo_fit(split_done) or _mean_cost(clouds)).scaled(spec.num_layers / max(1, middle_layers))
+                notes.append("cloud-only: whole-model cost = the split cloud's fitted cost x layers / middle layers "
+                             "(too few forwards of its own run alone to fit)")
+            else:
+                notes.append("cloud-only: whole-model cost fitted to its own run's forwards while alone (prompts: "
+                             "first token less the link; tokens: the gaps between them)")
+            cloud = SequenceCost(whole, _per_sequence(done))
+            notes.append(f"cloud-only: {cloud.per_sequence_s * 1000:.1f} ms per further sequence in a batch (its own "
+                         "run's token gaps while others decoded, against those while alone)")
+            by_system[name] = SystemCosts({}, cloud, whole, 0.0, None, 4.0, 4.0, HEADER_BYTES,
+                                          max_batch_tokens=budget, cloud_tokens=True,
                                           tbt_slo_s=DEFAULT_TBT_SLO_S, notes=tuple(notes))
             continue
         dumps = device_costs.get(name) or []
@@ -145,6 +160,63 @@ def _solo_fit(done: list[ExperimentRecord]) -> LinearCost | None:
     return fit.cost if len(fit) >= 3 else None
 
 
+def _others_active(r: ExperimentRecord, done: list[ExperimentRecord], t0: float, t1: float) -> list[ExperimentRecord]:
+    """The other requests of the run active at some time within [t0, t1] (seconds from the run's start)."""
+    return [o for o in done if o is not r and o.started_s < t1 and o.finished_s > t0]
+
+
+def _whole_model_fit(done: list[ExperimentRecord], groups: list, budget: int) -> LinearCost | None:
+    """A cloud-only run's whole-model forward, fitted to what its server did with no other request active: each
+    prompt within one iteration's token budget (the first token's time less the link's for its messages), and each
+    token after it (the gap since the one before, at its position). None without both kinds (a fit over one-token
+    forwards alone cannot tell a prompt's cost per token)."""
+    prompts, tokens = [], []
+    for r in done:
+        if r.prompt_tokens <= budget and not _others_active(r, done, r.started_s, r.started_s + r.generation_ttft_ms / 1000):
+            link = _link_seconds(groups[r.device], HEADER_BYTES + TOKEN_ID_BYTES * r.prompt_tokens,
+                                 HEADER_BYTES + TOKEN_ID_BYTES)
+            seconds = r.generation_ttft_ms / 1000 - link
+            if seconds > 0:
+                prompts.append((r.prompt_tokens, attended(r.prompt_tokens, 0), seconds))
+        position = r.prompt_tokens
+        for s in r.timeline:
+            if s.kind != "decode":
+                continue
+            t0 = r.started_s + s.sent_ms / 1000
+            if not _others_active(r, done, t0, t0 + s.round_ms / 1000):
+                tokens.append((1, attended(1, position), s.round_ms / 1000))
+            position += 1
+    if not prompts or not tokens:
+        return None
+    fit = CostFit(4096, follow_changes=False)
+    for sample in prompts + tokens:
+        fit.add(*sample)
+    return fit.cost if len(fit) >= 3 else None
+
+
+def _per_sequence(done: list[ExperimentRecord]) -> float:
+    """A cloud-only run's cost of each further sequence in its server's forward, seconds: the median over token gaps
+    while k other requests were decoding (past their first token) of (gap - the median gap alone) / k; 0.0 without
+    gaps of both kinds. A gap overlapping another request's prompt is left out (its forward was that prompt's)."""
+    alone, shared = [], []
+    for r in done:
+        for s in r.timeline:
+            if s.kind != "decode":
+                continue
+            t0 = r.started_s + s.sent_ms / 1000
+            t1 = t0 + s.round_ms / 1000
+            overlapping = _others_active(r, done, t0, t1)
+            decoding = [o for o in overlapping if o.started_s + o.generation_ttft_ms / 1000 <= t0]
+            if not overlapping:
+                alone.append(s.round_ms / 1000)
+            elif len(decoding) == len(overlapping):
+                shared.append((s.round_ms / 1000, len(decoding)))
+    if not alone or not shared:
+        return 0.0
+    base = statistics.median(alone)
+    return max(0.0, statistics.median((gap - base) / k for gap, k in shared))
+
+
 def _overhead(done: list[ExperimentRecord], groups: list, up_bytes: float, down_bytes: float) -> float:
     """Mean over decode rounds of round time - time in the cloud - link model time, seconds (never negative)."""
     extra = [s.round_ms / 1000 - s.in_cloud_ms / 1000
@@ -163,6 +235,7 @@ def _device_costs(system, done: list[ExperimentRecord], dumps: list[dict],
         by_class[d["device_class"]].append(d)
     before: dict[str, list] = defaultdict(list)
     after: dict[str, list] = defaultdict(list)
+    idle: dict[str, list] = defaultdict(list)  # speculative rounds that drafted nothing fresh but ran the adapter
     for r in done:
         group = groups[r.device]
         schedule = group.schedule()
@@ -174,6 +247,8 @@ def _device_costs(system, done: list[ExperimentRecord], dumps: list[dict],
             fresh = s.drafted - min(carried, s.drafted)
             if system.speculation and fresh:
                 before[group.device_class].append((fresh, s.draft_ms / 1000 / mode))
+            elif system.speculation and s.draft_ms > 0:  # (after giving up, rounds draft nothing and take no time)
+                idle[group.device_class].append(s.draft_ms / 1000 / mode)
             tokens = min(s.accepted + 1, len(r.tbt_ms) - emitted)
             interval = sum(r.tbt_ms[emitted:emitted + tokens])
             emitted += tokens
@@ -193,5 +268,6 @@ def _device_costs(system, done: list[ExperimentRecord], dumps: list[dict],
         else:  # one position a round: its device time is all taken after the reply
             draft, draft_token_s = ZERO, 0.0
             after_fit = LinearCost(statistics.fmean(x for _, x in after[name]) if after[name] else 0.0, 0.0, 0.0)
-        out[name] = DeviceCosts(inp, outp, final_s, draft, after_fit, inp, outp, draft_token_s)
+        out[name] = DeviceCosts(inp, outp, final_s, draft, after_fit, inp, outp, draft_token_s,
+                                statistics.fmean(idle[name]) if idle[name] else 0.0)
     return out

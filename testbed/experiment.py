@@ -34,7 +34,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
 
     from hat.common.model_spec import load_model_spec
     from hat.common.model_store import resolve_model
-    from hat.common.split import split_checkpoint
+    from hat.common.split import default_adapter_dir, split_checkpoint
 
     from .report import write_report
 
@@ -62,6 +62,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True)
         if skipped:
             notes.append(f"not run: {', '.join(skipped)} (speculation needs a draft adapter, and {scenario.model} "
                          f"ships none for K={scenario.input_layers}, M={scenario.output_layers})")
+        elif any(SYSTEMS[s].speculation for s in scenario.systems):
+            notes.append(_adapter_note(default_adapter_dir(model_dir, scenario.input_layers, scenario.output_layers)))
         records, costs = {}, {}
         bar = progress_bar(len(scenario.systems) * len(requests), progress)
         for name in scenario.systems:
@@ -96,6 +98,20 @@ def _runnable(scenario: Scenario, device_dir: Path) -> tuple[Scenario, list[str]
         raise ValueError(f"every system of {scenario.name} speculates, and {scenario.model} has no draft adapter for "
                          f"K={scenario.input_layers}, M={scenario.output_layers}")
     return dataclasses.replace(scenario, systems=kept), skipped
+
+
+def _adapter_note(adapter_dir: Path) -> str:
+    """Which draft adapter the speculative systems used and, from its training summary, how often it agrees with
+    the model: acceptance bounds what speculation can gain, so the report says it beside the figures."""
+    from hat.common.adapter_training import SUMMARY
+
+    note = f"speculation: the draft adapter in {adapter_dir}"
+    try:
+        final = json.loads((adapter_dir / SUMMARY).read_text())["final"]
+        return (f"{note} (its training evaluation: top-1 agreement with the model {final['top1_agreement']:.3f}, "
+                f"accepted length {final['accept_len']:.2f}; the runs' own accepted lengths are in the tables)")
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{note} (no training summary beside it)"
 
 
 def _emulation_notes(scenario: Scenario) -> list[str]:

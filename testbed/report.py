@@ -11,7 +11,7 @@ It writes, into the output folder:
   TBT against the first step, and the paper's figures beside ours when given; with paper figures but no ablation,
   the same table over every system), the notes, and the figures.
 - ttft_cdf.png, tbt_cdf.png, ttft_vs_prompt.png, timeline.png (the cloud rounds of the request with the median TTFT
-  of the last system) and ablation.png (only with ablation steps).
+  of the last split system: not cloud-only, whose rounds the cloud does not time) and ablation.png (only with ablation steps).
 
 Failed records (error != "") count as requests but stay out of every latency figure. Figures are drawn with
 matplotlib's object API on the Agg canvas (no pyplot, no display, no global figure registry); without matplotlib
@@ -332,10 +332,12 @@ def _ablation_plot(path, scenario, steps, records_by_system, ttft_slo_ms, tbt_sl
 
 
 def _median_request(records_by_system) -> tuple[str, ExperimentRecord | None]:
-    """The last system's completed request (with a timeline) of median TTFT (the lower median)."""
+    """The last split system's completed request (with a timeline) of median TTFT (the lower median): the last
+    system whose rounds the cloud timed (cloud-only's "rounds" are its token gaps), else the last system."""
     if not records_by_system:
         return "", None
-    system = list(records_by_system)[-1]
+    split = [s for s, rs in records_by_system.items() if any(t.cloud_ms > 0 for r in _done(rs) for t in r.timeline)]
+    system = (split or list(records_by_system))[-1]
     done = sorted((r for r in _done(records_by_system[system]) if r.timeline), key=lambda r: r.ttft_ms)
     return system, done[(len(done) - 1) // 2] if done else None
 

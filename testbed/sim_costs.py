@@ -47,6 +47,8 @@ class DeviceCosts:
     planner_input: LinearCost  # what the device's chunk planner believes of `input` (its fitted profile)
     planner_output: LinearCost  # and of `output`
     draft_token_s: float = 0.0  # one drafted token (bounds drafting ahead while a round is in flight)
+    idle_round_s: float = 0.0  # a speculative round that drafts nothing fresh, before its generation gives up
+    # speculating (hat.device.draft_length.GIVE_UP_ROUNDS): the adapter over its token and the length choice
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,26 @@ class SystemCosts:
     new_tokens: dict | None = None  # request index -> tokens generated (a real run's; None: every budget used)
     cloud_tokens: bool = False  # cloud-only: token ids cross, the cloud runs the whole model and streams tokens
     notes: tuple[str, ...] = ()  # where the costs come from, for the report
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceCost:
+    """A LinearCost for a batch's positions plus a cost for each sequence beyond the first: a server whose ragged
+    forward does per-sequence work (attention, the head, sampling) pays it once more for every sequence it batches."""
+    cost: LinearCost  # one sequence's forward (as LinearCost.predict)
+    per_sequence_s: float  # added for each further sequence in the batch
+
+    def __post_init__(self):
+        if not self.per_sequence_s >= 0:
+            raise ValueError(f"per_sequence_s must be >= 0, got {self.per_sequence_s}")
+
+    def predict(self, tokens: int, start: int = 0) -> float:
+        return self.cost.predict(tokens, start)
+
+    def spans(self, spans: list[tuple[int, int]]) -> float:
+        spans = [(n, s) for n, s in spans if n]
+        return (self.cost.batch(sum(n for n, _ in spans), sum(attended(n, s) for n, s in spans))
+                + self.per_sequence_s * max(0, len(spans) - 1)) if spans else 0.0
 
 
 def scaled(cost: LinearCost, factor: float) -> LinearCost:

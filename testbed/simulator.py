@@ -5,7 +5,8 @@ time (round-robin assignment, as `hat testbed run` does); its prompt goes throug
 executor's policy (chunks computed and sent in order, up to `max_in_flight` unanswered, replies
 handled between chunks) with chunk sizes from the real ChunkPlanner fed the cost models the device
 would hold; decode rounds are plain or speculative (rounds drawn from a SpeculationModel, drafting
-ahead while a round is in flight when the system does); every message crosses the link model the
+ahead while a round is in flight when the system does, and a generation decoding plainly once GIVE_UP_ROUNDS
+rounds in a row accepted nothing, as the device's draft-length chooser does); every message crosses the link model the
 emulator itself uses (hat.testbed.link_shim.LinkModel); the cloud batches with the real scheduler
 (sim_cloud). Costs come from sim_costs.SystemCosts. Output: the same ExperimentRecords a real run writes.
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from hat.common.prefill_pipeline import PipelineCosts
 from hat.device.chunk_planner import ChunkingConfig, ChunkPlanner, even_cut, fixed_cut
+from hat.device.draft_length import GIVE_UP_ROUNDS
 
 from .link_shim import LinkModel
 from .records import ExperimentRecord, TimelineStep
@@ -165,12 +167,17 @@ class SimDevice:
     def _decode(self, session: str, request: SimRequest, times: list[float], steps: list, began: float):
         compute, speculation = self.compute, self.costs.speculation
         position, carried, prefill_steps = request.prompt_tokens, 0, len(steps)
+        fruitless = 0  # rounds in a row that accepted no draft token: GIVE_UP_ROUNDS of them end speculation
         while len(times) < request.new_tokens:
             remaining = request.new_tokens - len(times)
-            drafted, accepted, kept = speculation.draw(self.rng, remaining - 1, request.index, len(steps) - prefill_steps) if speculation else (0, 0, 0)
+            drafting = speculation is not None and fruitless < GIVE_UP_ROUNDS  # (the device's DraftLengthChooser)
+            drafted, accepted, kept = speculation.draw(self.rng, remaining - 1, request.index, len(steps) - prefill_steps) if drafting else (0, 0, 0)
             fresh = drafted - min(carried, drafted) if speculation else 1
             if fresh:
                 yield compute.before_round.predict(fresh) * self.factor()
+            elif drafting:  # a speculative round drafting nothing new still runs the adapter and the length choice
+                yield compute.idle_round_s * self.factor()
+            fruitless = 0 if accepted else fruitless + 1
             sent = self.sim.now
             yield self.send(drafted + 1, position, False, session)[1]
             round_s = self.sim.now - sent

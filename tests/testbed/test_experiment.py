@@ -104,3 +104,13 @@ def test_the_simulator_calibrates_on_the_run(run, tmp_path, capsys):
     assert {r["system"] for r in rows} == set(SCENARIO["systems"])
     assert all(r["real"] > 0 and r["simulated"] > 0 for r in rows if r["metric"].startswith(("TTFT", "TBT")))
     assert "Simulator against the real run" in stdout
+
+
+def test_the_adapter_note_gives_its_training_figures(tmp_path):
+    from hat.testbed.experiment import _adapter_note
+
+    assert _adapter_note(tmp_path).endswith("(no training summary beside it)")
+    (tmp_path / "training_summary.json").write_text(json.dumps({"final": {"top1_agreement": 0.2163,
+                                                                          "accept_len": 1.25}}))
+    note = _adapter_note(tmp_path)
+    assert str(tmp_path) in note and "top-1 agreement with the model 0.216" in note and "accepted length 1.25" in note

@@ -157,6 +157,11 @@ def test_the_timeline_shows_the_last_systems_median_ttft_request():
     assert _median_request(one)[1].request == 0
     assert _median_request({"X": [record("X", 0, 1.0, error="x")]}) == ("X", None)
     assert _median_request({}) == ("", None)
+    # cloud-only listed last (its timeline: token gaps the cloud did not time) gives way to the last split system
+    gaps = [TimelineStep("decode", 1, 0.0, 50.0, 0.0, 0.0)]
+    last = {**two_systems(), "cloud-only": [record("cloud-only", i, 1.0, timeline=gaps) for i in range(3)]}
+    assert _median_request(last)[0] == "B"
+    assert _median_request({"cloud-only": last["cloud-only"]})[0] == "cloud-only"
 
 
 def ablation_records() -> dict[str, list[ExperimentRecord]]:

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from hat.common.cost_fit import LinearCost
 from hat.common.prefill_pipeline import PipelineCosts, simulate_prefill
+from hat.device.draft_length import GIVE_UP_ROUNDS
 from hat.testbed.link_shim import LinkModel, LinkProfile
 from hat.testbed.scenario import parse_scenario
 from hat.testbed.sim_cloud import SimCloud
-from hat.testbed.sim_costs import DeviceCosts, SpeculationModel, SystemCosts
+from hat.testbed.sim_costs import DeviceCosts, SequenceCost, SpeculationModel, SystemCosts
 from hat.testbed.sim_kernel import Future, Simulation
 from hat.testbed.sim_run import scaled_scenario, simulate_system
 from hat.testbed.simulator import MAX_IN_FLIGHT, SimDevice, SimRequest
@@ -179,3 +180,35 @@ def test_simulate_writes_the_report_and_the_scale_study(tmp_path):
     assert "roofline costs: vicuna-7b" in (out / "summary.md").read_text()
     scale = (out / "scale.md").read_text()
     assert "| 8 |" in scale and "| 4 |" in scale and (out / "scale.png").stat().st_size > 0
+
+
+def test_rounds_drafting_nothing_cost_the_idle_step_until_the_generation_gives_up():
+    """A speculative system whose rounds draft nothing: each round first pays the adapter's idle step (idle_round_s)
+    until GIVE_UP_ROUNDS rounds in a row accepted nothing; from then on it decodes plainly, paying none."""
+    scenario = parse_scenario(SCENARIO)
+    cloud = LinearCost(0.010, 0, 0)
+    device = dataclasses.replace(_device(LinearCost(0, 0, 0), LinearCost(0, 0, 0), 0.0), idle_round_s=0.007)
+    nothing = SpeculationModel(((0, 0, 0),), "rounds that draft nothing")
+    costs = dataclasses.replace(_costs(device, cloud), speculation=nothing)
+    new_tokens = GIVE_UP_ROUNDS + 6
+    records, _ = simulate_system(scenario, "split-spec", costs, [SimRequest(0, 0.0, 10, new_tokens)])
+    link = scenario.devices[0].link
+    message = 64 + 1024
+    round_s = message / (link.up_MBps * 1e6) + cloud.predict(1) + message / (link.down_MBps * 1e6) + link.rtt_ms / 1000
+    want = [round_s + 0.007] * GIVE_UP_ROUNDS + [round_s] * (new_tokens - 1 - GIVE_UP_ROUNDS)
+    assert [t / 1000 for t in records[0].tbt_ms] == pytest.approx(want, rel=1e-9)
+
+
+def test_a_per_sequence_cost_is_paid_for_every_further_sequence_in_a_batch():
+    """Four cloud-only sessions in lockstep share every forward: each forward costs one sequence's time plus
+    per_sequence_s for each of the three others (and a lone sequence pays none of it)."""
+    scenario = parse_scenario({**SCENARIO, "devices": [{**SCENARIO["devices"][0], "count": 4}]})
+    whole = SequenceCost(LinearCost(0.02, 0, 0), 0.005)
+    costs = dataclasses.replace(_costs(_device(LinearCost(0, 0, 0), LinearCost(0, 0, 0), 0.0), whole), devices={},
+                                cloud_tokens=True)
+    records, stats = simulate_system(scenario, "cloud-only", costs, [SimRequest(i, 0.0, 16, 20) for i in range(4)])
+    assert stats["largest_batch"] == 4
+    assert all(tbt == pytest.approx(20.0 + 3 * 5.0) for r in records for tbt in r.tbt_ms)
+    assert whole.spans([(1, 5)]) == pytest.approx(0.02) and whole.spans([(0, 5)]) == 0.0
+    with pytest.raises(ValueError):
+        SequenceCost(LinearCost(0.02, 0, 0), -0.001)
