@@ -161,7 +161,12 @@ def distillation_loss(teacher: Teacher, adapter: DraftAdapter, ids: torch.Tensor
         embeds, h_k, h_mid = teacher.hidden(ids)
     else:
         embeds = teacher.input.embed(ids.reshape(-1))
-    estimate = adapter(h_k, embeds, teacher.spans(adapter, b, t))
+    return estimate_loss(teacher, adapter(h_k, embeds, teacher.spans(adapter, b, t)), h_mid, b, t, ce_weight, rows)
+
+
+def estimate_loss(teacher: Teacher, estimate: torch.Tensor, h_mid: torch.Tensor, b: int, t: int, ce_weight: float,
+                  rows: torch.Tensor | None = None):
+    """(total loss, smooth-L1 term, cross-entropy term) of middle-output estimates [B*T, width] against the true ones."""
     with torch.no_grad():
         teacher_logits = teacher.output_logits(h_mid, b, t, rows)
     draft_logits = teacher.output_logits(estimate, b, t, rows)

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -138,16 +137,14 @@ def main(argv=None) -> int:
 
 
 def train_and_score(args, teacher, cache, model, eval_ids, eval_h_k, eval_h_mid, eval_target) -> dict:
+    from hat.common.adapter_training import estimate_loss
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     began, losses = time.perf_counter(), []
     for step in range(args.steps):
         ids, h_k, h_mid = cache.batch(args.seed, step, args.batch)
         b, t = ids.shape
-        guess = estimate(teacher, model, ids, h_k, h_mid)
-        with torch.no_grad():
-            target = torch.softmax(teacher.output_logits(h_mid, b, t), -1)
-        ce = -(target * torch.log_softmax(teacher.output_logits(guess, b, t), -1)).sum(-1).mean()
-        loss = F.smooth_l1_loss(guess, h_mid) + args.ce_weight * ce
+        loss, _, _ = estimate_loss(teacher, estimate(teacher, model, ids, h_k, h_mid), h_mid, b, t, args.ce_weight)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
