@@ -165,12 +165,25 @@ def _others_active(r: ExperimentRecord, done: list[ExperimentRecord], t0: float,
     return [o for o in done if o is not r and o.started_s < t1 and o.finished_s > t0]
 
 
+def _decode_rounds(done: list[ExperimentRecord]):
+    """(record, its decode round, the round's position, the other requests active during the round) for every decode
+    round of the run's completed requests."""
+    for r in done:
+        position = r.prompt_tokens
+        for s in r.timeline:
+            if s.kind != "decode":
+                continue
+            t0 = r.started_s + s.sent_ms / 1000
+            yield r, s, position, _others_active(r, done, t0, t0 + s.round_ms / 1000)
+            position += 1
+
+
 def _whole_model_fit(done: list[ExperimentRecord], groups: list, budget: int) -> LinearCost | None:
     """A cloud-only run's whole-model forward, fitted to what its server did with no other request active: each
     prompt within one iteration's token budget (the first token's time less the link's for its messages), and each
     token after it (the gap since the one before, at its position). None without both kinds (a fit over one-token
     forwards alone cannot tell a prompt's cost per token)."""
-    prompts, tokens = [], []
+    prompts = []
     for r in done:
         if r.prompt_tokens <= budget and not _others_active(r, done, r.started_s, r.started_s + r.generation_ttft_ms / 1000):
             link = _link_seconds(groups[r.device], HEADER_BYTES + TOKEN_ID_BYTES * r.prompt_tokens,
@@ -178,14 +191,8 @@ def _whole_model_fit(done: list[ExperimentRecord], groups: list, budget: int) ->
             seconds = r.generation_ttft_ms / 1000 - link
             if seconds > 0:
                 prompts.append((r.prompt_tokens, attended(r.prompt_tokens, 0), seconds))
-        position = r.prompt_tokens
-        for s in r.timeline:
-            if s.kind != "decode":
-                continue
-            t0 = r.started_s + s.sent_ms / 1000
-            if not _others_active(r, done, t0, t0 + s.round_ms / 1000):
-                tokens.append((1, attended(1, position), s.round_ms / 1000))
-            position += 1
+    tokens = [(1, attended(1, position), s.round_ms / 1000)
+              for _, s, position, overlapping in _decode_rounds(done) if not overlapping]
     if not prompts or not tokens:
         return None
     fit = CostFit(4096, follow_changes=False)
@@ -199,18 +206,13 @@ def _per_sequence(done: list[ExperimentRecord]) -> float:
     while k other requests were decoding (past their first token) of (gap - the median gap alone) / k; 0.0 without
     gaps of both kinds. A gap overlapping another request's prompt is left out (its forward was that prompt's)."""
     alone, shared = [], []
-    for r in done:
-        for s in r.timeline:
-            if s.kind != "decode":
-                continue
-            t0 = r.started_s + s.sent_ms / 1000
-            t1 = t0 + s.round_ms / 1000
-            overlapping = _others_active(r, done, t0, t1)
-            decoding = [o for o in overlapping if o.started_s + o.generation_ttft_ms / 1000 <= t0]
-            if not overlapping:
-                alone.append(s.round_ms / 1000)
-            elif len(decoding) == len(overlapping):
-                shared.append((s.round_ms / 1000, len(decoding)))
+    for r, s, _, overlapping in _decode_rounds(done):
+        t0 = r.started_s + s.sent_ms / 1000
+        decoding = [o for o in overlapping if o.started_s + o.generation_ttft_ms / 1000 <= t0]
+        if not overlapping:
+            alone.append(s.round_ms / 1000)
+        elif len(decoding) == len(overlapping):
+            shared.append((s.round_ms / 1000, len(decoding)))
     if not alone or not shared:
         return 0.0
     base = statistics.median(alone)
