@@ -66,7 +66,9 @@ class CostFit:
       exactly, by trying each coefficient free or at its bound.
     - A change watch (`follow_changes`): CHANGE_RUN timings in a row off the fit by CHANGE_RATIO the same way mean
       the hardware changed (a power mode, a busy machine): the older timings are rescaled by the surprise's median,
-      so the fit follows within a prompt or two instead of a window."""
+      so the fit follows within a prompt or two instead of a window. Each timing is judged against the fit as it
+      stood to the earlier timings of its own size class, so a size whose cost the line's shape misses is not taken
+      for a change (nor is a size timed for the first time)."""
 
     def __init__(self, window: int = 256, fallback: LinearCost = ZERO_COST, follow_changes: bool = True):
         if window < 3:
@@ -87,19 +89,25 @@ class CostFit:
             return
         sample = [1.0, float(tokens), float(attended_pairs), float(seconds), self._added]
         self._added += 1
+        size_class = self._classes[min(int(tokens).bit_length(), SIZE_CLASSES) - 1]
         if self._follow:
-            self._watch(sample)
-        self._classes[min(int(tokens).bit_length(), SIZE_CLASSES) - 1].append(sample)
+            self._watch(sample, size_class)
+        size_class.append(sample)
         self._fit = None
         self._since_solve += 1
 
-    def _watch(self, sample: list) -> None:
+    def _watch(self, sample: list, size_class: deque) -> None:
+        """A timing is a surprise against the reference line times where the line stands to the earlier timings of
+        its size class: a size the line's shape misses (a part changing regime) is no change of the hardware, and a
+        size never timed before tells nothing."""
         if self._reference is None or self._since_solve >= REFIT_EVERY:
             if len(self) >= 3:
                 self._reference = self.cost
-        if self._reference is None:
+        if self._reference is None or not size_class:
             return
-        predicted = self._reference.batch(sample[1], sample[2])
+        line = [(self._reference.batch(old[1], old[2]), old[3]) for old in size_class]
+        shape = float(np.median([seconds / p for p, seconds in line if p > 0])) if any(p > 0 for p, _ in line) else 1.0
+        predicted = self._reference.batch(sample[1], sample[2]) * shape
         ratio = sample[3] / predicted if predicted > 0 else 1.0
         if 1 / CHANGE_RATIO < ratio < CHANGE_RATIO:
             self._surprises.clear()
@@ -122,6 +130,10 @@ class CostFit:
 
     def __len__(self) -> int:
         return sum(len(samples) for samples in self._classes)
+
+    def size_classes(self) -> list[list[tuple[float, float, float]]]:
+        """The timings kept, per size class: (tokens, query-key pairs, seconds) each."""
+        return [[(s[1], s[2], s[3]) for s in samples] for samples in self._classes]
 
     @property
     def cost(self) -> LinearCost:

@@ -17,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cost_fit import LinearCost
+from .local_cost import LocalCost
 
 
 @dataclass(frozen=True, slots=True)
 class PipelineCosts:
-    device_input: LinearCost  # the input part (and the draft adapter's cache) over one chunk
-    device_output: LinearCost  # the output part over one reply
-    cloud: LinearCost  # the middle part over one chunk, as the cloud predicts it
+    device_input: LinearCost | LocalCost  # the input part (and the draft adapter's cache) over one chunk
+    device_output: LinearCost | LocalCost  # the output part over one reply
+    cloud: LinearCost | LocalCost  # the middle part over one chunk, as the cloud predicts it
     cloud_queue_s: float  # wait before the cloud starts a chunk (other devices' work)
     uplink_bytes_per_s: float  # device -> cloud rate
     downlink_bytes_per_s: float  # cloud -> device rate

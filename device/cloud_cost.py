@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from hat.common.cost_fit import CostFit, LinearCost, attended
+from hat.common.local_cost import LocalCost, local_cost
 
 from .cloud_link import CloudLink
 
@@ -30,16 +31,16 @@ class CloudCostTracker:
         return (LinearCost(reply.base_us / 1e6, reply.per_token_us / 1e6, reply.per_token_context_ns / 1e9),
                 reply.queue_us / 1e6)
 
-    def cost(self, own: bool = False) -> tuple[LinearCost, float]:
-        """The cloud's cost and queue. `own`: this device's fit of the compute times replies reported, once it has
-        OWN_FIT_MIN of them (on shared cores: the cloud's own fit also takes the batches this device's compute
-        slowed down, which the device's solo timings leave out)."""
+    def cost(self, own: bool = False) -> tuple[LinearCost | LocalCost, float]:
+        """The cloud's cost and queue. `own`: this device's fit of the compute times replies reported (corrected near
+        the sizes it timed), once it has OWN_FIT_MIN of them (on shared cores: the cloud's own fit also takes the
+        batches this device's compute slowed down, which the device's solo timings leave out)."""
         published = self.published()
         if published is None:
-            return self._own_fit.cost, 0.0
+            return local_cost(self._own_fit), 0.0
         cost, queue_s = published
         if own and len(self._own_fit) >= OWN_FIT_MIN:
-            return self._own_fit.cost, queue_s
+            return local_cost(self._own_fit), queue_s
         return cost.scaled(self.ratio), queue_s
 
     def stages(self) -> int:

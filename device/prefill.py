@@ -17,6 +17,7 @@ import torch
 
 from hat.common import wire
 from hat.common.layers import SequenceSpan
+from hat.common.local_cost import local_cost
 from hat.common.prefill_pipeline import PipelineCosts
 
 from .chunk_planner import ChunkingConfig, ChunkPlan, ChunkPlanner
@@ -49,6 +50,7 @@ class _Chunk:
     count: int  # positions
     up_bytes: int  # bytes of the FORWARD on the wire
     input_s: float  # device time of the input part over it
+    computes_at_send: int  # the device's prefill computes (input or output part runs) when it was sent
 
 
 class PrefillPipeline:
@@ -60,7 +62,7 @@ class PrefillPipeline:
         self.cloud = CloudCostTracker(link)
         self.misprediction = MispredictionModel()  # what the cost model left out of the prompts so far
         self._open_sequence: int | None = None  # the session's OPEN while its reply has not been taken
-        self._solo = True  # the chunk being completed computed with the cores to itself (always, unless shared)
+        self._computes = 0  # input or output part runs so far (on shared cores: a chunk out during one shared them)
         spec = model.spec
         self.up_bytes_per_token = spec.hidden_size * model.input_part.dtype.itemsize
         self.down_bytes_per_token = self.up_bytes_per_token if model.output_part.num_layers else 0.0
@@ -72,7 +74,7 @@ class PrefillPipeline:
             link = dataclasses.replace(link, uplink_bytes_per_s=max(link.uplink_bytes_per_s, LOOPBACK_BYTES_PER_S),
                                        downlink_bytes_per_s=max(link.downlink_bytes_per_s, LOOPBACK_BYTES_PER_S))
         cloud, queue_s = self.cloud.cost(own=shared)
-        return PipelineCosts(device_input=self.profile.input.cost, device_output=self.profile.output.cost,
+        return PipelineCosts(device_input=local_cost(self.profile.input), device_output=local_cost(self.profile.output),
                              cloud=cloud, cloud_queue_s=queue_s, uplink_bytes_per_s=link.uplink_bytes_per_s,
                              downlink_bytes_per_s=link.downlink_bytes_per_s, rtt_s=link.rtt_s,
                              up_bytes_per_token=self.up_bytes_per_token, down_bytes_per_token=self.down_bytes_per_token,
@@ -145,9 +147,10 @@ class PrefillPipeline:
                 hidden, _ = model.run_input(token_ids[position:position + count], position, caches.input,
                                             caches.adapter)
                 input_s = time.perf_counter() - began
+                self._computes += 1
                 up0 = self.link.bytes_up
                 sequence = self.link.send_forward(session_id, position, hidden, return_last, append_only=True)
-                in_flight.append(_Chunk(sequence, position, count, self.link.bytes_up - up0, input_s))
+                in_flight.append(_Chunk(sequence, position, count, self.link.bytes_up - up0, input_s, self._computes))
                 if not (shared and len(in_flight) > 1):  # shared cores and a chunk in the cloud: no solo timing
                     self.profile.add_input(count, position, input_s)
                 report.chunks.append(count)
@@ -176,21 +179,16 @@ class PrefillPipeline:
 
     def _complete_oldest(self, in_flight: deque, caches: DeviceCaches, steps: list[StepTiming],
                          shared: bool) -> torch.Tensor:
+        """Wait for the oldest chunk's reply and run the output part over it; returns the middle output of its last
+        position. On shared cores a timing is kept only where nothing else computed beside it: the cloud's when the
+        device computed nothing while the chunk was out, the output part's when no chunk behind it is in the cloud."""
         chunk = in_flight.popleft()
-        self._solo = not (shared and in_flight)  # on shared cores, a chunk behind it in the cloud spoils its timings
-        try:
-            return self._complete(chunk, caches, steps)
-        finally:
-            self._solo = True
-
-    def _complete(self, chunk: _Chunk, caches: DeviceCaches, steps: list[StepTiming]) -> torch.Tensor:
-        """Wait for a chunk's reply and run the output part over it; returns the middle output of its last position."""
         if self._open_sequence is not None:
             self._take_opened()
         reply = self.link.receive(chunk.sequence)
         self.estimator.on_reply(reply, chunk.up_bytes, _reply_bytes(reply))
         header = reply.header
-        if self._solo:  # on shared cores, only a chunk that computed alone times the cloud and the output part
+        if not shared or self._computes == chunk.computes_at_send:
             self.cloud.observe(chunk.count, chunk.start, header.compute_us / 1e6, header.batch_sessions)
         middle = reply.tensor
         output_s = 0.0
@@ -199,7 +197,8 @@ class PrefillPipeline:
             middle = self.model.output_part.forward_layers(middle, [SequenceSpan(caches.output, chunk.start,
                                                                                  chunk.count)])
             output_s = time.perf_counter() - began
-            if self._solo:
+            self._computes += 1
+            if not (shared and in_flight):
                 self.profile.add_output(chunk.count, chunk.start, output_s)
         steps.append(StepTiming(chunk.count, (chunk.input_s + output_s) * 1000,
                                 (reply.received_s - reply.request_sent_s) * 1000, header.compute_us / 1000,

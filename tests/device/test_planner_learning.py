@@ -136,3 +136,23 @@ def test_the_probe_measures_the_path_before_the_first_prompt(tiny_checkpoint, tm
             assert gen.prefill.config.max_in_flight == ChunkingConfig().max_in_flight  # restored
             assert gen.link.stats().sessions == 0
             assert gen.generate_ids(prompt, 4).token_ids == want
+
+
+@pytest.mark.parametrize("shared, in_flight, timed", [(True, 8, 0), (True, 1, 4), (False, 8, 4)])
+def test_on_shared_cores_only_a_chunk_out_while_the_device_idled_times_the_cloud(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                                 shared, in_flight, timed):
+    """Device and cloud on the same cores: a chunk's cloud time counts only if the device computed nothing while it
+    was out. Four chunks, replies never taken early: with 8 in flight the device runs the next chunk's input or an
+    earlier reply's output beside every one (no cloud timing kept); one at a time, each chunk is alone (all four
+    kept); a remote cloud (not shared) keeps all four either way."""
+    from tests.cluster import running_cloud
+
+    prompt = [(7 * i + 3) % 200 + 3 for i in range(64)]
+    with running_cloud(tiny_checkpoint("llama3"), 2, 1, tmp_path) as cluster:
+        with cluster.generator() as gen:
+            gen.prefill.config = ChunkingConfig(fixed_size=16, max_in_flight=in_flight, shared_host=shared)
+            monkeypatch.setattr(gen.link, "reply_ready", lambda: False)
+            before = len(gen.prefill.cloud._own_fit)
+            result = gen.generate_ids(prompt, 1)
+            assert list(result.chunks) == [16] * 4
+            assert len(gen.prefill.cloud._own_fit) - before == timed
