@@ -35,7 +35,8 @@ class PipelineCosts:
     final_s: float = 0.0  # head and sampling of the first token after the last chunk
     cloud_stages: int = 1  # stages of the cloud's pipeline-parallel middle part (as it publishes)
     shared_compute: bool = False  # the device and the cloud compute on the same cores: their compute never overlaps
-    chunk_overhead_s: float = 0.0  # device time per chunk the fitted parts leave out (learned from mispredictions)
+    chunk_overhead_s: float = 0.0  # device time per chunk after a prompt's first the fitted parts leave out (learned
+    # from mispredictions: per-message costs, and on shared cores the device's and the cloud's compute contending)
     prompt_overhead_s: float = 0.0  # time per prompt the model leaves out (learned from mispredictions)
 
     def up_s(self, tokens: int) -> float:
@@ -98,7 +99,7 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
             now = handle(handled, now)
             handled += 1
         if i >= sent_before:
-            now = compute(now, costs.device_input.predict(n, positions[i]) + costs.chunk_overhead_s)
+            now = compute(now, costs.device_input.predict(n, positions[i]) + (costs.chunk_overhead_s if i else 0.0))
         sent[i] = now
         up_free = max(now, up_free) + costs.up_s(n)
         at = max(up_free + half_rtt, stage_free[0]) + costs.cloud_queue_s

@@ -2,11 +2,18 @@
 
 After each prompt the cut that was sent is simulated again with the costs as they stand now (each stage's fit has
 taken that prompt's timings), and the time to the last chunk's output that is still unexplained is split into a
-cost per prompt and a cost per chunk: residual = per_prompt + per_chunk * chunks, fitted (no negative term) over the
-newest prompts (residuals signed, so noise either way averages out; the two costs never below zero). Prompts as
-predicted make the correction fade. Until cuts of different sizes have been seen, the prompt takes it all. Added to the next plans, the per-chunk cost makes cuts into many chunks dearer exactly as far as
-they have been seen to cost more than the model said (Python and wake-up overheads per message, two processes
-on the same cores); the per-prompt cost makes the prediction right without changing the choice.
+cost per prompt and a cost per chunk after the first: residual = per_prompt + per_chunk * (chunks - 1), over the
+newest prompts (residuals signed, so noise either way averages out; the two costs never below zero).
+- Whole prompts (one chunk) in the window measure the per-prompt cost directly (their mean residual), and the
+  chunked ones the per-chunk cost beyond it (least squares through zero). Contention is not linear in the chunks
+  (on shared cores a second chunk costs most, overlapping the device's and the cloud's compute), so a joint fit
+  would push part of it into the per-prompt cost and mispredict the whole prompt.
+- Without a whole prompt, both come from a least squares over cuts of different sizes; with one cut size only,
+  nothing tells chunks apart and the prompt takes it all.
+Prompts as predicted make the correction fade. Added to the next plans, the per-chunk cost makes cuts into many
+chunks dearer as far as they have been seen to cost more than the model said (Python and wake-up overheads per
+message, two processes on the same cores); the per-prompt cost makes the prediction right without changing the
+choice.
 """
 from __future__ import annotations
 
@@ -23,17 +30,24 @@ class MispredictionModel:
     def __init__(self, window: int = WINDOW):
         self._residuals: deque[tuple[int, float]] = deque(maxlen=window)  # (chunks, unexplained seconds >= 0)
         self.per_prompt_s = 0.0  # unexplained time per prompt
-        self.per_chunk_s = 0.0  # unexplained time per chunk
+        self.per_chunk_s = 0.0  # unexplained time per chunk after a prompt's first
 
     def add(self, chunks: int, measured_s: float, predicted_s: float) -> None:
         """One prompt: its chunks, the measured time and what the current costs (plus the current correction)
         predict for the cut it was sent in."""
         if chunks < 1:
             return
-        unexplained = measured_s - (predicted_s - self.per_prompt_s - self.per_chunk_s * chunks)
+        unexplained = measured_s - (predicted_s - self.per_prompt_s - self.per_chunk_s * (chunks - 1))
         self._residuals.append((chunks, unexplained))  # signed: noise either way averages out
-        data = np.asarray([(1.0, float(k), r) for k, r in self._residuals])
-        if len({k for k, _ in self._residuals}) == 1:  # one cut seen: nothing tells chunks apart, the prompt takes it
-            self.per_prompt_s, self.per_chunk_s = max(0.0, float(np.mean(data[:, 2]))), 0.0
+        data = np.asarray([(1.0, float(k - 1), r) for k, r in self._residuals])
+        whole, chunked = data[data[:, 1] == 0], data[data[:, 1] > 0]
+        if not len(whole) or not len(chunked):
+            if len(set(data[:, 1])) == 1:  # one cut seen: nothing tells chunks apart, the prompt takes it
+                self.per_prompt_s, self.per_chunk_s = max(0.0, float(np.mean(data[:, 2]))), 0.0
+            else:
+                self.per_prompt_s, self.per_chunk_s = map(float, bounded_least_squares(data[:, :2], data[:, 2],
+                                                                                       np.zeros(2)))
             return
-        self.per_prompt_s, self.per_chunk_s = map(float, bounded_least_squares(data[:, :2], data[:, 2], np.zeros(2)))
+        self.per_prompt_s = max(0.0, float(np.mean(whole[:, 2])))
+        extra = chunked[:, 1]
+        self.per_chunk_s = max(0.0, float(np.dot(extra, chunked[:, 2] - self.per_prompt_s) / np.dot(extra, extra)))

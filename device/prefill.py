@@ -120,7 +120,7 @@ class PrefillPipeline:
         self._open_sequence = open_sequence
         total = len(token_ids)
         self.cloud.refresh()
-        began = time.perf_counter()
+        prefill_began = time.perf_counter()
         shared = self.shared_compute()
         plan, reference = self._plan(total, 0, max_chunk, report, sizes)
         report.predicted_s = plan.predicted_s + report.plan_ms / 1000
@@ -157,7 +157,7 @@ class PrefillPipeline:
                 position += count
             while in_flight:
                 last = self._complete_oldest(in_flight, caches, steps, shared)
-            self._learn(report, time.perf_counter() - began)
+            self._learn(report, time.perf_counter() - prefill_began)
         finally:
             for chunk in in_flight:  # given up on (an error): their replies, if any come, are dropped
                 self.link.forget(chunk.sequence)

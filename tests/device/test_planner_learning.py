@@ -75,16 +75,16 @@ def test_shared_cores_make_compute_take_turns():
 
 
 def test_the_misprediction_model_learns_and_forgets():
-    """Prompts slower than predicted teach a cost per chunk and per prompt (split by least squares over cuts of
-    different sizes); prompts as predicted make it fade; faster ones never make it negative."""
+    """Prompts slower than predicted teach a cost per chunk after the first and per prompt (split by least squares
+    over cuts of different sizes); prompts as predicted make it fade; faster ones never make it negative."""
     model = MispredictionModel()
 
     def predicted(chunks: int) -> float:  # the model's prediction, the current correction included
-        return 0.20 + model.per_prompt_s + chunks * model.per_chunk_s
+        return 0.20 + model.per_prompt_s + (chunks - 1) * model.per_chunk_s
 
     for _ in range(4):
-        model.add(10, measured_s=0.30, predicted_s=predicted(10))  # 10 ms a chunk unexplained
-        model.add(1, measured_s=0.21, predicted_s=predicted(1))
+        model.add(10, measured_s=0.29, predicted_s=predicted(10))  # 10 ms a chunk after the first unexplained
+        model.add(1, measured_s=0.20, predicted_s=predicted(1))
     assert model.per_chunk_s == pytest.approx(0.01, rel=0.02) and model.per_prompt_s == pytest.approx(0.0, abs=1e-3)
     for _ in range(8):
         model.add(10, measured_s=0.19, predicted_s=predicted(10))  # faster than even the bare model
@@ -96,6 +96,19 @@ def test_the_misprediction_model_learns_and_forgets():
     assert model.per_prompt_s < 0.03 and model.per_chunk_s < 0.003
 
 
+def test_whole_prompts_keep_their_prediction_beside_contended_chunked_ones():
+    """Shared cores: whole prompts run as predicted, chunked ones slower by a cost that grows less than linearly with
+    the chunks (the second chunk's overlap costs most). The whole prompts set the per-prompt cost (none here), the
+    chunked ones a per-chunk cost: the whole prompt's prediction stays right, and every chunked cut is dearer."""
+    model = MispredictionModel()
+    contention = {1: 0.0, 2: 0.19, 4: 0.25, 32: 0.40}  # seconds beyond the bare model, per cut's chunks
+    for _ in range(2):
+        for chunks, extra in contention.items():
+            model.add(chunks, 0.6 + extra, 0.6 + model.per_prompt_s + model.per_chunk_s * (chunks - 1))
+    assert model.per_prompt_s == pytest.approx(0.0, abs=1e-9)
+    assert model.per_chunk_s > 0.005
+
+
 def test_a_learned_overhead_per_chunk_moves_the_plan_to_fewer_chunks():
     """After chunked prompts ran slower than predicted, the planner's next cut has fewer chunks, and its prediction
     for the cut that mispredicted is now the measured time."""
@@ -105,11 +118,12 @@ def test_a_learned_overhead_per_chunk_moves_the_plan_to_fewer_chunks():
     assert len(before.sizes) > 2
     model = MispredictionModel()
     whole = planner.evaluate([1024], costs, 0)
-    for _ in range(2):  # the chosen cut ran 20 ms a chunk slower than predicted, the whole prompt as predicted
-        model.add(len(before.sizes), before.predicted_s + 0.02 * len(before.sizes),
-                  before.predicted_s + model.per_prompt_s + model.per_chunk_s * len(before.sizes))
-        model.add(1, whole.predicted_s, whole.predicted_s + model.per_prompt_s + model.per_chunk_s)
-    measured = before.predicted_s + 0.02 * len(before.sizes)
+    extra = len(before.sizes) - 1
+    for _ in range(2):  # the chosen cut ran 20 ms a chunk after the first slower than predicted, the whole as predicted
+        model.add(len(before.sizes), before.predicted_s + 0.02 * extra,
+                  before.predicted_s + model.per_prompt_s + model.per_chunk_s * extra)
+        model.add(1, whole.predicted_s, whole.predicted_s + model.per_prompt_s)
+    measured = before.predicted_s + 0.02 * extra
     learned = dataclasses.replace(costs, chunk_overhead_s=model.per_chunk_s, prompt_overhead_s=model.per_prompt_s)
     assert planner.evaluate(list(before.sizes), learned, 0).predicted_s == pytest.approx(measured, rel=0.1)
     assert len(planner.plan(1024, learned, 4096).sizes) < len(before.sizes)
@@ -156,3 +170,20 @@ def test_on_shared_cores_only_a_chunk_out_while_the_device_idled_times_the_cloud
             result = gen.generate_ids(prompt, 1)
             assert list(result.chunks) == [16] * 4
             assert len(gen.prefill.cloud._own_fit) - before == timed
+
+
+def test_the_misprediction_model_learns_from_the_whole_prefill(tiny_checkpoint, tmp_path, monkeypatch):
+    """What a prompt took, as the misprediction model is told, is its whole prefill (first chunk's input part to the
+    last reply's output part): most of the measured time to the first token, for a cut into many chunks too."""
+    from tests.cluster import running_cloud
+
+    prompt = [(5 * i + 1) % 200 + 3 for i in range(96)]
+    with running_cloud(tiny_checkpoint("llama3"), 2, 1, tmp_path) as cluster:
+        with cluster.generator() as gen:
+            told = []
+            monkeypatch.setattr(gen.prefill.misprediction, "add",
+                                lambda chunks, measured_s, predicted_s: told.append((chunks, measured_s)))
+            gen.prefill.config = ChunkingConfig(fixed_size=16, max_in_flight=1)
+            result = gen.generate_ids(prompt, 1)
+            assert told[-1][0] == 6
+            assert 0.7 * result.ttft_ms < told[-1][1] * 1000 <= result.ttft_ms
