@@ -105,8 +105,8 @@ class CostFit:
                 self._reference = self.cost
         if self._reference is None or not size_class:
             return
-        line = [(self._reference.batch(old[1], old[2]), old[3]) for old in size_class]
-        shape = float(np.median([seconds / p for p, seconds in line if p > 0])) if any(p > 0 for p, _ in line) else 1.0
+        ratios = [old[3] / line for old in size_class if (line := self._reference.batch(old[1], old[2])) > 0]
+        shape = float(np.median(ratios)) if ratios else 1.0
         predicted = self._reference.batch(sample[1], sample[2]) * shape
         ratio = sample[3] / predicted if predicted > 0 else 1.0
         if 1 / CHANGE_RATIO < ratio < CHANGE_RATIO:

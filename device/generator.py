@@ -44,7 +44,8 @@ RETRY_BACKOFF_S = (0.2, 4.0)  # first and longest wait between attempts to reach
 _ROUND_EMA = 0.3  # weight of the newest round time in the predicted round time
 _ROUND_FIT_WINDOW = 64  # verification rounds the round-time fit keeps
 _MIN_ROUND_S = 1e-4  # floor of a predicted round time
-PROBE_CHUNKS = (32, 128, 512)  # the probe's scratch prompt, as chunks: small, medium and large forwards on every stage
+PROBE_CHUNKS = (32, 128, 512, 512)  # the probe's scratch prompt, as chunks: small, medium and large forwards on every
+# stage, the last after 672 cached positions (without a long-context timing a fit cannot tell attention from tokens)
 
 
 class PromptTooLongError(ValueError):
@@ -113,7 +114,12 @@ class SplitGenerator:
         estimator learns the link, the cloud tracker how the cloud's published predictor holds, and the device's
         fits its parts over the real path, so that the first prompt's plan and prediction are right (a cold start
         would otherwise plan with a 10 MB/s, 20 ms prior link)."""
-        sizes = tuple(n for n in sizes if n < self.max_context // 2) or (min(16, self.max_context - 1),)
+        kept, room = [], self.max_context // 2  # the scratch prompt takes half the context at most
+        for n in sizes:
+            if n <= room:
+                kept.append(n)
+                room -= n
+        sizes = tuple(kept) or (min(16, self.max_context - 1),)
         total = sum(sizes)
         vocab = min(self.model.spec.vocab_size, 1000)
         ids = torch.randint(vocab, (total,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -28,7 +28,7 @@ WINDOW = 8  # prompts the correction is fitted over
 
 class MispredictionModel:
     def __init__(self, window: int = WINDOW):
-        self._residuals: deque[tuple[int, float]] = deque(maxlen=window)  # (chunks, unexplained seconds >= 0)
+        self._residuals: deque[tuple[int, float]] = deque(maxlen=window)  # (chunks, unexplained seconds, signed)
         self.per_prompt_s = 0.0  # unexplained time per prompt
         self.per_chunk_s = 0.0  # unexplained time per chunk after a prompt's first
 
