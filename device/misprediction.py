@@ -4,10 +4,11 @@ After each prompt the cut that was sent is simulated again with the costs as the
 taken that prompt's timings), and the time to the last chunk's output that is still unexplained is split into a
 cost per prompt and a cost per chunk after the first: residual = per_prompt + per_chunk * (chunks - 1), over the
 newest prompts (residuals signed, so noise either way averages out; the two costs never below zero).
-- Whole prompts (one chunk) in the window measure the per-prompt cost directly (their mean residual), and the
-  chunked ones the per-chunk cost beyond it (least squares through zero). Contention is not linear in the chunks
-  (on shared cores a second chunk costs most, overlapping the device's and the cloud's compute), so a joint fit
-  would push part of it into the per-prompt cost and mispredict the whole prompt.
+- Whole prompts (one chunk) in the window measure the per-prompt cost directly (their mean residual), and each
+  chunked one a per-chunk cost beyond it (its residual less that, over its chunks after the first); the median of
+  those is the per-chunk cost. Contention is not linear in the chunks (on shared cores a second chunk costs most,
+  overlapping the device's and the cloud's compute): a joint fit pushed part of it into the per-prompt cost and
+  mispredicted the whole prompt, and a fit through zero let cuts into many chunks drown the few-chunk ones.
 - Without a whole prompt, both come from a least squares over cuts of different sizes; with one cut size only,
   nothing tells chunks apart and the prompt takes it all.
 Prompts as predicted make the correction fade. Added to the next plans, the per-chunk cost makes cuts into many
@@ -49,5 +50,4 @@ class MispredictionModel:
                                                                                        np.zeros(2)))
             return
         self.per_prompt_s = max(0.0, float(np.mean(whole[:, 2])))
-        extra = chunked[:, 1]
-        self.per_chunk_s = max(0.0, float(np.dot(extra, chunked[:, 2] - self.per_prompt_s) / np.dot(extra, extra)))
+        self.per_chunk_s = max(0.0, float(np.median((chunked[:, 2] - self.per_prompt_s) / chunked[:, 1])))
