@@ -4,19 +4,22 @@
 The shipped adapter estimates the middle part's output h_mid(t) from the device's own input part alone:
 estimate(t) = adapter(h_K(t), embed(x_t)), one decoder layer standing in for N-K-M layers. The device also holds
 h_mid of every verified position (the cloud returns it for the output part), and EAGLE conditions its draft on
-the target's own features of the previous position. This probe trains two adapters of the shipped shape for the
+the target's own features of the previous position. This probe trains adapters of the shipped shape for the
 same steps on the same cached hidden states and compares their held-out top-1 agreement:
 
-  input-only  the shipped design
-  +verified   the same, its input also carrying a learned projection of h_mid(t-1) (zero at start, so it
-              starts as the input-only adapter): h_K(t) + P(norm(h_mid(t-1)))
+  input-only        the shipped design
+  +verified         the same, its input also carrying a learned projection of h_mid(t-1) (zero at start, so it
+                    starts as the input-only adapter): h_K(t) + P(norm(h_mid(t-1)))
+  +verified-concat  EAGLE's way: its input is fc([h_K(t) ; norm(h_mid(t-1))]), fc starting as [identity | zeros]
+                    (so it too starts as the input-only adapter)
 
-Teacher-forced, both see true inputs at every position: for +verified that is the first draft token of a round
+Teacher-forced, all see true inputs at every position: for the verified variants that is the first draft token of a round
 (h_mid of the pending token's predecessor is verified); deeper draft tokens would see the adapter's own estimate,
-so its gain there is smaller. A small budget (seconds, not the recipe's half hour) compares the two designs; it
-does not predict the final agreement of either.
+so its gain there is smaller. A small budget (minutes, not the recipe's half hour) compares the designs; it
+does not predict the final agreement of any.
 
     python scripts/probe_verified_features.py --windows 96 --steps 150 --threads 1
+    python scripts/probe_verified_features.py --steps 300 --threads 1 --variants input-only,+verified-concat
 """
 from __future__ import annotations
 
@@ -31,19 +34,49 @@ from torch import nn
 
 
 class VerifiedFeatureAdapter(nn.Module):
-    """A DraftAdapter whose input also carries the previous position's verified middle output."""
+    """A DraftAdapter whose input also carries the previous position's verified middle output, added:
+    adapter(h_K(t) + P(norm(h_mid(t-1))), embed(x_t)), P zero at start."""
 
     def __init__(self, adapter, width: int, eps: float):
         super().__init__()
         from hat.common.layers import RMSNorm
 
-        self.adapter = adapter
-        self.previous_norm = RMSNorm(width, eps)
-        self.previous = nn.Linear(width, width, bias=False)
-        nn.init.zeros_(self.previous.weight)
+        self.adapter = adapter  # the shipped DraftAdapter, fed the mixed input in place of h_K(t)
+        self.previous_norm = RMSNorm(width, eps)  # scales h_mid(t-1) before it is mixed in
+        self.previous = self.new_mix(width)  # the learned map that brings norm(h_mid(t-1)) in
+
+    @staticmethod
+    def new_mix(width: int) -> nn.Linear:
+        """P: width -> width, zero, so the wrapper starts as the adapter it wraps."""
+        mix = nn.Linear(width, width, bias=False)
+        nn.init.zeros_(mix.weight)
+        return mix
+
+    def mix(self, h_k: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return h_k + self.previous(previous)
 
     def forward(self, h_k, embeds, spans, previous_mid):
-        return self.adapter(h_k + self.previous(self.previous_norm(previous_mid)), embeds, spans)
+        return self.adapter(self.mix(h_k, self.previous_norm(previous_mid)), embeds, spans)
+
+
+class ConcatFeatureAdapter(VerifiedFeatureAdapter):
+    """EAGLE's way: adapter(fc([h_K(t) ; norm(h_mid(t-1))]), embed(x_t)), fc starting as [identity | zeros]."""
+
+    @staticmethod
+    def new_mix(width: int) -> nn.Linear:
+        """fc: 2 * width -> width, identity on the h_K half and zero on the h_mid half."""
+        mix = nn.Linear(2 * width, width, bias=False)
+        with torch.no_grad():
+            mix.weight.zero_()
+            mix.weight[:, :width].copy_(torch.eye(width))
+        return mix
+
+    def mix(self, h_k: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return self.previous(torch.cat([h_k, previous], dim=-1))
+
+
+# the compared designs: name -> the wrapper around the shipped adapter (None: the shipped adapter itself)
+VARIANTS = {"input-only": None, "+verified": VerifiedFeatureAdapter, "+verified-concat": ConcatFeatureAdapter}
 
 
 def previous_positions(h_mid: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -62,6 +95,15 @@ def estimate(teacher, model, ids, h_k, h_mid):
     return model(h_k, embeds, spans)
 
 
+def variant_list(text: str) -> list[str]:
+    """--variants: a comma list of VARIANTS names, in the given order, each once."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: want distinct names from {', '.join(VARIANTS)}")
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="store name or folder (default: the default model)")
@@ -76,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=8, help="held-out windows scored (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", type=variant_list, default=list(VARIANTS),
+                   help=f"comma list of designs to train (default: {','.join(VARIANTS)})")
     return p.parse_args(argv)
 
 
@@ -118,21 +162,24 @@ def main(argv=None) -> int:
         config = AdapterConfig(input_layers=k, output_layers=m, width=spec.hidden_size, depth=1,
                                intermediate_size=spec.intermediate_size, source_fingerprint=meta.source_fingerprint)
         results = {}
-        for name in ("input-only", "+verified"):
+        for name in args.variants:
             torch.manual_seed(args.seed)
             adapter = DraftAdapter(spec, config)
-            model = adapter if name == "input-only" else VerifiedFeatureAdapter(adapter, spec.hidden_size,
-                                                                                spec.rms_norm_eps)
+            wrapper = VARIANTS[name]
+            model = adapter if wrapper is None else wrapper(adapter, spec.hidden_size, spec.rms_norm_eps)
             results[name] = train_and_score(args, teacher, cache, model, eval_ids, eval_h_k, eval_h_mid, eval_target)
             print(f"{name}: {results[name]}", file=sys.stderr)
     print(f"\n{spec.num_layers}-layer model K={k} M={m}; {cache.available * args.seq_len:,} cached training tokens, "
           f"{args.steps} steps x {args.batch} x {args.seq_len}; held-out {args.eval_windows} x {args.seq_len} tokens "
           f"(teacher-forced top-1 agreement with the model's greedy token)")
-    print(f"{'adapter':>12}{'agreement':>11}{'final loss':>12}{'train s':>9}")
+    print(f"{'adapter':>18}{'agreement':>11}{'final loss':>12}{'train s':>9}")
     for name, r in results.items():
-        print(f"{name:>12}{r['agreement']:>11.3f}{r['loss']:>12.4f}{r['train_s']:>9.0f}")
-    base = results["input-only"]["agreement"]
-    print(f"\n+verified / input-only agreement: {results['+verified']['agreement'] / base:.2f}x" if base else "")
+        print(f"{name:>18}{r['agreement']:>11.3f}{r['loss']:>12.4f}{r['train_s']:>9.0f}")
+    base = results.get("input-only", {}).get("agreement")
+    if base:
+        print()
+        for name in [name for name in results if name != "input-only"]:
+            print(f"{name} / input-only agreement: {results[name]['agreement'] / base:.2f}x")
     return 0
 
 
