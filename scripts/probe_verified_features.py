@@ -13,9 +13,9 @@ same steps on the same cached hidden states and compares their held-out top-1 ag
   +verified-concat  EAGLE's way: its input is fc([h_K(t) ; norm(h_mid(t-1))]), fc starting as [identity | zeros]
                     (so it too starts as the input-only adapter)
 
-Teacher-forced, all see true inputs at every position: for the verified variants that is the first draft token of a round
-(h_mid of the pending token's predecessor is verified); deeper draft tokens would see the adapter's own estimate,
-so its gain there is smaller. A small budget (minutes, not the recipe's half hour) compares the designs; it
+Teacher-forced, all see true inputs at every position: for the verified variants that is the first draft token of
+a round (h_mid of the pending token's predecessor is verified); deeper draft tokens would see the adapter's own
+estimate, so their gain there is smaller. A small budget (minutes, not the recipe's half hour) compares the designs; it
 does not predict the final agreement of any.
 
     python scripts/probe_verified_features.py --windows 96 --steps 150 --threads 1
