@@ -12,7 +12,8 @@ import pytest
 
 from hat.common.cost_fit import LinearCost
 from hat.common.prefill_pipeline import prefill_lower_bound, simulate_prefill
-from hat.device.chunk_planner import FIXED_SIZES, ChunkingConfig, ChunkPlanner, even_cut, fixed_cut
+from hat.device.chunk_planner import (FIXED_SIZES, WHOLE_PROMPT_MARGIN, ChunkingConfig, ChunkPlanner, even_cut,
+                                     fixed_cut)
 from hat.device.misprediction import MispredictionModel
 
 from tests.device.test_chunk_planner import TYPICAL, random_cases
@@ -20,8 +21,9 @@ from tests.device.test_chunk_planner import TYPICAL, random_cases
 
 @pytest.mark.parametrize("seed", range(4))
 def test_the_plan_is_never_predicted_worse_than_the_trivial_cuts(seed):
-    """For random costs, the adaptive plan's prediction is at most the whole prompt's and every fixed size's
-    (under the same model, so the trivial choices are among its candidates)."""
+    """For random costs, the adaptive plan's prediction is at most the whole prompt's and, but for the margin it
+    gives the whole prompt, every fixed size's (under the same model, so the trivial choices are among its
+    candidates); it cuts the prompt only for a gain beyond that margin."""
     for tokens, max_chunk, costs, in_flight, start in random_cases(seed, 40):
         config = ChunkingConfig(max_in_flight=in_flight)
         planner = ChunkPlanner(config)
@@ -29,9 +31,12 @@ def test_the_plan_is_never_predicted_worse_than_the_trivial_cuts(seed):
         assert sum(plan.sizes) == tokens and max(plan.sizes) <= max_chunk
         whole = planner.evaluate(even_cut(tokens, math.ceil(tokens / max_chunk)), costs, start)
         assert plan.predicted_s <= whole.predicted_s + 1e-12
+        if plan.sizes != whole.sizes and len(whole.sizes) == 1:
+            assert plan.predicted_s * (1 + WHOLE_PROMPT_MARGIN) < whole.predicted_s
         for size in FIXED_SIZES:
             if config.min_chunk <= size < min(tokens, max_chunk + 1) and math.ceil(tokens / size) <= config.max_chunks:
-                assert plan.predicted_s <= planner.evaluate(fixed_cut(tokens, size), costs, start).predicted_s + 1e-12
+                fixed = planner.evaluate(fixed_cut(tokens, size), costs, start).predicted_s
+                assert plan.predicted_s <= fixed * (1 + WHOLE_PROMPT_MARGIN) + 1e-12
 
 
 def test_a_replan_counts_the_chunks_in_flight():
