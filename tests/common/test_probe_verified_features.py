@@ -22,7 +22,9 @@ def test_previous_positions_shift_each_window_by_one():
             assert torch.equal(shifted[b * length + t], expected)
 
 
-def test_the_verified_adapter_starts_as_the_input_only_one_and_reads_the_previous_output(tiny_checkpoint):
+def wrapped_adapter(tiny_checkpoint, wrapper_name: str):
+    """A trained-looking adapter of the tiny model, the probe's wrapper `wrapper_name` around it, inputs for 6
+    positions, and run(model, *extra) over them on a fresh cache."""
     probe = load_script("probe_verified_features")
     spec = load_model_spec(tiny_checkpoint("llama3"))
     config = AdapterConfig(input_layers=1, output_layers=1, width=spec.hidden_size, depth=1,
@@ -31,7 +33,7 @@ def test_the_verified_adapter_starts_as_the_input_only_one_and_reads_the_previou
     adapter = DraftAdapter(spec, config)
     with torch.no_grad():  # an adapter past its zero start: its projection moves the estimate
         adapter.project.weight.normal_(0, 0.1)
-    wrapped = probe.VerifiedFeatureAdapter(adapter, spec.hidden_size, spec.rms_norm_eps)
+    wrapped = getattr(probe, wrapper_name)(adapter, spec.hidden_size, spec.rms_norm_eps)
     length = 6
     h_k, embeds, previous = (torch.randn(length, spec.hidden_size) for _ in range(3))
 
@@ -39,6 +41,11 @@ def test_the_verified_adapter_starts_as_the_input_only_one_and_reads_the_previou
         span = [SequenceSpan(adapter.new_cache(length), 0, length)]
         return model(h_k, embeds, span, *extra)
 
+    return adapter, wrapped, previous, run
+
+
+def test_the_verified_adapter_starts_as_the_input_only_one_and_reads_the_previous_output(tiny_checkpoint):
+    adapter, wrapped, previous, run = wrapped_adapter(tiny_checkpoint, "VerifiedFeatureAdapter")
     with torch.no_grad():
         assert torch.equal(run(wrapped, previous), run(adapter))
         wrapped.previous.weight.normal_(0, 0.1)
@@ -47,22 +54,8 @@ def test_the_verified_adapter_starts_as_the_input_only_one_and_reads_the_previou
 
 
 def test_the_concat_adapter_starts_as_the_input_only_one_and_learns_from_the_previous_output(tiny_checkpoint):
-    probe = load_script("probe_verified_features")
-    spec = load_model_spec(tiny_checkpoint("llama3"))
-    config = AdapterConfig(input_layers=1, output_layers=1, width=spec.hidden_size, depth=1,
-                           intermediate_size=spec.intermediate_size, source_fingerprint="x")
-    torch.manual_seed(0)
-    adapter = DraftAdapter(spec, config)
-    with torch.no_grad():  # an adapter past its zero start: its projection moves the estimate
-        adapter.project.weight.normal_(0, 0.1)
-    wrapped = probe.ConcatFeatureAdapter(adapter, spec.hidden_size, spec.rms_norm_eps)
-    length, width = 6, spec.hidden_size
-    h_k, embeds, previous = (torch.randn(length, width) for _ in range(3))
-
-    def run(model, *extra):
-        span = [SequenceSpan(adapter.new_cache(length), 0, length)]
-        return model(h_k, embeds, span, *extra)
-
+    adapter, wrapped, previous, run = wrapped_adapter(tiny_checkpoint, "ConcatFeatureAdapter")
+    width = previous.shape[-1]
     with torch.no_grad():
         assert torch.allclose(run(wrapped, previous), run(adapter))
     run(wrapped, previous).square().sum().backward()
