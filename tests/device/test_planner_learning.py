@@ -101,6 +101,16 @@ def test_the_misprediction_model_learns_and_forgets():
     assert model.per_prompt_s < 0.03 and model.per_chunk_s < 0.003
 
 
+def test_a_prompt_missed_by_more_than_half_is_not_taught():
+    """A whole prompt measured at 3x its prediction (the link not yet learned): no per-prompt cost from it, which would
+    hold the next prompts' predictions 2x too high; a 20% miss is taught."""
+    model = MispredictionModel()
+    model.add(1, measured_s=0.30, predicted_s=0.10)
+    assert model.per_prompt_s == 0.0 and model.per_chunk_s == 0.0
+    model.add(1, measured_s=0.12, predicted_s=0.10)
+    assert model.per_prompt_s == pytest.approx(0.02)
+
+
 def test_whole_prompts_keep_their_prediction_beside_contended_chunked_ones():
     """Shared cores: whole prompts run as predicted, chunked ones slower by a cost that grows less than linearly with
     the chunks (the second chunk's overlap costs most). The whole prompts set the per-prompt cost (none here), the
