@@ -10,6 +10,7 @@ way; the cloud fits its middle part and publishes the fit over the control plane
 """
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -106,7 +107,7 @@ class CostFit:
         if self._reference is None or not size_class:
             return
         ratios = [old[3] / line for old in size_class if (line := self._reference.batch(old[1], old[2])) > 0]
-        shape = float(np.median(ratios)) if ratios else 1.0
+        shape = statistics.median(ratios) if ratios else 1.0
         predicted = self._reference.batch(sample[1], sample[2]) * shape
         ratio = sample[3] / predicted if predicted > 0 else 1.0
         if 1 / CHANGE_RATIO < ratio < CHANGE_RATIO:

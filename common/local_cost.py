@@ -74,7 +74,7 @@ def local_cost(fit: CostFit) -> LocalCost:
         if not timings:
             continue
         tokens, pairs, seconds = np.asarray(timings, dtype=float).T
-        predicted = line.base_s + line.per_token_s * tokens + line.per_attended_s * pairs
+        predicted = line.batch(tokens, pairs)  # elementwise over the class's timings
         known = predicted > 0
         if known.any():
             anchors.append(Anchor(float(np.mean(np.log2(tokens[known]))),
