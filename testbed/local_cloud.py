@@ -2,7 +2,9 @@
 (`local_cloud_process`), or a router with prefill and decode workers (`local_disaggregated_cloud`)."""
 from __future__ import annotations
 
+import ctypes
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ from pathlib import Path
 READY_TIMEOUT_S = 120.0  # longest wait for a cloud process to load its bundle and bind (or register)
 STOP_TIMEOUT_S = 10.0  # longest wait for a clean exit after SIGTERM before it is killed
 _SERVE = [sys.executable, "-m", "hat.cli.main", "cloud", "serve"]
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +61,8 @@ def local_disaggregated_cloud(cloud_bundle: str | Path, prefill: int = 1, decode
 @contextmanager
 def _process(command: list[str]):
     """Run `command`, yield (process, its `ready` line); SIGTERM (then SIGKILL) it on exit."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     try:
         yield process, wait_ready(process)
     finally:
@@ -67,6 +71,14 @@ def _process(command: list[str]):
             process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def _die_with_parent() -> None:
+    """In the child before it runs the command: Linux sends it SIGTERM when the process that started it dies, so a
+    benchmark or demo killed before its clean-up ran (SIGKILL, or SIGTERM, on which Python runs no `finally`) leaves
+    no cloud behind holding the CPUs."""
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def wait_ready(process: subprocess.Popen) -> str:
