@@ -66,9 +66,9 @@ class LocalCost:
         return LocalCost(self.line.scaled(factor), self.anchors)
 
 
-def local_cost(fit: CostFit) -> LocalCost:
-    """The fit's line with the anchors of its timings."""
-    line = fit.cost
+def local_cost(fit: CostFit, line: LinearCost | None = None) -> LocalCost:
+    """`line` (default: the fit's own) with the anchors of the fit's timings: where that line misses them."""
+    line = fit.cost if line is None else line
     anchors = []
     for timings in fit.size_classes():
         if not timings:

@@ -12,7 +12,10 @@ OWN_FIT_MIN = 3  # compute times reported before `cost(own=True)` trusts this de
 
 class CloudCostTracker:
     """The cloud's cost as this device sees it: the cloud's published predictor times a moving ratio of the
-    compute times replies report to what the predictor said, or, without a predictor, a fit of those times."""
+    compute times replies report to what the predictor said, corrected near the sizes this device timed (the
+    ratio follows a loaded cloud from its first reply; the correction keeps a line that misses some sizes, as a
+    decode-fitted one misses large chunks, from swinging the ratio with each chunk's size); without a predictor,
+    a fit of those times."""
 
     def __init__(self, link: CloudLink):
         self._link = link
@@ -31,7 +34,7 @@ class CloudCostTracker:
         return (LinearCost(reply.base_us / 1e6, reply.per_token_us / 1e6, reply.per_token_context_ns / 1e9),
                 reply.queue_us / 1e6)
 
-    def cost(self, own: bool = False) -> tuple[LinearCost | LocalCost, float]:
+    def cost(self, own: bool = False) -> tuple[LocalCost, float]:
         """The cloud's cost and queue. `own`: this device's fit of the compute times replies reported (corrected near
         the sizes it timed), once it has OWN_FIT_MIN of them (on shared cores: the cloud's own fit also takes the
         batches this device's compute slowed down, which the device's solo timings leave out)."""
@@ -41,7 +44,7 @@ class CloudCostTracker:
         cost, queue_s = published
         if own and len(self._own_fit) >= OWN_FIT_MIN:
             return local_cost(self._own_fit), queue_s
-        return cost.scaled(self.ratio), queue_s
+        return local_cost(self._own_fit, cost.scaled(self.ratio)), queue_s
 
     def stages(self) -> int:
         """The stages of the cloud's pipeline-parallel middle part, as it publishes them (1 when it does not)."""

@@ -314,7 +314,8 @@ def report(args, cells: list[dict]) -> None:
               f"{c['bound_ms']:>8.0f}{vs_best:>8.2f}{vs_min:>7.2f}{c['paired_vs_min']:>8.2f}{vs_bound:>8.2f}"
               f"{c['adaptive_ms'] / c['none_ms']:>8.2f}{len(c['adaptive_chunks']):>8}")
         if c["paired_vs_min"] > BEST_FIXED_TARGET or abs(error) > PREDICTION_TARGET:
-            misses.append(f"{c['tokens']} tokens over {link}: {c['paired_vs_min']:.2f} x min(none, best fixed) "
+            misses.append(f"{c['tokens']} tokens over {link}{'' if 'loopback' in link else ' MB/s'}: "
+                          f"{c['paired_vs_min']:.2f} x min(none, best fixed) "
                           f"paired, prediction {error:+.0%}")
         elif vs_bound > BOUND_TARGET and c["uplink_mbps"] != LOOPBACK:
             misses.append(f"{c['tokens']} tokens over {link} MB/s: {vs_bound:.2f} x bound (issue 5's target only)")

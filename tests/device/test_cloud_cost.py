@@ -46,3 +46,19 @@ def test_on_shared_cores_the_device_plans_with_its_own_fit_once_it_has_three_tim
     assert tracker.cost(own=True)[0] == tracker.cost()[0]
     tracker.observe(512, 0, 3e-3 + 30e-6 * 512, batch_sessions=1)
     assert tracker.cost(own=True)[0].predict(839) == pytest.approx(3e-3 + 30e-6 * 839, rel=1e-6)
+
+
+def test_a_published_line_that_misses_large_chunks_is_corrected_at_the_sizes_timed():
+    """The cloud publishes 2 ms + 50 us a token (fitted on small forwards) but a 512-token chunk takes 3x what that
+    says. Chunks of 32 and 512 tokens in turns swing the moving ratio between the two sizes' ratios; the cost the
+    planner gets stays within 10% of each size's measured time, where the ratio alone misses one by over 30%."""
+    tracker = CloudCostTracker(PublishedPredictor())
+    measured = {32: 2e-3 + 50e-6 * 32, 512: 3 * (2e-3 + 50e-6 * 512)}
+    for _ in range(10):
+        for tokens, seconds in measured.items():
+            tracker.observe(tokens, 0, seconds, batch_sessions=1)
+    cost = tracker.cost()[0]
+    for tokens, seconds in measured.items():
+        assert cost.predict(tokens) == pytest.approx(seconds, rel=0.1)
+    ratio_only = cost.line
+    assert max(abs(ratio_only.predict(tokens) / seconds - 1) for tokens, seconds in measured.items()) > 0.3
