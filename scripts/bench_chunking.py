@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--downlink-ratio", type=float, default=1.5, help="downlink rate / uplink rate (default: %(default)s)")
     p.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip propagation delay, ms (default: %(default)s)")
     p.add_argument("--sizes", default="32,64,128,256,512,1024", help="fixed chunk sizes swept (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="prompts per cell (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="prompts per cell (default: %(default)s)")
     p.add_argument("--max-positions", type=int, default=4096,
                    help="context of the model copy used when a prompt is longer than the model's (default: %(default)s)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads, device and cloud each")
