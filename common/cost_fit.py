@@ -132,6 +132,11 @@ class CostFit:
     def __len__(self) -> int:
         return sum(len(samples) for samples in self._classes)
 
+    @property
+    def revision(self) -> int:
+        """Changes with every timing taken (and with the rescaling one may bring): equal revisions, equal timings."""
+        return self._added
+
     def size_classes(self) -> list[list[tuple[float, float, float]]]:
         """The timings kept, per size class: (tokens, query-key pairs, seconds) each."""
         return [[(s[1], s[2], s[3]) for s in samples] for samples in self._classes]

@@ -15,6 +15,7 @@ line's is not.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,9 +67,18 @@ class LocalCost:
         return LocalCost(self.line.scaled(factor), self.anchors)
 
 
+_MEMO: "weakref.WeakKeyDictionary[CostFit, tuple]" = weakref.WeakKeyDictionary()  # fit -> (revision, line, cost)
+
+
 def local_cost(fit: CostFit, line: LinearCost | None = None) -> LocalCost:
-    """`line` (default: the fit's own) with the anchors of the fit's timings: where that line misses them."""
+    """`line` (default: the fit's own) with the anchors of the fit's timings: where that line misses them. Kept
+    until the fit takes a timing or the line changes: the planner asks for every part's cost before each prompt,
+    and computing the anchors took most of its time on short prompts (0.75 ms a part against 0.9 ms for the plan
+    of 256 tokens)."""
     line = fit.cost if line is None else line
+    memo = _MEMO.get(fit)
+    if memo is not None and memo[0] == fit.revision and memo[1] == line:
+        return memo[2]
     anchors = []
     for timings in fit.size_classes():
         if not timings:
@@ -79,4 +89,6 @@ def local_cost(fit: CostFit, line: LinearCost | None = None) -> LocalCost:
         if known.any():
             anchors.append(Anchor(float(np.mean(np.log2(tokens[known]))),
                                   float(np.median(np.log(seconds[known] / predicted[known]))), int(known.sum())))
-    return LocalCost(line, tuple(anchors))
+    cost = LocalCost(line, tuple(anchors))
+    _MEMO[fit] = (fit.revision, line, cost)
+    return cost

@@ -94,3 +94,19 @@ def test_a_size_the_line_misses_is_no_change_of_the_hardware(seed):
     fit = fit_of((16, 32, 256, 1024), noise=0.05, per_size=8, seed=seed, max_start=0)
     assert fit.changes == 0
     assert local_cost(fit).predict(1024) == pytest.approx(two_regimes(1024), rel=0.05)
+
+
+def test_the_cost_is_kept_until_the_fit_takes_a_timing_or_the_line_changes():
+    """local_cost gives the same object while nothing changed (the planner asks before every prompt), and after a
+    timing or with another line the cost a fit with the same timings gives afresh."""
+    fit, twin = fit_of([32, 256, 1024]), fit_of([32, 256, 1024])
+    first = local_cost(fit)
+    assert local_cost(fit) is first
+    fit.add(1024, attended(1024, 0), 3 * two_regimes(1024))
+    twin.add(1024, attended(1024, 0), 3 * two_regimes(1024))
+    after = local_cost(fit)
+    assert after is not first and after.predict(1024) > first.predict(1024)
+    assert after.predict(1024) == pytest.approx(local_cost(twin).predict(1024), rel=1e-12)
+    doubled = local_cost(fit, fit.cost.scaled(2.0))
+    assert doubled is not after and doubled.line == fit.cost.scaled(2.0)
+    assert local_cost(fit) is not doubled and local_cost(fit).line == fit.cost
