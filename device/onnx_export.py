@@ -51,6 +51,9 @@ def _graph_specs(model: DeviceModel) -> list[GraphSpec]:
     graphs = [GraphSpec("input_part", InputPartGraph(model.input_part), ("input_ids", *past_names(k)),
                         ("hidden", "embeds", *new), k, spec.num_kv_heads, spec.head_dim)]
     if model.adapter is not None:
+        if model.adapter.config.conditioned:
+            raise ValueError(f"the bundle's draft adapter is {model.adapter.config.conditioning}-conditioned: its graph "
+                             f"is not exported yet (it runs on the torch backend only)")
         a = adapter_spec(spec, model.adapter.config)
         graphs.append(GraphSpec("adapter", AdapterGraph(model.adapter), ("hidden", "embeds", *past_names(a.num_layers)),
                                 ("estimate", *new), a.num_layers, a.num_kv_heads, a.head_dim))
