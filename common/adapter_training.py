@@ -382,6 +382,8 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
     """Train (or resume) and write the adapter, its training_summary.json and loss_log.csv to config.out."""
     from transformers import AutoTokenizer
 
+    if config.conditioning == "input" and (config.feature_noise or config.second_step_weight):
+        raise ValueError("--feature-noise and --second-step-weight apply to --conditioning verified only")
     started = time.perf_counter()
     out = Path(config.out)
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
@@ -394,8 +396,6 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
         input_layers=config.input_layers, output_layers=config.output_layers, width=config.width or spec.hidden_size,
         depth=config.depth, intermediate_size=config.intermediate_size or spec.intermediate_size,
         source_fingerprint=fingerprint(config.model_dir), conditioning=config.conditioning)
-    if adapter_config.conditioning == "input" and (config.feature_noise or config.second_step_weight):
-        raise ValueError("--feature-noise and --second-step-weight apply to --conditioning verified only")
     adapter = DraftAdapter(spec, adapter_config)
     adapter.train()
     params = [p for p in adapter.parameters() if p.requires_grad]

@@ -51,9 +51,6 @@ def _graph_specs(model: DeviceModel) -> list[GraphSpec]:
     graphs = [GraphSpec("input_part", InputPartGraph(model.input_part), ("input_ids", *past_names(k)),
                         ("hidden", "embeds", *new), k, spec.num_kv_heads, spec.head_dim)]
     if model.adapter is not None:
-        if model.adapter.config.conditioned:
-            raise ValueError(f"the bundle's draft adapter is {model.adapter.config.conditioning}-conditioned: its graph "
-                             f"is not exported yet (it runs on the torch backend only)")
         a = adapter_spec(spec, model.adapter.config)
         graphs.append(GraphSpec("adapter", AdapterGraph(model.adapter), ("hidden", "embeds", *past_names(a.num_layers)),
                                 ("estimate", *new), a.num_layers, a.num_kv_heads, a.head_dim))
@@ -150,6 +147,9 @@ def export_onnx(bundle_dir: str | Path, dtype: str | None = None, opset: int = D
                            "pip install 'hatserve[onnx]'") from None
     bundle_dir = Path(bundle_dir)
     model = DeviceModel.load(bundle_dir)
+    if model.conditioned_adapter:
+        raise ValueError(f"the bundle's draft adapter is {model.adapter.config.conditioning}-conditioned: its graph "
+                         f"is not exported yet (it runs on the torch backend only)")
     if dtype is None:
         dtype = model.manifest.dtype if model.manifest.dtype in ONNX_DTYPES else "float32"
     if dtype not in ONNX_DTYPES:

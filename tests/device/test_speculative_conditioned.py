@@ -151,3 +151,26 @@ def check_features(teacher: Teacher, sequence: list[int], calls, prompt_len: int
             first_tokens_verified += 1
     assert first_tokens_verified >= rounds  # each round's pending token (and the rewrites) saw the verified output
     assert all(last_write[p] == "verified" for p in range(len(sequence) - 1)), last_write
+
+
+def test_conditioned_speculative_sampling_matches_the_target(tmp_path):
+    """test_speculative_sampling's oracle (exact joint of the first 3 tokens on a 6-token Llama, chi-square) with a
+    conditioned adapter: its one drafted token per generation is run with the prefill's verified middle output (the
+    estimate-fed positions are covered by the greedy tests above, whose drafts run 4 deep)."""
+    from test_speculative_sampling import (SAMPLE, SPECULATION, build_checkpoint, chi2_pvalue, generate, histogram,
+                                           random_adapter as sampling_adapter, target_joint)
+
+    model_dir = build_checkpoint(tmp_path / "model")
+    spec = load_model_spec(model_dir)
+    conditioned(DraftAdapter.load(sampling_adapter(model_dir, tmp_path / "plain"), spec), spec, 0.3).save(
+        tmp_path / "adapter")
+    device_dir, _ = split_checkpoint(model_dir, 1, 1, tmp_path / "bundle", adapter=tmp_path / "adapter")
+    model = DeviceModel.load(device_dir)
+    assert model.conditioned_adapter
+    trials = 400
+    with running_cloud(model_dir, 1, 1, tmp_path) as cluster, cluster.generator(model) as gen:
+        gen.speculation = SPECULATION
+        sequences, stats = generate(gen, SAMPLE, trials)
+    assert stats["drafted"] >= trials
+    assert 0.2 * stats["drafted"] < stats["accepted"] < 0.8 * stats["drafted"], stats
+    assert chi2_pvalue(histogram(sequences), target_joint(model_dir, SAMPLE)) > 1e-3
