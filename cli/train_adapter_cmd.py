@@ -34,6 +34,13 @@ def add_parser(commands) -> None:
                    help="the cross-entropy term scores only the N most frequent training tokens (0 = all)")
     p.add_argument("--save-dtype", default=C.save_dtype, choices=("float32", "bfloat16", "float16"),
                    help="dtype of the written adapter weights")
+    p.add_argument("--conditioning", default=C.conditioning, choices=("input", "verified"),
+                   help="what the adapter sees besides the input part's output and the token: input (nothing) or "
+                        "verified (the middle output of the position before, EAGLE's conditioning)")
+    p.add_argument("--feature-noise", type=float, default=C.feature_noise,
+                   help="verified: Gaussian noise on the previous middle output in training, as a fraction of its RMS")
+    p.add_argument("--second-step-weight", type=float, default=C.second_step_weight,
+                   help="verified: weight of a second training pass fed the adapter's own estimates (0 = none)")
     p.add_argument("--eval-every", type=int, default=C.eval_every, help="steps between held-out evaluations")
     p.add_argument("--draft-len", type=int, default=C.draft_len, help="longest draft chain in the held-out measure")
     p.add_argument("--eval-windows", type=int, default=C.eval_windows, help="held-out windows for draft agreement")
@@ -60,7 +67,8 @@ def run(args) -> int:
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, ce_weight=args.ce_weight, seed=args.seed,
         data=args.data, eval_every=args.eval_every, eval_windows=args.eval_windows, eval_chains=args.eval_chains,
         draft_len=args.draft_len, resume=args.resume, cache=args.cache, cache_tokens=args.cache_tokens,
-        ce_vocab=args.ce_vocab, save_dtype=args.save_dtype)
+        ce_vocab=args.ce_vocab, save_dtype=args.save_dtype, conditioning=args.conditioning,
+        feature_noise=args.feature_noise, second_step_weight=args.second_step_weight)
     if args.eval_only or args.calibrate_only:
         evaluate_adapter(config, calibrate=args.calibrate_only)
         return 0

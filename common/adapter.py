@@ -10,6 +10,16 @@ projects back to the model's width as a correction to h_K(t):
 `estimate(t)` stands for the middle part's output at t, which the device's output part turns into
 draft logits. `project` starts at zero, so an untrained adapter passes h_K through.
 
+Conditioning (AdapterConfig.conditioning). "input": the above, from the device's own input part alone.
+"verified": EAGLE's conditioning on the target's features of the previous position; h_K(t) above (in the fused
+input and the residual alike) is replaced by
+
+    fc([h_K(t) ; norm(h_mid(t-1))])        fc starting as [identity | zeros]
+
+where h_mid(t-1) is the middle part's output at t-1: the cloud's (verified) one where the device has it, the
+adapter's own estimate(t-1) for a draft token after the first of a round, zeros before position 0. At the start
+it is the input-only adapter.
+
 On disk an adapter is a folder: adapter_config.json (AdapterConfig) and adapter.safetensors.
 """
 from __future__ import annotations
@@ -29,7 +39,8 @@ from .model_spec import ModelSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2  # the newest on-disk layout this version reads (and writes for a conditioned adapter)
+CONDITIONINGS = ("input", "verified")  # AdapterConfig.conditioning's values
 
 
 class AdapterMismatchError(ValueError):
@@ -47,19 +58,46 @@ class AdapterConfig:
     # drafting confidence = top probability of softmax(draft logits / this): fitted on held-out text so that it
     # estimates the chance that the target's greedy token equals the draft's (1.0 = the raw softmax)
     confidence_temperature: float = 1.0
-    format_version: int = ADAPTER_FORMAT_VERSION  # on-disk layout version
+    # what the adapter sees besides h_K(t) and the token: "input" nothing; "verified" the middle part's output of
+    # the position before (the cloud's where verified, else its own estimate), EAGLE's conditioning
+    conditioning: str = "input"
+    # on-disk layout version: 1 has no `conditioning` key (an input-only adapter, as every adapter before it),
+    # 2 has it; save() writes the lowest that holds the config, so input-only files stay readable by older versions
+    format_version: int = 1
+
+    def __post_init__(self):
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"adapter conditioning {self.conditioning!r}: choose one of {', '.join(CONDITIONINGS)}")
+
+    @property
+    def conditioned(self) -> bool:
+        """Does the adapter take the previous position's middle output?"""
+        return self.conditioning != "input"
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / ADAPTER_CONFIG).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        data = asdict(self)
+        if self.conditioned:
+            data["format_version"] = 2
+        else:
+            del data["conditioning"]
+            data["format_version"] = 1
+        (Path(folder) / ADAPTER_CONFIG).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> "AdapterConfig":
         path = Path(folder) / ADAPTER_CONFIG
         if not path.is_file():
             raise FileNotFoundError(f"{folder} is not an adapter: no {ADAPTER_CONFIG} (make one with `hat train-adapter`)")
-        data = json.loads(path.read_text())
-        if data.get("format_version") != ADAPTER_FORMAT_VERSION:
-            raise ValueError(f"{path}: adapter format {data.get('format_version')}, this version reads {ADAPTER_FORMAT_VERSION}")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a valid adapter config: {exc}") from None
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version not in (1, ADAPTER_FORMAT_VERSION):
+            raise ValueError(f"{path}: adapter format {version}, this version reads 1 to {ADAPTER_FORMAT_VERSION}")
+        if (version == 1) == ("conditioning" in data):  # version 1 never had the key, version 2 always has it
+            raise ValueError(f"{path} is not a valid adapter config: format {version} "
+                             f"{'has' if version == 1 else 'lacks'} the `conditioning` key")
         try:
             return cls(**data)
         except TypeError as exc:  # a key missing or unknown
@@ -94,6 +132,12 @@ class DraftAdapter(nn.Module):
         super().__init__()
         self.config = config
         width, eps = spec.hidden_size, spec.rms_norm_eps
+        if config.conditioned:  # fc([h_K(t) ; norm(h_mid(t-1))]), starting as [identity | zeros]
+            self.previous_norm = RMSNorm(width, eps)
+            self.condition = nn.Linear(2 * width, width, bias=False)
+            with torch.no_grad():
+                self.condition.weight.zero_()
+                self.condition.weight[:, :width].copy_(torch.eye(width))
         self.hidden_norm = RMSNorm(width, eps)
         self.embed_norm = RMSNorm(width, eps)
         self.fuse = nn.Linear(2 * width, config.width, bias=False)
@@ -114,9 +158,23 @@ class DraftAdapter(nn.Module):
     def new_cache(self, max_length: int | None = None) -> KVCache:
         return self.body.new_cache(max_length)
 
-    def forward(self, hidden: torch.Tensor, embeds: torch.Tensor, spans: list[SequenceSpan]) -> torch.Tensor:
-        """hidden: input-part output [T, width]; embeds: the same tokens' embeddings [T, width] -> estimates [T, width]."""
+    @property
+    def conditioned(self) -> bool:
+        return self.config.conditioned
+
+    def forward(self, hidden: torch.Tensor, embeds: torch.Tensor, spans: list[SequenceSpan],
+                previous: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: input-part output [T, width]; embeds: the same tokens' embeddings [T, width]; previous (a
+        conditioned adapter only): the middle part's output of each token's predecessor [T, width] -> estimates."""
+        if self.config.conditioned != (previous is not None):
+            raise ValueError("a verified-conditioned adapter needs `previous`, the middle output of the position "
+                             "before each token" if previous is None else
+                             "an input-conditioned adapter takes no `previous` middle output")
         hidden = hidden.to(self.dtype)
+        if previous is not None:
+            if previous.shape != hidden.shape:
+                raise ValueError(f"`previous` has shape {tuple(previous.shape)}, the hidden states {tuple(hidden.shape)}")
+            hidden = self.condition(torch.cat([hidden, self.previous_norm(previous.to(self.dtype))], dim=-1))
         fused = self.fuse(torch.cat([self.hidden_norm(hidden), self.embed_norm(embeds.to(self.dtype))], dim=-1))
         return hidden + self.project(self.body.forward_layers(fused, spans))
 

@@ -32,3 +32,9 @@ class AdapterTrainConfig:
     cache_tokens: int = 1_000_000  # training tokens the cache holds (with cache)
     ce_vocab: int = 0  # the cross-entropy term scores only the N most frequent training tokens (0 = the full vocabulary)
     save_dtype: str = "float32"  # dtype of the written adapter weights (bfloat16 halves the file)
+    conditioning: str = "input"  # the adapter's AdapterConfig.conditioning: "input", or "verified" (it also sees the
+    # middle output of the position before: the teacher's in training, zeros at a window's first position)
+    feature_noise: float = 0.0  # verified: Gaussian noise on that previous middle output, as a fraction of its RMS
+    # per position (EAGLE's way of readying the adapter for its own, inexact estimates deeper in a draft)
+    second_step_weight: float = 0.0  # verified: weight of a second pass whose previous middle outputs are the
+    # adapter's own first-pass estimates (what draft tokens after a round's first see); 0 = no second pass

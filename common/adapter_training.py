@@ -9,6 +9,14 @@ distribution. The adapter maps (h_K, token embeddings) to an estimate of h_mid; 
 with the output part frozen (gradients pass through it to the adapter). Held-out evaluation gives
 top-1 agreement (draft argmax = teacher argmax, teacher-forced) and the accepted length of greedy
 draft chains against the teacher's own greedy continuation, as speculative decoding would see it.
+
+A verified-conditioned adapter (--conditioning verified) also takes h_mid(t-1): in training the teacher's, shifted
+within each window, zeros at a window's first position (windows attend only to themselves, so the window before's
+last state belongs to another context; zeros are also what position 0 of a generation sees). Deeper draft tokens
+see the adapter's own estimate instead; --feature-noise (noise on the teacher's h_mid(t-1)) and --second-step-weight
+(a second pass fed the first pass's own estimates, a one-step training-time test) prepare it for that. Teacher-forced
+figures give it the teacher's h_mid(t-1) everywhere; draft chains give it, as the device does, the verified h_mid
+before the round's first token and its own estimates after that.
 """
 from __future__ import annotations
 
@@ -85,9 +93,27 @@ class Teacher:
             return self.output.logits(out)
         return F.linear(self.output.model.norm(out), self.output.lm_head.weight[rows]).float()
 
-    def draft_logits(self, adapter: DraftAdapter, embeds, h_k, b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        estimate = adapter(h_k, embeds, self.spans(adapter, b, t))
+    def draft_logits(self, adapter: DraftAdapter, embeds, h_k, b: int, t: int,
+                     h_mid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced: a conditioned adapter sees the teacher's h_mid(t-1) (`h_mid`, [B*T, width])."""
+        estimate = adapter_estimate(adapter, h_k, embeds, self.spans(adapter, b, t), h_mid, b, t)
         return estimate, self.output_logits(estimate, b, t)
+
+
+def previous_middle(h_mid: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """h_mid(t-1) for every position of [B*T, width] windows: shifted by one within each window, zeros at its first."""
+    shaped = h_mid.reshape(b, t, -1)
+    return torch.cat([torch.zeros_like(shaped[:, :1]), shaped[:, :-1]], dim=1).reshape(b * t, -1)
+
+
+def adapter_estimate(adapter: DraftAdapter, h_k: torch.Tensor, embeds: torch.Tensor, spans: list[SequenceSpan],
+                     h_mid: torch.Tensor | None, b: int, t: int) -> torch.Tensor:
+    """The adapter's estimates over [B*T] windows; a conditioned one is given h_mid shifted (previous_middle)."""
+    if not adapter.conditioned:
+        return adapter(h_k, embeds, spans)
+    if h_mid is None:
+        raise ValueError("a verified-conditioned adapter needs the middle outputs of the windows")
+    return adapter(h_k, embeds, spans, previous_middle(h_mid, b, t))
 
 
 def token_stream(tokenizer, texts: Iterable[TrainingText], needed: int, desc: str) -> np.ndarray:
@@ -152,23 +178,45 @@ def lr_factor(step: int, config: AdapterTrainConfig) -> float:
 
 def distillation_loss(teacher: Teacher, adapter: DraftAdapter, ids: torch.Tensor, ce_weight: float,
                       h_k: torch.Tensor | None = None, h_mid: torch.Tensor | None = None,
-                      rows: torch.Tensor | None = None):
+                      rows: torch.Tensor | None = None, feature_noise: float = 0.0, second_step_weight: float = 0.0,
+                      noise_seed: int = 0):
     """(total loss, smooth-L1 term, cross-entropy term) for windows ids [B, T]. h_k and h_mid ([B*T, width]) come
     from the hidden-state cache, or the teacher computes them; the cross-entropy compares the teacher's and the
-    draft's distributions over the full vocabulary, or over the token ids `rows` only (--ce-vocab)."""
+    draft's distributions over the full vocabulary, or over the token ids `rows` only (--ce-vocab). A conditioned
+    adapter sees the teacher's h_mid(t-1), with Gaussian noise of `feature_noise` x its RMS per position (drawn from
+    `noise_seed`, so a resumed run draws the same); with `second_step_weight` the total adds that weight x the loss
+    of a second pass fed the first pass's own estimates as h_mid(t-1) (the terms returned are the first pass's)."""
     b, t = ids.shape
     if h_k is None or h_mid is None:
         embeds, h_k, h_mid = teacher.hidden(ids)
     else:
         embeds = teacher.input.embed(ids.reshape(-1))
-    return estimate_loss(teacher, adapter(h_k, embeds, teacher.spans(adapter, b, t)), h_mid, b, t, ce_weight, rows)
+    if not adapter.conditioned:
+        if feature_noise or second_step_weight:
+            raise ValueError("feature noise and the second step apply to a verified-conditioned adapter only")
+        return estimate_loss(teacher, adapter(h_k, embeds, teacher.spans(adapter, b, t)), h_mid, b, t, ce_weight, rows)
+    previous = previous_middle(h_mid, b, t)
+    if feature_noise:
+        scale = previous.pow(2).mean(-1, keepdim=True).sqrt() * feature_noise
+        noise = torch.randn(previous.shape, generator=torch.Generator().manual_seed(noise_seed))
+        previous = previous + scale * noise.to(previous.dtype)
+    with torch.no_grad():
+        teacher_logits = teacher.output_logits(h_mid, b, t, rows)
+    estimate = adapter(h_k, embeds, teacher.spans(adapter, b, t), previous)
+    loss, regression, ce = estimate_loss(teacher, estimate, h_mid, b, t, ce_weight, rows, teacher_logits)
+    if second_step_weight:
+        again = adapter(h_k, embeds, teacher.spans(adapter, b, t), previous_middle(estimate, b, t))
+        loss = loss + second_step_weight * estimate_loss(teacher, again, h_mid, b, t, ce_weight, rows, teacher_logits)[0]
+    return loss, regression, ce
 
 
 def estimate_loss(teacher: Teacher, estimate: torch.Tensor, h_mid: torch.Tensor, b: int, t: int, ce_weight: float,
-                  rows: torch.Tensor | None = None):
-    """(total loss, smooth-L1 term, cross-entropy term) of middle-output estimates [B*T, width] against the true ones."""
-    with torch.no_grad():
-        teacher_logits = teacher.output_logits(h_mid, b, t, rows)
+                  rows: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None):
+    """(total loss, smooth-L1 term, cross-entropy term) of middle-output estimates [B*T, width] against the true ones
+    (`teacher_logits`: the output part's logits of h_mid, when already computed)."""
+    if teacher_logits is None:
+        with torch.no_grad():
+            teacher_logits = teacher.output_logits(h_mid, b, t, rows)
     draft_logits = teacher.output_logits(estimate, b, t, rows)
     regression = F.smooth_l1_loss(estimate, h_mid)
     ce = -(torch.softmax(teacher_logits, -1) * torch.log_softmax(draft_logits, -1)).sum(-1).mean()
@@ -180,8 +228,8 @@ def draft_coverage(teacher: Teacher, adapter: DraftAdapter, ids: torch.Tensor, k
     """Teacher-forced: for each k, the fraction of positions where the teacher's argmax is among the draft's
     top k (k = 1 is top-1 agreement; k > 1 bounds what a k-way draft tree could add at one position)."""
     b, t = ids.shape
-    embeds, h_k, _, teacher_logits = teacher.targets(ids)
-    _, draft_logits = teacher.draft_logits(adapter, embeds, h_k, b, t)
+    embeds, h_k, h_mid, teacher_logits = teacher.targets(ids)
+    _, draft_logits = teacher.draft_logits(adapter, embeds, h_k, b, t, h_mid)
     target = teacher_logits.argmax(-1, keepdim=True)
     top = draft_logits.topk(max(ks), dim=-1).indices
     return {k: float((top[:, :k] == target).any(-1).float().mean()) for k in ks}
@@ -195,8 +243,8 @@ def fit_confidence_temperature(teacher: Teacher, adapter: DraftAdapter, ids: tor
     """The temperature T whose top probability softmax(draft logits / T).max best predicts (log loss) whether the
     draft's argmax equals the teacher's, teacher-forced on held-out windows; and the fit's figures."""
     b, t = ids.shape
-    embeds, h_k, _, teacher_logits = teacher.targets(ids)
-    _, draft_logits = teacher.draft_logits(adapter, embeds, h_k, b, t)
+    embeds, h_k, h_mid, teacher_logits = teacher.targets(ids)
+    _, draft_logits = teacher.draft_logits(adapter, embeds, h_k, b, t, h_mid)
     agree = (draft_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
 
     def log_loss(temperature: float) -> float:
@@ -218,7 +266,9 @@ def top1_agreement(teacher: Teacher, adapter: DraftAdapter, ids: torch.Tensor) -
 def chain_acceptance(teacher: Teacher, adapter: DraftAdapter, prefixes: list[list[int]], draft_len: int) -> dict:
     """Greedy speculative rounds from each prefix: the draft chains `draft_len` tokens (input part -> adapter ->
     output part, true middle outputs for the prefix), the teacher continues greedily; accepted = the common
-    prefix. Returns the mean accepted length per round with the bonus token and the per-depth acceptance."""
+    prefix. A conditioned adapter sees the teacher's h_mid(t-1) over the prefix and for the round's first token,
+    its own estimates after that (as the device drafts). Returns the mean accepted length per round with the bonus
+    token and the per-depth acceptance."""
     accepted = []
     for prefix in prefixes:
         target = _chain_targets(teacher, prefix, draft_len)
@@ -248,14 +298,18 @@ def _draft_chain(teacher: Teacher, adapter: DraftAdapter, prefix: list[int], cou
     n = len(prefix)
     embeds = teacher.input.embed(torch.tensor(prefix))
     h_k = teacher.input.forward_layers(embeds, [SequenceSpan(caches[0], 0, n)])
-    adapter(h_k, embeds, [SequenceSpan(caches[1], 0, n)])
     h_mid = teacher.middle.forward_layers(h_k, [SequenceSpan(caches[2], 0, n)])
+    adapter_estimate(adapter, h_k, embeds, [SequenceSpan(caches[1], 0, n)], h_mid, 1, n)
     hidden = teacher.output.forward_layers(h_mid, [SequenceSpan(caches[3], 0, n)])
     out = [int(teacher.output.logits(hidden[-1:]).argmax())]  # the first token is the target's own (verified)
+    previous = h_mid[-1:]  # conditioned: the verified middle output before the round's first token
     for position in range(n, n + count):
         embeds = teacher.input.embed(torch.tensor(out[-1:]))
         h_k = teacher.input.forward_layers(embeds, [SequenceSpan(caches[0], position, 1)])
-        estimate = adapter(h_k, embeds, [SequenceSpan(caches[1], position, 1)])
+        if adapter.conditioned:
+            estimate = previous = adapter(h_k, embeds, [SequenceSpan(caches[1], position, 1)], previous)
+        else:
+            estimate = adapter(h_k, embeds, [SequenceSpan(caches[1], position, 1)])
         hidden = teacher.output.forward_layers(estimate, [SequenceSpan(caches[3], position, 1)])
         out.append(int(teacher.output.logits(hidden).argmax()))
     return out[1:]  # the drafted tokens; the target's first token conditions both chains
@@ -328,6 +382,8 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
     """Train (or resume) and write the adapter, its training_summary.json and loss_log.csv to config.out."""
     from transformers import AutoTokenizer
 
+    if config.conditioning == "input" and (config.feature_noise or config.second_step_weight):
+        raise ValueError("--feature-noise and --second-step-weight apply to --conditioning verified only")
     started = time.perf_counter()
     out = Path(config.out)
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
@@ -339,7 +395,7 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
     adapter_config = AdapterConfig(
         input_layers=config.input_layers, output_layers=config.output_layers, width=config.width or spec.hidden_size,
         depth=config.depth, intermediate_size=config.intermediate_size or spec.intermediate_size,
-        source_fingerprint=fingerprint(config.model_dir))
+        source_fingerprint=fingerprint(config.model_dir), conditioning=config.conditioning)
     adapter = DraftAdapter(spec, adapter_config)
     adapter.train()
     params = [p for p in adapter.parameters() if p.requires_grad]
@@ -401,7 +457,9 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
             ids, h_k, h_mid = cache.batch(config.seed, step, config.batch_size)
         else:
             ids, h_k, h_mid = windows(stream, config.seed, step, config.batch_size, config.seq_len), None, None
-        loss, regression, ce = distillation_loss(teacher, adapter, ids, config.ce_weight, h_k, h_mid, ce_rows)
+        loss, regression, ce = distillation_loss(teacher, adapter, ids, config.ce_weight, h_k, h_mid, ce_rows,
+                                                 config.feature_noise, config.second_step_weight,
+                                                 noise_seed=config.seed * 1_000_003 + step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -73,15 +73,34 @@ class DeviceModel:
         return cls(manifest, spec, tokenizer, input_part, output_part, stop_token_ids(bundle_dir, spec, tokenizer),
                    adapter, backend, frequencies)
 
-    def run_input(self, token_ids: list[int], start: int, input_cache: KVCache,
-                  adapter_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @property
+    def conditioned_adapter(self) -> bool:
+        """Does the draft adapter take the middle output of the position before each token (AdapterConfig.conditioning)?"""
+        return self.adapter is not None and self.adapter.config.conditioned
+
+    def run_input(self, token_ids: list[int], start: int, input_cache: KVCache, adapter_cache: KVCache | None = None,
+                  previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embedding and input part over `token_ids` at positions from `start`, and the adapter when given its cache
-        (which follows the input part's); returns the input part's hidden states and the adapter's output."""
+        (which follows the input part's); returns the input part's hidden states and the adapter's output.
+        `previous`: a conditioned adapter's middle outputs of the positions before the tokens [count, width]."""
         hidden, embeds = self.input_part.forward_tokens(torch.tensor(token_ids),
                                                         [SequenceSpan(input_cache, start, len(token_ids))])
         if adapter_cache is None:
             return hidden, None
-        return hidden, self.adapter(hidden, embeds, [SequenceSpan(adapter_cache, start, len(token_ids))])
+        return hidden, self._adapt(hidden, embeds, SequenceSpan(adapter_cache, start, len(token_ids)), previous)
+
+    def run_adapter(self, token_ids: list[int], hidden: torch.Tensor, start: int, adapter_cache: KVCache,
+                    previous: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter alone over `token_ids` at positions from `start`, whose input-part output `hidden` was computed
+        before (a conditioned adapter's positions whose previous middle outputs came later, from the cloud)."""
+        embeds = self.input_part.embed(torch.tensor(token_ids))
+        return self._adapt(hidden, embeds, SequenceSpan(adapter_cache, start, len(token_ids)), previous)
+
+    def _adapt(self, hidden: torch.Tensor, embeds: torch.Tensor, span: SequenceSpan,
+               previous: torch.Tensor | None) -> torch.Tensor:
+        if previous is None:
+            return self.adapter(hidden, embeds, [span])  # a conditioned adapter refuses this with a clear error
+        return self.adapter(hidden, embeds, [span], previous)
 
 
 def stop_token_ids(bundle_dir: str | Path, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

@@ -59,7 +59,10 @@ class DeviceProfile:
     def _run(model: DeviceModel, caches, ids: list[int], start: int) -> tuple[float, float]:
         input_cache, output_cache, adapter_cache = caches
         began = time.perf_counter()
-        hidden, _ = model.run_input(ids, start, input_cache, adapter_cache)
+        previous = None  # a conditioned adapter's previous middle outputs: zeros cost what real ones do
+        if adapter_cache is not None and model.conditioned_adapter:
+            previous = torch.zeros(len(ids), model.spec.hidden_size)
+        hidden, _ = model.run_input(ids, start, input_cache, adapter_cache, previous)
         middle = time.perf_counter()
         if model.output_part.num_layers:
             model.output_part.forward_layers(hidden, [SequenceSpan(output_cache, start, len(ids))])

@@ -5,6 +5,13 @@ a draft costs the device nothing extra on the uplink side. Caches at a position 
 start hold draft values until verification: the input part's and the adapter's are exact for the
 tokens drafted (they depend on the tokens only), the output part's hold adapter estimates and are
 overwritten by the verification pass; every cache is cut back to the accepted length afterwards.
+
+A verified-conditioned adapter (AdapterConfig.conditioning) also takes the middle output of the position before
+each token. The drafter keeps the cloud's (verified) middle output of the last verified position: a round's first
+token (the pending one) is run with it, each later draft token with the adapter's own estimate of the token before.
+So its cache entries of drafted positions depend on those estimates: after a verification `settle` rewrites the
+accepted positions' entries from the verified middle outputs (as the adapter was trained: teacher-forced), unless a
+draft made ahead is kept (its entries stand, estimates and all; drafts only propose, verification decides).
 """
 from __future__ import annotations
 
@@ -43,6 +50,9 @@ class Draft:
     probs: list[torch.Tensor] = field(default_factory=list)  # sampling: q of tokens[i + 1]; empty when greedy
     hiddens: list[torch.Tensor] = field(default_factory=list)  # input-part output of tokens[i], [1, width] each
     estimates: list[torch.Tensor] = field(default_factory=list)  # adapter output of tokens[i], [1, width] each
+    # a conditioned adapter's middle output of the position before tokens[0], [1, width]: the cloud's (verified) one
+    # for a round's own draft, the adapter's estimate for a draft made ahead; None for an input-only adapter
+    previous: torch.Tensor | None = None
     confident: bool = True  # the last drafting step cleared the threshold (False: drafting stopped on it)
 
     @property
@@ -59,6 +69,33 @@ class Drafter:
         self.model, self.caches, self.config, self.sampling, self.generator = model, caches, config, sampling, generator
         self.head = head or DraftHead(model.output_part)
         self.steps, self.step_s = 0, 0.0  # draft-head steps taken and their time (each: head, then the next input)
+        self.conditioned = model.conditioned_adapter  # the adapter takes the previous position's middle output
+        # conditioned: the cloud's middle output of the last verified position [1, width] (set after the prefill,
+        # then by settle); the feature of the next round's first token
+        self.verified: torch.Tensor | None = None
+
+    def new_draft(self, start: int, pending: int) -> Draft:
+        """A round's draft from its pending token at `start` (conditioned: fed the verified middle output before it)."""
+        if self.conditioned and self.verified is None:
+            raise ValueError("a verified-conditioned adapter drafts after the cloud's middle output of the position "
+                             "before: set Drafter.verified after the prefill")
+        return Draft(start, [pending], previous=self.verified if self.conditioned else None)
+
+    def settle(self, draft: Draft, accepted: int, middle: torch.Tensor, rewrite: bool) -> None:
+        """After verifying `draft` (the cloud's middle outputs `middle` of its positions, [len(tokens), width]) with
+        `accepted` drafted tokens accepted: keep the verified middle output of the last accepted position for the
+        next round and, with `rewrite` (the caches were cut back to the accepted length), rewrite a conditioned
+        adapter's cache entries of the accepted positions from the verified middle outputs before them."""
+        if not self.conditioned:
+            return
+        if rewrite:
+            # tokens[0]'s entry is exact already when it was run with the verified output (a round's own draft)
+            first = 1 if draft.previous is self.verified else 0
+            if first <= accepted:
+                features = torch.cat([self.verified, middle[:accepted]])[first:]
+                self.model.run_adapter(draft.tokens[first:accepted + 1], torch.cat(draft.hiddens[first:accepted + 1]),
+                                       draft.start + first, self.caches.adapter, features)
+        self.verified = middle[accepted:accepted + 1]
 
     def extend(self, draft: Draft, limit: int, keep_going: Callable[[], bool] = lambda: True) -> Draft:
         """Draft until `limit` drafted tokens, a step under the threshold, or keep_going() turns False; every
@@ -94,14 +131,19 @@ class Drafter:
         if room < 0:
             return None
         guess = self.head.token_id(int(self._run_draft_head(draft).argmax()))
-        ahead = Draft(start=position, tokens=[guess])
+        ahead = Draft(start=position, tokens=[guess], previous=draft.estimates[-1] if self.conditioned else None)
         return self.extend(ahead, min(self.config.max_predraft - 1, room), keep_going)
 
     def _run_input(self, draft: Draft) -> None:
         """Input part and adapter over the next token that has not been run (one position)."""
         i = len(draft.hiddens)
+        previous = None
+        if self.conditioned:  # the verified (or, ahead, estimated) output before the draft, then its own estimates
+            previous = draft.previous if i == 0 else draft.estimates[i - 1]
+            if previous is None:
+                raise ValueError("a verified-conditioned adapter's draft needs the middle output before its first token")
         hidden, estimate = self.model.run_input(draft.tokens[i:i + 1], draft.start + i, self.caches.input,
-                                                self.caches.adapter)
+                                                self.caches.adapter, previous)
         draft.hiddens.append(hidden)
         draft.estimates.append(estimate)
 

@@ -204,6 +204,7 @@ class SplitGenerator:
                 int(torch.randint(2 ** 62, (1,), generator=rng))), self.draft_head()) if self.speculation else None
             if drafter is not None:
                 g.lengths, g.guard = DraftLengthChooser(self.speculation.max_draft), ParallelGuard()
+                drafter.verified = prefill.last_middle  # a conditioned adapter's first feature
             carried: Draft | None = None
             while not done:
                 if cancel is not None and cancel.is_set():
@@ -339,13 +340,13 @@ class SplitGenerator:
             limit = g.lengths.choose(self.draft_step_s, lambda tokens: self.round_time_s(tokens, start), limit, free)
         began = time.perf_counter()
         steps0, step_s0 = drafter.steps, drafter.step_s
-        draft = drafter.extend(carried or Draft(start, [pending]), limit)
+        draft = drafter.extend(carried or drafter.new_draft(start, pending), limit)
         self._draft_timing[0] += drafter.steps - steps0
         self._draft_timing[1] += drafter.step_s - step_s0
         if len(draft.drafted) > limit:  # a carried draft longer than this round may verify
             caches.truncate(start + limit + 1)
             draft = Draft(start, draft.tokens[:limit + 1], draft.probs[:limit], draft.hiddens[:limit + 1],
-                          draft.estimates[:limit + 1])
+                          draft.estimates[:limit + 1], previous=draft.previous)
         sent = time.perf_counter()
         n = len(draft.drafted)
         hidden = torch.cat(draft.hiddens[:n + 1])
@@ -382,6 +383,7 @@ class SplitGenerator:
         keep_ahead = ahead is not None and accepted == n and verdict.next_token == ahead.tokens[0]
         if not keep_ahead:
             caches.truncate(start + accepted + 1)
+        drafter.settle(draft, accepted, reply.tensor, rewrite=not keep_ahead)
         g.steps.append(StepTiming(
             tokens=n + 1, device_ms=(time.perf_counter() - received) * 1000, round_ms=round_s * 1000,
             cloud_compute_ms=reply.header.compute_us / 1000, decode=True, drafted=n, accepted=accepted,

@@ -221,5 +221,8 @@ def load_onnx_parts(bundle_dir: Path, bundle: BundleManifest, spec: ModelSpec, a
     adapter = None
     if adapter_dir is not None:
         config = AdapterConfig.load(adapter_dir)
+        if config.conditioned:
+            raise OnnxBundleError(f"{adapter_dir} is a {config.conditioning}-conditioned draft adapter, which runs on the "
+                                  f"torch backend only: use --backend torch")
         adapter = OnnxAdapter(config, cached("adapter", config.depth, adapter_spec(spec, config)))
     return OnnxParts(input_part, output_part, adapter, input_part.graph.session.providers)

@@ -147,6 +147,9 @@ def export_onnx(bundle_dir: str | Path, dtype: str | None = None, opset: int = D
                            "pip install 'hatserve[onnx]'") from None
     bundle_dir = Path(bundle_dir)
     model = DeviceModel.load(bundle_dir)
+    if model.conditioned_adapter:
+        raise ValueError(f"the bundle's draft adapter is {model.adapter.config.conditioning}-conditioned: its graph "
+                         f"is not exported yet (it runs on the torch backend only)")
     if dtype is None:
         dtype = model.manifest.dtype if model.manifest.dtype in ONNX_DTYPES else "float32"
     if dtype not in ONNX_DTYPES:

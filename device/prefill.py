@@ -41,6 +41,8 @@ class PrefillReport:
     predicted_s: float = 0.0  # the first plan's predicted time from the prefill's start to the first token
     replans: int = 0  # times the rest of the prompt was re-planned
     plan_ms: float = 0.0  # time spent planning
+    last_middle: torch.Tensor | None = None  # the middle part's output of the last prompt position as the cloud sent
+    # it, [1, width] (a verified-conditioned adapter's feature for the first drafted round)
 
 
 @dataclass(slots=True)
@@ -51,6 +53,8 @@ class _Chunk:
     up_bytes: int  # bytes of the FORWARD on the wire
     input_s: float  # device time of the input part over it
     computes_at_send: int  # the device's prefill computes (input or output part runs) when it was sent
+    token_ids: list[int] | None = None  # a conditioned adapter's chunk: its tokens, run through the adapter on reply
+    hidden: torch.Tensor | None = None  # and their input-part output
 
 
 class PrefillPipeline:
@@ -127,7 +131,12 @@ class PrefillPipeline:
         queue, position = deque(plan.sizes), 0
         in_flight: deque[_Chunk] = deque()
         last = None
-        return_last = 0 if self.down_bytes_per_token else 1
+        # a conditioned adapter (speculation) runs over each chunk when its reply brings the middle outputs before
+        # its positions: every position's middle output comes back then, output layers or not
+        self._conditioned = caches.adapter is not None and model.conditioned_adapter
+        self._previous = None  # the middle output of the position before the next chunk to complete (conditioned)
+        self._last_middle = None  # the middle output of the last position completed
+        return_last = 0 if self.down_bytes_per_token or self._conditioned else 1
         try:
             while position < total:
                 if len(in_flight) >= self.config.max_in_flight:
@@ -145,12 +154,13 @@ class PrefillPipeline:
                 count = min(queue.popleft() if queue else max_chunk, total - position, max_chunk)
                 began = time.perf_counter()
                 hidden, _ = model.run_input(token_ids[position:position + count], position, caches.input,
-                                            caches.adapter)
+                                            None if self._conditioned else caches.adapter)
                 input_s = time.perf_counter() - began
                 self._computes += 1
                 up0 = self.link.bytes_up
                 sequence = self.link.send_forward(session_id, position, hidden, return_last, append_only=True)
-                in_flight.append(_Chunk(sequence, position, count, self.link.bytes_up - up0, input_s, self._computes))
+                in_flight.append(_Chunk(sequence, position, count, self.link.bytes_up - up0, input_s, self._computes,
+                                        *((token_ids[position:position + count], hidden) if self._conditioned else ())))
                 if not (shared and len(in_flight) > 1):  # shared cores and a chunk in the cloud: no solo timing
                     self.profile.add_input(count, position, input_s)
                 report.chunks.append(count)
@@ -158,6 +168,7 @@ class PrefillPipeline:
             while in_flight:
                 last = self._complete_oldest(in_flight, caches, steps, shared)
             self._learn(report, time.perf_counter() - prefill_began)
+            report.last_middle = self._last_middle
         finally:
             for chunk in in_flight:  # given up on (an error): their replies, if any come, are dropped
                 self.link.forget(chunk.sequence)
@@ -191,6 +202,12 @@ class PrefillPipeline:
         if not shared or self._computes == chunk.computes_at_send:
             self.cloud.observe(chunk.count, chunk.start, header.compute_us / 1e6, header.batch_sessions)
         middle = reply.tensor
+        self._last_middle = middle[-1:]
+        if chunk.token_ids is not None:  # conditioned adapter: its features are the middle outputs one position back
+            before = middle.new_zeros(1, middle.shape[1]) if self._previous is None else self._previous
+            self.model.run_adapter(chunk.token_ids, chunk.hidden, chunk.start, caches.adapter,
+                                   torch.cat([before, middle[:-1]]))
+            self._previous = middle[-1:]
         output_s = 0.0
         if self.down_bytes_per_token:
             began = time.perf_counter()

@@ -346,7 +346,8 @@ def test_train_adapter_help(capsys):
         main(["train-adapter", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model", "--input-layers", "--output-layers", "--out", "--data", "--steps", "--resume"):
+    for flag in ("--model", "--input-layers", "--output-layers", "--out", "--data", "--steps", "--resume",
+                 "--conditioning", "--feature-noise", "--second-step-weight"):
         assert flag in out, flag
 
 
@@ -371,3 +372,27 @@ def test_train_adapter_writes_an_adapter_split_accepts(model, work, capsys):
     rc, stdout, err = hat_main(capsys, "split", model, "-K", K, "-M", M, "--out", work / "T", "--adapter", out)
     assert rc == 0, err
     assert (work / "T" / "device" / "adapter" / ADAPTER_WEIGHTS).is_file()
+
+
+def test_train_adapter_conditioned_flags(model, work, capsys):
+    """--conditioning verified (with its training options) writes a format-2 conditioned adapter that split takes;
+    the options are refused for an input-only adapter."""
+    import json
+
+    data = work / "train-data-conditioned"
+    data.mkdir()
+    (data / "text.txt").write_text(TOKENIZER_TEXT)
+    out = work / "trained-conditioned"
+    common = ("--model", model, "-K", K, "-M", M, "--steps", 2, "--batch-size", 1, "--seq-len", 32, "--draft-len", 2,
+              "--data", data, "--threads", 1)
+    rc, stdout, err = hat_main(capsys, "train-adapter", *common, "--out", out, "--conditioning", "verified",
+                               "--feature-noise", 0.1, "--second-step-weight", 0.5)
+    assert rc == 0, err
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert config["conditioning"] == "verified" and config["format_version"] == 2
+    summary = json.loads((out / "training_summary.json").read_text())["train_config"]
+    assert (summary["feature_noise"], summary["second_step_weight"]) == (0.1, 0.5)
+    rc, stdout, err = hat_main(capsys, "split", model, "-K", K, "-M", M, "--out", work / "TC", "--adapter", out)
+    assert rc == 0, err
+    assert_usage_error(hat_main(capsys, "train-adapter", *common, "--out", work / "t2", "--feature-noise", 0.1),
+                       "train-adapter", "--conditioning verified only")
