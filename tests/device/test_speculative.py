@@ -42,6 +42,21 @@ def random_adapter(model_dir, k: int, m: int, out, seed: int = 0):
     return out
 
 
+def speculative_beside_plain(gen, ids: list[int]) -> tuple:
+    """Plain decoding of `ids`, then speculation (threshold 0, up to 4 drafted) without and with drafting ahead,
+    each asserted to give plain's tokens and finish reason; returns plain's result and the two speculative ones."""
+    gen.speculation = None
+    plain = gen.generate_ids(ids, NEW_TOKENS)
+    runs = []
+    for parallel in (False, True):
+        gen.speculation = SpeculationConfig(threshold=0.0, max_draft=4, parallel=parallel, length="threshold")
+        spec = gen.generate_ids(ids, NEW_TOKENS)
+        assert spec.token_ids == plain.token_ids, (ids[:8], parallel)
+        assert spec.finish_reason == plain.finish_reason
+        runs.append(spec)
+    return plain, runs
+
+
 def device_with_adapter(model_dir, k, m, tmp_path, adapter=None) -> DeviceModel:
     adapter = adapter or random_adapter(model_dir, k, m, tmp_path / "adapter")
     device_dir, _ = split_checkpoint(model_dir, k, m, tmp_path / "spec-bundle", adapter=adapter)
@@ -56,13 +71,8 @@ def test_greedy_speculation_matches_plain_and_transformers(tiny_checkpoint, tmp_
     with running_cloud(model_dir, k, m, tmp_path) as cluster, cluster.generator(model) as gen:
         for prompt in PROMPTS:
             ids = gen.encode(prompt)
-            gen.speculation = None
-            plain = gen.generate_ids(ids, NEW_TOKENS)
-            for parallel in (False, True):
-                gen.speculation = SpeculationConfig(threshold=0.0, max_draft=4, parallel=parallel, length="threshold")
-                spec = gen.generate_ids(ids, NEW_TOKENS)
-                assert spec.token_ids == plain.token_ids, (prompt, parallel)
-                assert spec.finish_reason == plain.finish_reason
+            plain, runs = speculative_beside_plain(gen, ids)
+            for spec in runs:
                 rounds = spec.decode_rounds
                 produced = sum(s.accepted + 1 for s in rounds)  # a stop token may end the last round early
                 assert produced == len(spec.token_ids) - 1 or (spec.finish_reason == "stop" and produced >= len(spec.token_ids) - 1)

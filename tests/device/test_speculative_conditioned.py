@@ -28,8 +28,8 @@ from hat.common.split import default_adapter_dir, split_checkpoint
 from hat.device.device_model import DeviceModel
 from hat.device.speculation import SpeculationConfig
 from test_generate_oracle import PROMPTS, assert_same_greedy, hf_greedy
+from test_speculative import speculative_beside_plain
 
-NEW_TOKENS = 20
 CASES = [("llama3", 1, 0), ("qwen2", 1, 3), ("qwen3", 2, 2)]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -65,14 +65,8 @@ def test_greedy_conditioned_speculation_matches_plain(tiny_checkpoint, tmp_path,
     drafted = accepted = 0
     with running_cloud(model_dir, k, m, tmp_path) as cluster, cluster.generator(model) as gen:
         for prompt in PROMPTS:
-            ids = gen.encode(prompt)
-            gen.speculation = None
-            plain = gen.generate_ids(ids, NEW_TOKENS)
-            for parallel in (False, True):
-                gen.speculation = SpeculationConfig(threshold=0.0, max_draft=4, parallel=parallel, length="threshold")
-                spec = gen.generate_ids(ids, NEW_TOKENS)
-                assert spec.token_ids == plain.token_ids, (prompt, parallel)
-                assert spec.finish_reason == plain.finish_reason
+            _, runs = speculative_beside_plain(gen, gen.encode(prompt))
+            for spec in runs:
                 drafted += sum(s.drafted for s in spec.decode_rounds)
                 accepted += sum(s.accepted for s in spec.decode_rounds)
     assert drafted > accepted  # rejections happened: rollback ran
