@@ -306,10 +306,8 @@ def _draft_chain(teacher: Teacher, adapter: DraftAdapter, prefix: list[int], cou
     for position in range(n, n + count):
         embeds = teacher.input.embed(torch.tensor(out[-1:]))
         h_k = teacher.input.forward_layers(embeds, [SequenceSpan(caches[0], position, 1)])
-        if adapter.conditioned:
-            estimate = previous = adapter(h_k, embeds, [SequenceSpan(caches[1], position, 1)], previous)
-        else:
-            estimate = adapter(h_k, embeds, [SequenceSpan(caches[1], position, 1)])
+        estimate = previous = adapter(h_k, embeds, [SequenceSpan(caches[1], position, 1)],
+                                      previous if adapter.conditioned else None)
         hidden = teacher.output.forward_layers(estimate, [SequenceSpan(caches[3], position, 1)])
         out.append(int(teacher.output.logits(hidden).argmax()))
     return out[1:]  # the drafted tokens; the target's first token conditions both chains

@@ -272,11 +272,11 @@ def paired_ratio(adaptive: list[float], baselines: list[list[float]]) -> float:
 
 
 def summarize(results: dict[str, list], length: int, uplink: float, profile) -> dict:
-    ttft = {name: median([r.ttft_ms for r in runs]) for name, runs in results.items()}
+    per_prompt = {name: [r.ttft_ms for r in runs] for name, runs in results.items()}
+    ttft = {name: median(times) for name, times in per_prompt.items()}
     fixed = {name: t for name, t in ttft.items() if name.startswith("fixed")}
     best_name = min(fixed, key=fixed.get) if fixed else "none"
     best = min(fixed.get(best_name, ttft["none"]), ttft["none"])
-    per_prompt = {name: [r.ttft_ms for r in runs] for name, runs in results.items()}
     baselines = [per_prompt["none"]] + ([per_prompt[best_name]] if best_name != "none" else [])
     bound = stage_bound(results, profile.uplink_bytes_per_s, profile.downlink_bytes_per_s, profile.rtt_s)
     last = results["adaptive"][-1]
@@ -308,17 +308,17 @@ def report(args, cells: list[dict]) -> None:
         vs_best, vs_bound = c["adaptive_ms"] / c["best_fixed_ms"], c["adaptive_ms"] / c["bound_ms"]
         vs_min = c["adaptive_ms"] / min(c["best_fixed_ms"], c["none_ms"])
         error = c["adaptive_predicted_ms"] / c["adaptive_ms"] - 1
-        link = ("cold " if c.get("cold") else "") + ("loopback" if c["uplink_mbps"] == LOOPBACK else f"{c['uplink_mbps']:g}")
+        cold = "cold " if c.get("cold") else ""
+        link = cold + ("loopback" if c["uplink_mbps"] == LOOPBACK else f"{c['uplink_mbps']:g}")  # the table's column
+        where = f"{c['tokens']} tokens over {cold}{link_name(c['uplink_mbps'])}"
         print(f"{c['tokens']:>7}{link:>10}{c['adaptive_ms']:>10.0f}{c['adaptive_predicted_ms']:>10.0f}{error:>+9.0%}"
               f"{c['none_ms']:>8.0f}{c['best_fixed_ms']:>11.0f}{c['best_fixed'].replace('fixed ', ''):>8}"
               f"{c['bound_ms']:>8.0f}{vs_best:>8.2f}{vs_min:>7.2f}{c['paired_vs_min']:>8.2f}{vs_bound:>8.2f}"
               f"{c['adaptive_ms'] / c['none_ms']:>8.2f}{len(c['adaptive_chunks']):>8}")
         if c["paired_vs_min"] > BEST_FIXED_TARGET or abs(error) > PREDICTION_TARGET:
-            misses.append(f"{c['tokens']} tokens over {link}{'' if 'loopback' in link else ' MB/s'}: "
-                          f"{c['paired_vs_min']:.2f} x min(none, best fixed) "
-                          f"paired, prediction {error:+.0%}")
+            misses.append(f"{where}: {c['paired_vs_min']:.2f} x min(none, best fixed) paired, prediction {error:+.0%}")
         elif vs_bound > BOUND_TARGET and c["uplink_mbps"] != LOOPBACK:
-            misses.append(f"{c['tokens']} tokens over {link} MB/s: {vs_bound:.2f} x bound (issue 5's target only)")
+            misses.append(f"{where}: {vs_bound:.2f} x bound (issue 5's target only)")
     print(f"\nx min: the medians' ratio; paired: the median over prompts of adaptive / min(none, best fixed) on the "
           f"same prompt.\nTargets: paired <= {BEST_FIXED_TARGET} and the prediction within {PREDICTION_TARGET:.0%} of "
           f"the measured median in every cell (issue 18); <= {BOUND_TARGET} x bound (issue 5, emulated links).")
