@@ -2,7 +2,9 @@
 token soonest, among all its candidates weighed under one cost model: the whole prompt, every fixed size,
 even cuts and ramps (small chunks first to fill the pipeline, then the chunk size that keeps the slowest stage
 busy, optionally small again at the end to drain it). So it never predicts itself worse than the trivial cuts, but
-for one rule: it keeps the whole prompt unless a cut is predicted WHOLE_PROMPT_MARGIN faster."""
+for one rule: it keeps the whole prompt unless a cut is predicted WHOLE_PROMPT_MARGIN faster. The search is part of
+the time to the first token, so it is kept short: a cut's simulation stops once it falls behind the best so far,
+and on shared cores, where no cut can gain that margin over the whole prompt, there is no search."""
 from __future__ import annotations
 
 import math
@@ -79,6 +81,14 @@ FIXED_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)  # fixed chunk sizes among
 WHOLE_PROMPT_MARGIN = 0.03
 
 
+def hideable_s(tokens: int, costs: PipelineCosts) -> float:
+    """On shared cores, the most a cut of `tokens` positions can gain over sending them whole: one processor
+    computes every stage in turn, so a cut hides at most the whole prompt's link time and the cloud's queue, while
+    each chunk adds its fixed costs (the attention's query-key pairs sum to the same over any cut). Exact for
+    LinearCost stages; LocalCost's size corrections are what WHOLE_PROMPT_MARGIN resists."""
+    return costs.up_s(tokens) + costs.down_s(tokens) + costs.rtt_s + costs.cloud_queue_s
+
+
 class ChunkPlanner:
     def __init__(self, config: ChunkingConfig = DEFAULT_CHUNKING):
         self.config = config
@@ -97,18 +107,28 @@ class ChunkPlanner:
         fewest = math.ceil(tokens / max_chunk)
         # the trivial choices first: the whole prompt (in the fewest messages) and every fixed size
         best = whole = self.evaluate(even_cut(tokens, fewest), costs, start, in_flight)
+        if fewest == 1 and costs.shared_compute and hideable_s(tokens, costs) * (1 + WHOLE_PROMPT_MARGIN) <= \
+                WHOLE_PROMPT_MARGIN * whole.predicted_s:
+            return whole  # no cut can be predicted WHOLE_PROMPT_MARGIN faster (see hideable_s): skip the search
         for size in FIXED_SIZES:
             if c.min_chunk <= size < min(tokens, max_chunk + 1) and math.ceil(tokens / size) <= max(c.max_chunks, fewest):
-                best = self._better(best, self.evaluate(fixed_cut(tokens, size), costs, start, in_flight))
+                best = self._better(best, self.evaluate(fixed_cut(tokens, size), costs, start, in_flight, best))
         most = max(fewest, min(c.max_chunks, tokens // c.min_chunk))
         grid = sorted({fewest, most, *(round(fewest * 1.25 ** i) for i in range(40) if fewest * 1.25 ** i <= most)})
-        even = {k: self.evaluate(even_cut(tokens, k), costs, start, in_flight) for k in grid}
-        coarse = min(even, key=lambda k: even[k].predicted_s)
-        at = grid.index(coarse)  # then every piece count between the best one's grid neighbours
+        even: dict[int, ChunkPlan] = {}  # piece count -> plan (infinity: behind the best even cut)
+        best_even = None
+
+        def try_even(k: int) -> None:
+            nonlocal best_even
+            even[k] = self.evaluate(even_cut(tokens, k), costs, start, in_flight, best_even)
+            best_even = self._better(best_even, even[k])
+
+        for k in grid:
+            try_even(k)
+        at = grid.index(len(best_even.sizes))  # then every piece count between the best one's grid neighbours
         for k in range(grid[max(0, at - 1)], grid[min(len(grid) - 1, at + 1)] + 1):
             if k not in even:
-                even[k] = self.evaluate(even_cut(tokens, k), costs, start, in_flight)
-        best_even = min(even.values(), key=lambda plan: plan.predicted_s)
+                try_even(k)
         best = self._better(best, best_even)
         steady = max(best_even.sizes)
         for target in {steady // 2, steady, steady * 2}:
@@ -118,15 +138,18 @@ class ChunkPlanner:
                 for taper in (False, True):
                     sizes = ramp_cut(tokens, first, target, taper)
                     if len(sizes) <= max(c.max_chunks, fewest) and max(sizes) <= max_chunk:
-                        best = self._better(best, self.evaluate(sizes, costs, start, in_flight))
+                        best = self._better(best, self.evaluate(sizes, costs, start, in_flight, best))
                 first *= 2
         kept = fewest == 1 and whole.predicted_s <= best.predicted_s * (1 + WHOLE_PROMPT_MARGIN)
         return whole if kept else best
 
-    def evaluate(self, sizes: list[int], costs: PipelineCosts, start: int, in_flight: tuple[int, ...] = ()) -> ChunkPlan:
-        """The plan of cutting into `sizes`, with its predicted time to the first token."""
-        return ChunkPlan(tuple(sizes), simulate_prefill(sizes, costs, self.config.max_in_flight, start,
-                                                        in_flight).ttft_s)
+    def evaluate(self, sizes: list[int], costs: PipelineCosts, start: int, in_flight: tuple[int, ...] = (),
+                 beat: ChunkPlan | None = None) -> ChunkPlan:
+        """The plan of cutting into `sizes`, with its predicted time to the first token; given `beat`, a plan
+        predicted no sooner than it may get infinity instead (its simulation stopped once it could not win)."""
+        limit = math.inf if beat is None else beat.predicted_s
+        return ChunkPlan(tuple(sizes), simulate_prefill(sizes, costs, self.config.max_in_flight, start, in_flight,
+                                                        limit).ttft_s)
 
     @staticmethod
     def _better(a: ChunkPlan | None, b: ChunkPlan) -> ChunkPlan:
