@@ -46,6 +46,10 @@ _ROUND_FIT_WINDOW = 64  # verification rounds the round-time fit keeps
 _MIN_ROUND_S = 1e-4  # floor of a predicted round time
 PROBE_CHUNKS = (32, 128, 512, 512)  # the probe's scratch prompt, as chunks: small, medium and large forwards on every
 # stage, the last after 672 cached positions (without a long-context timing a fit cannot tell attention from tokens)
+PROBE_WHOLE = 1024  # then a scratch prompt of this many tokens (at most half the context) sent whole: a forward with
+# no cached positions costs less than one after them (the attention runs causal, without a mask; the reference
+# model's cloud on 2 shared cores: 512 tokens 110 ms at position 0, 128 ms after 160), and a first prompt, sent
+# whole, is one: without it an 839-token first prompt on loopback was predicted 11-23% high
 
 
 class PromptTooLongError(ValueError):
@@ -109,17 +113,25 @@ class SplitGenerator:
         self._reprofile = threading.Event()  # set from another thread (telemetry): the device's speed changed
 
     @torch.inference_mode()
-    def probe(self, sizes: tuple[int, ...] = PROBE_CHUNKS) -> None:
-        """A scratch prompt cut into `sizes` (within the context), unrecorded, before the first real one: the link
-        estimator learns the link, the cloud tracker how the cloud's published predictor holds, and the device's
-        fits its parts over the real path, so that the first prompt's plan and prediction are right (a cold start
-        would otherwise plan with a 10 MB/s, 20 ms prior link)."""
-        kept, room = [], self.max_context // 2  # the scratch prompt takes half the context at most
+    def probe(self, sizes: tuple[int, ...] = PROBE_CHUNKS, whole: int = PROBE_WHOLE) -> None:
+        """Scratch prompts, unrecorded, before the first real one: one cut into `sizes` (within half the context),
+        then one of `whole` tokens sent whole (0: none). The link estimator learns the link, the cloud tracker how
+        the cloud's published predictor holds, and the device's fits its parts over the real path, so that the
+        first prompt's plan and prediction are right (a cold start would otherwise plan with a 10 MB/s, 20 ms prior
+        link)."""
+        kept, room = [], self.max_context // 2  # a scratch prompt takes half the context at most
         for n in sizes:
             if n <= room:
                 kept.append(n)
                 room -= n
-        sizes = tuple(kept) or (min(16, self.max_context - 1),)
+        self._scratch_prompt(tuple(kept) or (min(16, self.max_context - 1),))
+        whole = min(whole, self.max_context // 2, self.max_message_tokens)
+        if whole > (kept[0] if kept else 0):  # the chunked prompt's first forward did not time it already
+            self._scratch_prompt((whole,))
+
+    def _scratch_prompt(self, sizes: tuple[int, ...]) -> None:
+        """Prefill a scratch prompt of random tokens cut into `sizes`, one chunk in flight at a time (every timing
+        solo), and close its session."""
         total = sum(sizes)
         vocab = min(self.model.spec.vocab_size, 1000)
         ids = torch.randint(vocab, (total,), generator=torch.Generator().manual_seed(0)).tolist()

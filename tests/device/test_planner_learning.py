@@ -10,10 +10,11 @@ import random
 
 import pytest
 
-from hat.common.cost_fit import LinearCost
+from hat.common.cost_fit import LinearCost, attended
 from hat.common.prefill_pipeline import prefill_lower_bound, simulate_prefill
 from hat.device.chunk_planner import (FIXED_SIZES, WHOLE_PROMPT_MARGIN, ChunkingConfig, ChunkPlanner, even_cut,
                                      fixed_cut)
+from hat.device.generator import PROBE_WHOLE
 from hat.device.misprediction import MispredictionModel
 
 from tests.device.test_chunk_planner import TYPICAL, random_cases
@@ -163,6 +164,9 @@ def test_the_probe_measures_the_path_before_the_first_prompt(tiny_checkpoint, tm
             assert estimator.rtt_s != estimator.prior_rtt_s
             assert gen.prefill.cloud._ratio_samples > 0
             assert len(gen.prefill.profile.input) > fitted
+            whole = min(PROBE_WHOLE, gen.max_context // 2, gen.max_message_tokens)  # and a scratch prompt sent whole
+            cloud_timed = [(t, pairs) for timings in gen.prefill.cloud._own_fit.size_classes() for t, pairs, _ in timings]
+            assert (whole, attended(whole, 0)) in cloud_timed
             assert gen.prefill.config.max_in_flight == ChunkingConfig().max_in_flight  # restored
             assert gen.link.stats().sessions == 0
             assert gen.generate_ids(prompt, 4).token_ids == want
