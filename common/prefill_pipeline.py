@@ -64,8 +64,8 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
     With `shared_compute` the device's and the cloud's compute take turns on one processor (in the order the
     simulation meets them), so a pipeline gains only what the link's time hides.
     `give_up_after`: once the device's time or a reply's arrival passes it (the planner's best so far, less the final
-    step), the cut cannot win: the simulation stops and returns a time to the first token of infinity (a planner of 2048 tokens simulates about 50
-    cuts, most of them far behind the best)."""
+    step), the cut cannot win: the simulation stops and returns a time to the first token of infinity (the planner
+    simulates about 50 cuts of a 2048-token prompt, most of them far behind the best)."""
     sent_before = len(in_flight)
     sizes = [*in_flight, *sizes]
     positions, position = [], start - sum(in_flight)

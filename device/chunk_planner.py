@@ -111,7 +111,8 @@ class ChunkPlanner:
                 WHOLE_PROMPT_MARGIN * whole.predicted_s:
             return whole  # no cut can be predicted WHOLE_PROMPT_MARGIN faster (see hideable_s): skip the search
         for size in FIXED_SIZES:
-            if c.min_chunk <= size < min(tokens, max_chunk + 1) and math.ceil(tokens / size) <= max(c.max_chunks, fewest):
+            if c.min_chunk <= size < min(tokens, max_chunk + 1) and \
+                    math.ceil(tokens / size) <= max(c.max_chunks, fewest):
                 best = self._better(best, self.evaluate(fixed_cut(tokens, size), costs, start, in_flight, best))
         most = max(fewest, min(c.max_chunks, tokens // c.min_chunk))
         grid = sorted({fewest, most, *(round(fewest * 1.25 ** i) for i in range(40) if fewest * 1.25 ** i <= most)})

@@ -165,7 +165,8 @@ def test_the_probe_measures_the_path_before_the_first_prompt(tiny_checkpoint, tm
             assert gen.prefill.cloud._ratio_samples > 0
             assert len(gen.prefill.profile.input) > fitted
             whole = min(PROBE_WHOLE, gen.max_context // 2, gen.max_message_tokens)  # and a scratch prompt sent whole
-            cloud_timed = [(t, pairs) for timings in gen.prefill.cloud._own_fit.size_classes() for t, pairs, _ in timings]
+            cloud_timed = [(t, pairs) for timings in gen.prefill.cloud._own_fit.size_classes()
+                           for t, pairs, _ in timings]
             assert (whole, attended(whole, 0)) in cloud_timed
             assert gen.prefill.config.max_in_flight == ChunkingConfig().max_in_flight  # restored
             assert gen.link.stats().sessions == 0
