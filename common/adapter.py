@@ -127,6 +127,17 @@ def adapter_spec(spec: ModelSpec, config: AdapterConfig) -> ModelSpec:
                    num_heads=heads, num_kv_heads=kv_heads, sliding_windows=(window,) * config.depth)
 
 
+def check_previous(config: AdapterConfig, hidden: torch.Tensor, previous: torch.Tensor | None) -> None:
+    """An adapter's `previous` argument (every backend's): given exactly when the adapter is conditioned, shaped as
+    the hidden states."""
+    if config.conditioned != (previous is not None):
+        raise ValueError("a verified-conditioned adapter needs `previous`, the middle output of the position "
+                         "before each token" if previous is None else
+                         "an input-conditioned adapter takes no `previous` middle output")
+    if previous is not None and previous.shape != hidden.shape:
+        raise ValueError(f"`previous` has shape {tuple(previous.shape)}, the hidden states {tuple(hidden.shape)}")
+
+
 class DraftAdapter(nn.Module):
     def __init__(self, spec: ModelSpec, config: AdapterConfig):
         super().__init__()
@@ -166,17 +177,20 @@ class DraftAdapter(nn.Module):
                 previous: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: input-part output [T, width]; embeds: the same tokens' embeddings [T, width]; previous (a
         conditioned adapter only): the middle part's output of each token's predecessor [T, width] -> estimates."""
-        if self.config.conditioned != (previous is not None):
-            raise ValueError("a verified-conditioned adapter needs `previous`, the middle output of the position "
-                             "before each token" if previous is None else
-                             "an input-conditioned adapter takes no `previous` middle output")
+        check_previous(self.config, hidden, previous)
         hidden = hidden.to(self.dtype)
         if previous is not None:
-            if previous.shape != hidden.shape:
-                raise ValueError(f"`previous` has shape {tuple(previous.shape)}, the hidden states {tuple(hidden.shape)}")
-            hidden = self.condition(torch.cat([hidden, self.previous_norm(previous.to(self.dtype))], dim=-1))
-        fused = self.fuse(torch.cat([self.hidden_norm(hidden), self.embed_norm(embeds.to(self.dtype))], dim=-1))
+            hidden = self.condition_input(hidden, previous.to(self.dtype))
+        fused = self.fuse_input(hidden, embeds.to(self.dtype))
         return hidden + self.project(self.body.forward_layers(fused, spans))
+
+    def condition_input(self, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """A conditioned adapter's stand-in for h_K(t): fc([h_K(t) ; norm(h_mid(t-1))]) (shared with the ONNX graph)."""
+        return self.condition(torch.cat([hidden, self.previous_norm(previous)], dim=-1))
+
+    def fuse_input(self, hidden: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The body's input: fuse([norm(h); norm(embed)]) (shared with the ONNX graph)."""
+        return self.fuse(torch.cat([self.hidden_norm(hidden), self.embed_norm(embeds)], dim=-1))
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)

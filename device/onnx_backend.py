@@ -1,5 +1,5 @@
 """The device's parts on onnxruntime: the graphs `hat export-onnx` wrote, behind the calls the generator makes on
-torch parts (forward_tokens, forward_layers, logits, new_cache; the adapter called like DraftAdapter).
+torch parts (forward_tokens, embed, forward_layers, logits, new_cache; the adapter called like DraftAdapter).
 
 Caches stay the runtime's KVCache (CPU tensors), so truncation, rollback and the generator's bookkeeping are the
 torch backend's; each call feeds a cache's valid positions as the graph's past and appends the new positions the
@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hat.common.adapter import ADAPTER_WEIGHTS, AdapterConfig, adapter_spec
+from hat.common.adapter import ADAPTER_WEIGHTS, AdapterConfig, adapter_spec, check_previous
 from hat.common.bundle import BundleManifest
-from hat.common.checkpoint import parse_dtype
+from hat.common.checkpoint import parse_dtype, safetensors_files
 from hat.common.kv_cache import KVCache
 from hat.common.layers import SequenceSpan
+from hat.common.model_part import EMBED
 from hat.common.model_spec import ModelSpec
 
 from .onnx_manifest import ONNX_DIR, OnnxBundleError, OnnxManifest, file_sha256, past_names
@@ -121,15 +122,46 @@ class CachedGraph:
         return [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*per_span)]
 
 
+class EmbeddingRows:
+    """The bundle's embedding table read row by row from its memory-mapped weights file, for embeddings wanted without
+    the input part's layers (a conditioned adapter run over tokens whose input part ran before): the values the input
+    part graph embeds with, which were exported from the same weights cast to the same dtype."""
+
+    def __init__(self, bundle_dir: Path, dtype: torch.dtype):
+        self.bundle_dir, self.dtype = bundle_dir, dtype
+        self._file, self._rows = None, None  # the open safetensors file and its embedding slice, on first use
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self._rows is None:
+            from safetensors import safe_open
+
+            for path in safetensors_files(self.bundle_dir):
+                handle = safe_open(str(path), framework="pt")
+                if EMBED in handle.keys():
+                    self._file, self._rows = handle, handle.get_slice(EMBED)
+                    break
+            else:
+                raise OnnxBundleError(f"{self.bundle_dir} holds no {EMBED}: is it a device bundle?")
+        ids = token_ids.reshape(-1).tolist()
+        return torch.cat([self._rows[i:i + 1] for i in ids]).to(self.dtype)
+
+
 class OnnxInputPart:
     """Embedding and layers [0, K) on onnxruntime."""
 
-    def __init__(self, graph: CachedGraph):
+    def __init__(self, graph: CachedGraph, embed: EmbeddingRows | None = None):
         self.graph, self.dtype, self.num_layers = graph, graph.dtype, graph.num_layers
         self.device = torch.device("cpu")  # where its inputs and outputs live
+        self._embed = embed
 
     def new_cache(self, max_length: int | None = None, preallocate: bool = False) -> KVCache:
         return self.graph.new_cache(max_length, preallocate)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The tokens' embeddings alone [tokens, width] (as forward_tokens returns them beside the hidden states)."""
+        if self._embed is None:
+            raise RuntimeError("this input part was loaded without its embedding rows")
+        return self._embed(token_ids)
 
     def forward_tokens(self, token_ids: torch.Tensor, spans: list[SequenceSpan]) -> tuple[torch.Tensor, torch.Tensor]:
         """token_ids [total tokens] for `spans` in order -> (hidden, embeddings), each [total tokens, width]."""
@@ -166,19 +198,27 @@ class OnnxOutputPart:
 
 
 class OnnxAdapter:
-    """The draft adapter on onnxruntime, called like DraftAdapter: (hidden, embeds, spans) -> estimates."""
+    """The draft adapter on onnxruntime, called like DraftAdapter: (hidden, embeds, spans, previous) -> estimates;
+    `previous` (a conditioned adapter only, its graph's third input): the middle output before each token."""
 
     def __init__(self, config: AdapterConfig, graph: CachedGraph):
         self.config, self.graph, self.dtype = config, graph, graph.dtype
 
+    @property
+    def conditioned(self) -> bool:
+        return self.config.conditioned
+
     def new_cache(self, max_length: int | None = None) -> KVCache:
         return self.graph.new_cache(max_length)
 
-    def __call__(self, hidden: torch.Tensor, embeds: torch.Tensor, spans: list[SequenceSpan]) -> torch.Tensor:
-        h, e = hidden.to(self.dtype).numpy(), embeds.to(self.dtype).numpy()
+    def __call__(self, hidden: torch.Tensor, embeds: torch.Tensor, spans: list[SequenceSpan],
+                 previous: torch.Tensor | None = None) -> torch.Tensor:
+        check_previous(self.config, hidden, previous)
+        inputs = {"hidden": hidden.to(self.dtype).numpy(), "embeds": embeds.to(self.dtype).numpy()}
+        if previous is not None:
+            inputs["previous"] = previous.to(self.dtype).numpy()
         (estimate,) = self.graph.run_spans(
-            lambda offset, span: {"hidden": h[None, offset:offset + span.count],
-                                     "embeds": e[None, offset:offset + span.count]}, spans)
+            lambda offset, span: {name: rows[None, offset:offset + span.count] for name, rows in inputs.items()}, spans)
         return estimate
 
 
@@ -216,13 +256,15 @@ def load_onnx_parts(bundle_dir: Path, bundle: BundleManifest, spec: ModelSpec, a
     def cached(name: str, layers: int, layer_spec: ModelSpec) -> CachedGraph:
         return CachedGraph(session(name), layers, layer_spec.num_kv_heads, layer_spec.head_dim, spec.max_context, dtype)
 
-    input_part = OnnxInputPart(cached("input_part", bundle.input_layers, spec))
+    input_part = OnnxInputPart(cached("input_part", bundle.input_layers, spec), EmbeddingRows(bundle_dir, dtype))
     output_part = OnnxOutputPart(cached("output_layers", bundle.output_layers, spec), session("head"))
     adapter = None
     if adapter_dir is not None:
         config = AdapterConfig.load(adapter_dir)
-        if config.conditioned:
-            raise OnnxBundleError(f"{adapter_dir} is a {config.conditioning}-conditioned draft adapter, which runs on the "
-                                  f"torch backend only: use --backend torch")
         adapter = OnnxAdapter(config, cached("adapter", config.depth, adapter_spec(spec, config)))
+        inputs = {arg.name for arg in adapter.graph.session.session.get_inputs()}
+        if ("previous" in inputs) != config.conditioned:  # the weights' hash matched: an export of another layout
+            raise OnnxBundleError(f"{folder / manifest.graphs['adapter']} does not fit the {config.conditioning}-"
+                                  f"conditioned adapter {'(no' if config.conditioned else '(a'} `previous` input): "
+                                  f"re-run `hat export-onnx`")
     return OnnxParts(input_part, output_part, adapter, input_part.graph.session.providers)

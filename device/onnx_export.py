@@ -22,7 +22,7 @@ from hat.common.adapter import ADAPTER_WEIGHTS, adapter_spec
 from hat.common.checkpoint import parse_dtype
 
 from .device_model import ADAPTER_DIR, DeviceModel
-from .onnx_graphs import AdapterGraph, HeadGraph, InputPartGraph, OutputLayersGraph
+from .onnx_graphs import HeadGraph, InputPartGraph, OutputLayersGraph, adapter_graph
 from .onnx_manifest import GRAPH_FILES, ONNX_DIR, ONNX_DTYPES, OnnxManifest, file_sha256, past_names
 
 DEFAULT_OPSET = 18  # standard ops only (no fused attention): what JetPack's onnxruntime and TensorRT take
@@ -52,7 +52,8 @@ def _graph_specs(model: DeviceModel) -> list[GraphSpec]:
                         ("hidden", "embeds", *new), k, spec.num_kv_heads, spec.head_dim)]
     if model.adapter is not None:
         a = adapter_spec(spec, model.adapter.config)
-        graphs.append(GraphSpec("adapter", AdapterGraph(model.adapter), ("hidden", "embeds", *past_names(a.num_layers)),
+        named = ("hidden", "embeds", "previous") if model.adapter.conditioned else ("hidden", "embeds")
+        graphs.append(GraphSpec("adapter", adapter_graph(model.adapter), (*named, *past_names(a.num_layers)),
                                 ("estimate", *new), a.num_layers, a.num_kv_heads, a.head_dim))
     if m:
         graphs.append(GraphSpec("output_layers", OutputLayersGraph(model.output_part), ("hidden", *past_names(m)),
@@ -70,7 +71,7 @@ def _example(graph: GraphSpec, model: DeviceModel, batch: int, count: int, past:
     for name in graph.inputs:
         if name == "input_ids":
             tensors.append(torch.randint(model.spec.vocab_size, (batch, count), generator=g))
-        elif name in ("hidden", "embeds"):
+        elif name in ("hidden", "embeds", "previous"):
             tensors.append(torch.randn(batch, count, width, generator=g).to(dtype))
         else:
             tensors.append(torch.randn(batch, graph.kv_heads, past, graph.head_dim, generator=g).to(dtype))
@@ -147,9 +148,6 @@ def export_onnx(bundle_dir: str | Path, dtype: str | None = None, opset: int = D
                            "pip install 'hatserve[onnx]'") from None
     bundle_dir = Path(bundle_dir)
     model = DeviceModel.load(bundle_dir)
-    if model.conditioned_adapter:
-        raise ValueError(f"the bundle's draft adapter is {model.adapter.config.conditioning}-conditioned: its graph "
-                         f"is not exported yet (it runs on the torch backend only)")
     if dtype is None:
         dtype = model.manifest.dtype if model.manifest.dtype in ONNX_DTYPES else "float32"
     if dtype not in ONNX_DTYPES:

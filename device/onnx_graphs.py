@@ -116,7 +116,8 @@ class InputPartGraph(nn.Module):
 
 
 class AdapterGraph(nn.Module):
-    """hidden, embeds [batch, sequence, width] -> the adapter's estimate of the middle part's output, new keys/values."""
+    """hidden, embeds [batch, sequence, width] -> the adapter's estimate of the middle part's output, new keys/values
+    (an input-only adapter; adapter_graph picks the graph of an adapter)."""
 
     def __init__(self, adapter: DraftAdapter):
         super().__init__()
@@ -124,10 +125,25 @@ class AdapterGraph(nn.Module):
         self.layers = DenseLayers(adapter.body)
 
     def forward(self, hidden, embeds, *past):
+        return self.estimate(hidden, embeds, past)
+
+    def estimate(self, hidden, embeds, past):
         a = self.adapter
-        fused = a.fuse(torch.cat([a.hidden_norm(hidden), a.embed_norm(embeds)], dim=-1))
-        body, new_keys, new_values = self.layers(fused, past)
+        body, new_keys, new_values = self.layers(a.fuse_input(hidden, embeds), past)
         return hidden + a.project(body), new_keys, new_values
+
+
+class ConditionedAdapterGraph(AdapterGraph):
+    """A verified-conditioned adapter's graph: a third input `previous` [batch, sequence, width], the middle output of
+    each token's predecessor, before the past (DraftAdapter.forward's `previous`)."""
+
+    def forward(self, hidden, embeds, previous, *past):
+        return self.estimate(self.adapter.condition_input(hidden, previous), embeds, past)
+
+
+def adapter_graph(adapter: DraftAdapter) -> AdapterGraph:
+    """The export wrapper of `adapter`: with the `previous` input when it is conditioned."""
+    return ConditionedAdapterGraph(adapter) if adapter.conditioned else AdapterGraph(adapter)
 
 
 class OutputLayersGraph(nn.Module):

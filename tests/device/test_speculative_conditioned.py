@@ -168,18 +168,3 @@ def test_conditioned_speculative_sampling_matches_the_target(tmp_path):
     assert stats["drafted"] >= trials
     assert 0.2 * stats["drafted"] < stats["accepted"] < 0.8 * stats["drafted"], stats
     assert chi2_pvalue(histogram(sequences), target_joint(model_dir, SAMPLE)) > 1e-3
-
-
-def test_export_onnx_refuses_a_conditioned_adapter(tiny_checkpoint, tmp_path):
-    """Its graph is not exported yet: a clear error before anything is written (an earlier export stays)."""
-    pytest.importorskip("onnxruntime")
-    from hat.device.onnx_export import export_onnx
-
-    model_dir = tiny_checkpoint("llama3")
-    adapter = random_conditioned_adapter(model_dir, 1, 1, tmp_path / "adapter")
-    device_dir, _ = split_checkpoint(model_dir, 1, 1, tmp_path / "bundle", adapter=adapter)
-    (device_dir / "onnx").mkdir()
-    (device_dir / "onnx" / "keep").write_text("an earlier export")
-    with pytest.raises(ValueError, match="verified-conditioned.*torch backend only"):
-        export_onnx(device_dir, log=lambda *a: None)
-    assert (device_dir / "onnx" / "keep").is_file()
