@@ -1,5 +1,5 @@
 """scripts/train_shipped_adapter.py: the recipe's conditioning reaches hat train-adapter's settings, and the adapter
-card says what the adapter is conditioned on and which command made it."""
+card says what the adapter is conditioned on and which command made it; the recipe is the shipped adapter's."""
 from __future__ import annotations
 
 from dataclasses import asdict, fields
@@ -33,7 +33,17 @@ class Table:
 
 def test_every_recipe_field_is_a_train_adapter_setting():
     assert {f.name for f in fields(shipped.Recipe)} <= {f.name for f in fields(AdapterTrainConfig)}
-    assert shipped.RECIPE.conditioning == "input"  # the shipped adapter's recipe is unchanged
+
+
+def test_the_recipe_is_the_shipped_adapters():
+    """The recipe's conditioning is the one the shipped SmolLM2 adapter was trained with (its config says)."""
+    import json
+
+    from hat.common.shipped_adapters import shipped_adapters
+
+    (folder,) = shipped_adapters("smollm2-135m-instruct")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config.get("conditioning", "input") == shipped.RECIPE.conditioning == "verified"
 
 
 def test_the_card_names_the_conditioning():
