@@ -261,8 +261,10 @@ def main(argv=None) -> int:
 
 def report(args, model_dir: Path, figures: dict, modes: dict) -> None:
     for key, by_category in figures.items():
-        print(f"\nSpeculative decoding, {Path(model_dir).name} K={args.input_layers} M={args.output_layers}, {key} "
-              f"(emulated: {args.uplink_mbps:g}/{args.downlink_mbps:g} MB/s up/down, {args.rtt_ms:g} ms RTT), float32")
+        link = (f" ({args.uplink_mbps:g}/{args.downlink_mbps:g} MB/s up/down, {args.rtt_ms:g} ms RTT)"
+                if key.startswith("emulated") else "")  # a loopback table has no emulated link
+        print(f"\nSpeculative decoding, {Path(model_dir).name} K={args.input_layers} M={args.output_layers}, "
+              f"{key}{link}, float32")
         header = (f"{'category':<14}{'mode':<16}{'prompts':>8}{'accept len':>11}{'TBT ms':>9}{'x plain':>9}"
                   f"{'draft ms':>10}{'cloud ms':>10}{'drafted':>9}{'wasted/tok':>11}")
         print(header)
