@@ -240,8 +240,7 @@ def load_onnx_parts(bundle_dir: Path, bundle: BundleManifest, spec: ModelSpec, a
                               "JetPack's onnxruntime-gpu wheel)") from None
     folder = bundle_dir / ONNX_DIR
     manifest = OnnxManifest.load(folder)
-    adapter_weights = adapter_dir / ADAPTER_WEIGHTS if adapter_dir is not None else None
-    manifest.check_fits(bundle, file_sha256(adapter_weights))
+    manifest.check_fits(bundle, file_sha256(adapter_dir / ADAPTER_WEIGHTS) if adapter_dir is not None else None)
     dtype = parse_dtype(manifest.dtype)
     providers = choose_providers(ort.get_available_providers())
 

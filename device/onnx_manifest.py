@@ -57,14 +57,15 @@ class OnnxManifest:
         except TypeError as exc:
             raise OnnxBundleError(f"{path} is not a valid ONNX manifest: {exc}") from None
 
-    def check_fits(self, bundle: BundleManifest, adapter_sha256: str) -> None:
-        """Raise OnnxBundleError unless these graphs were exported from this bundle's weights and adapter."""
+    def check_fits(self, bundle: BundleManifest, adapter_sha256: str | None) -> None:
+        """Raise OnnxBundleError unless these graphs were exported from this bundle's weights and adapter
+        (`adapter_sha256` None: the adapter is left unread, plain decoding asked for, so its graph is not checked)."""
         if (self.source_fingerprint, self.input_layers, self.output_layers) != (
                 bundle.source_fingerprint, bundle.input_layers, bundle.output_layers):
             raise OnnxBundleError(f"the ONNX export is of checkpoint {self.source_fingerprint[:12]} split K={self.input_layers}, "
                                   f"M={self.output_layers}; the bundle is {bundle.source_fingerprint[:12]} K={bundle.input_layers}, "
                                   f"M={bundle.output_layers}: re-run `hat export-onnx`")
-        if adapter_sha256 != self.adapter_sha256:
+        if adapter_sha256 is not None and adapter_sha256 != self.adapter_sha256:
             raise OnnxBundleError("the bundle's draft adapter changed since the ONNX export: re-run `hat export-onnx`")
 
 

@@ -198,6 +198,24 @@ def test_generate_command_reports_its_backend(reference_export, reference_cloud,
     assert registered.capabilities.backend == "onnxruntime (CPUExecutionProvider)"
 
 
+def test_plain_decoding_on_an_export_with_an_adapter(reference_export, reference_cloud, capsys):
+    """`hat generate --no-speculation --backend onnxruntime` leaves the exported adapter unread (its graph is not
+    checked or loaded) and gives the speculative run's greedy tokens; a changed adapter is still refused when used."""
+    cluster = reference_cloud
+    base = ["generate", "--bundle", str(reference_export), "--cloud", "127.0.0.1", "--data-port",
+            str(cluster.data_port), "--control-port", str(cluster.control_port), "--prompt", "def add(a, b):",
+            "--max-new-tokens", "8", "--backend", "onnxruntime", "--json"]
+    tokens = {}
+    for flags in ((), ("--no-speculation",)):
+        assert main([*base, *flags]) == 0
+        result = json.loads(capsys.readouterr().out)
+        tokens[flags] = result["token_ids"]
+        assert result["speculative"] != bool(flags)
+    assert tokens[()] == tokens[("--no-speculation",)] and len(tokens[()]) == 8
+    plain = DeviceModel.load(reference_export, backend="onnxruntime", with_adapter=False)
+    assert plain.adapter is None
+
+
 @torch.inference_mode()
 def test_split_without_output_layers_or_adapter(tiny_checkpoint, tmp_path):
     """mistral (sliding window 12) with M = 0 and no adapter: only the input part and the head are exported; 30
