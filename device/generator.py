@@ -8,6 +8,7 @@ If the cloud has lost the session (expired, restarted), the device re-sends its 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import secrets
@@ -50,6 +51,9 @@ PROBE_WHOLE = 1024  # then a scratch prompt of this many tokens (at most half th
 # no cached positions costs less than one after them (the attention runs causal, without a mask; the reference
 # model's cloud on 2 shared cores: 512 tokens 110 ms at position 0, 128 ms after 160), and a first prompt, sent
 # whole, is one: without it an 839-token first prompt on loopback was predicted 11-23% high
+PROBE_WARMUPS = 1  # passes of the probe's scratch prompts run first and not learned from: a fresh path's first large
+# forwards ran slower than later ones (reference model on loopback, a fresh cloud: its 1024-token forward at 199-253
+# ms in the first pass, 163-176 in the next, in 3 of 6 starts), so a fit of them put the first prompt 10-20% high
 
 
 class PromptTooLongError(ValueError):
@@ -113,38 +117,46 @@ class SplitGenerator:
         self._reprofile = threading.Event()  # set from another thread (telemetry): the device's speed changed
 
     @torch.inference_mode()
-    def probe(self, sizes: tuple[int, ...] = PROBE_CHUNKS, whole: int = PROBE_WHOLE) -> None:
+    def probe(self, sizes: tuple[int, ...] = PROBE_CHUNKS, whole: int = PROBE_WHOLE,
+              warmups: int = PROBE_WARMUPS) -> None:
         """Scratch prompts, unrecorded, before the first real one: one cut into `sizes` (within half the context),
         then one of `whole` tokens sent whole (0: none). The link estimator learns the link, the cloud tracker how
         the cloud's published predictor holds, and the device's fits its parts over the real path, so that the
         first prompt's plan and prediction are right (a cold start would otherwise plan with a 10 MB/s, 20 ms prior
-        link)."""
+        link). `warmups` passes of the same prompts run first, their timings taken by a throwaway pipeline."""
         kept, room = [], self.max_context // 2  # a scratch prompt takes half the context at most
         for n in sizes:
             if n <= room:
                 kept.append(n)
                 room -= n
-        self._scratch_prompt(tuple(kept) or (min(16, self.max_context - 1),))
+        prompts = [tuple(kept) or (min(16, self.max_context - 1),)]
         whole = min(whole, self.max_context // 2, self.max_message_tokens)
         if whole > (kept[0] if kept else 0):  # the chunked prompt's first forward did not time it already
-            self._scratch_prompt((whole,))
+            prompts.append((whole,))
+        for _ in range(warmups):
+            warmup = PrefillPipeline(self.model, self.link, self.prefill.config, copy.deepcopy(self.prefill.profile),
+                                     LinkEstimator())
+            for cut in prompts:
+                self._scratch_prompt(cut, warmup)
+        for cut in prompts:
+            self._scratch_prompt(cut, self.prefill)
 
-    def _scratch_prompt(self, sizes: tuple[int, ...]) -> None:
-        """Prefill a scratch prompt of random tokens cut into `sizes`, one chunk in flight at a time (every timing
-        solo), and close its session."""
+    def _scratch_prompt(self, sizes: tuple[int, ...], prefill: PrefillPipeline) -> None:
+        """Prefill a scratch prompt of random tokens cut into `sizes` through `prefill`, one chunk in flight at a
+        time (every timing solo), and close its session."""
         total = sum(sizes)
         vocab = min(self.model.spec.vocab_size, 1000)
         ids = torch.randint(vocab, (total,), generator=torch.Generator().manual_seed(0)).tolist()
         model = self.model
         caches = DeviceCaches(model.input_part.new_cache(), model.output_part.new_cache(),
                               model.adapter.new_cache() if self.speculation else None)
-        session, config = secrets.token_hex(6), self.prefill.config
-        self.prefill.config = dataclasses.replace(config, max_in_flight=1)  # one at a time: every timing solo
+        session, config = secrets.token_hex(6), prefill.config
+        prefill.config = dataclasses.replace(config, max_in_flight=1)  # one at a time: every timing solo
         try:
-            self.prefill.run(session, ids, caches, self.max_message_tokens, [], self.link.send_open(session, total + 1),
-                             sizes=sizes)
+            prefill.run(session, ids, caches, self.max_message_tokens, [], self.link.send_open(session, total + 1),
+                        sizes=sizes)
         finally:
-            self.prefill.config = config
+            prefill.config = config
             self._close_quietly(session)
 
     def _profile(self) -> DeviceProfile:

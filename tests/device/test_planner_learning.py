@@ -173,6 +173,27 @@ def test_the_probe_measures_the_path_before_the_first_prompt(tiny_checkpoint, tm
             assert gen.generate_ids(prompt, 4).token_ids == want
 
 
+def test_the_probes_warmup_passes_run_and_are_not_learned_from(tiny_checkpoint, tmp_path):
+    """probe(warmups=n) runs its scratch prompts n more times through the cloud (n + 1 times the tokens) and closes
+    every session, yet the device learns from the last pass only: the cloud fit, the device's input fit and the link
+    estimator hold what a probe without warm-ups leaves them."""
+    from tests.cluster import running_cloud
+
+    with running_cloud(tiny_checkpoint("llama3"), 2, 1, tmp_path) as cluster:
+        learned, tokens = {}, {}
+        for warmups in (0, 2):
+            with cluster.generator() as gen:
+                fitted, before = len(gen.prefill.profile.input), cluster.server.stats.forward_tokens
+                gen.probe(warmups=warmups)
+                tokens[warmups] = cluster.server.stats.forward_tokens - before
+                learned[warmups] = (len(gen.prefill.cloud._own_fit), len(gen.prefill.profile.input) - fitted,
+                                    gen.link_estimator.up.samples, gen.prefill.cloud._ratio_samples)
+                assert gen.link.stats().sessions == 0
+        assert tokens[2] == 3 * tokens[0] > 0
+        assert learned[2] == learned[0]
+        assert learned[0][0] > 0 and learned[0][1] > 0
+
+
 @pytest.mark.parametrize("shared, in_flight, timed", [(True, 8, 0), (True, 1, 4), (False, 8, 4)])
 def test_on_shared_cores_only_a_chunk_out_while_the_device_idled_times_the_cloud(tiny_checkpoint, tmp_path, monkeypatch,
                                                                                  shared, in_flight, timed):
