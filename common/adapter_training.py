@@ -142,10 +142,12 @@ def windows(stream: np.ndarray, seed: int, step: int, batch: int, length: int) -
     return torch.from_numpy(np.stack([stream[s:s + length] for s in starts]))
 
 
-def open_cache(config: AdapterTrainConfig, teacher: Teacher, description: str, stream: np.ndarray) -> HiddenStateCache | None:
-    """The hidden-state cache of --cache, filled (resuming an interrupted fill); None without --cache."""
+def open_cache(config: AdapterTrainConfig, teacher: Teacher, description: str,
+               stream: np.ndarray) -> tuple[HiddenStateCache | None, int]:
+    """The hidden-state cache of --cache, filled (resuming an interrupted fill), and the windows this call wrote;
+    (None, 0) without --cache."""
     if not config.cache:
-        return None
+        return None, 0
     windows_wanted = len(stream) // config.seq_len
     if windows_wanted < config.batch_size:
         raise ValueError(f"--cache-tokens {config.cache_tokens}: the data gives {len(stream):,} tokens, fewer than "
@@ -154,8 +156,7 @@ def open_cache(config: AdapterTrainConfig, teacher: Teacher, description: str, s
                      output_layers=config.output_layers, width=teacher.spec.hidden_size, seq_len=config.seq_len,
                      windows=windows_wanted, stream=f"{description}; seed {config.seed}")
     cache = HiddenStateCache.open(config.cache, meta)
-    cache.fill(teacher, stream)
-    return cache
+    return cache, cache.fill(teacher, stream)
 
 
 def ce_vocabulary(config: AdapterTrainConfig, vocab_size: int, cache: HiddenStateCache | None,
@@ -421,8 +422,9 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
     if config.cache:
         stream = stream[:min(needed, len(stream) // config.seq_len * config.seq_len)]  # whole windows: what the cache holds
     fill_started = time.perf_counter()
-    cache = open_cache(config, teacher, data.description, stream)
-    cache_fill_s = time.perf_counter() - fill_started  # this session's share of filling it (0 when it was full)
+    cache, windows_filled = open_cache(config, teacher, data.description, stream)
+    # this session's share of filling it (0 when it was full)
+    cache_fill_s = time.perf_counter() - fill_started if windows_filled else 0.0
     eval_ids, chain_prefixes = heldout_sets(tokenizer, data.heldout, config)
     ce_rows = ce_vocabulary(config, spec.vocab_size, cache, stream)
     n_params = sum(p.numel() for p in adapter.parameters())
@@ -489,7 +491,7 @@ def train_adapter(config: AdapterTrainConfig, log=print) -> dict:
         "adapter": asdict(adapter.config), "parameters": n_params, "train_config": asdict(config),
         "data": data.description, "tokens_seen": step * config.batch_size * config.seq_len,
         "distinct_tokens": len(stream), "epochs": round(step * config.batch_size * config.seq_len / len(stream), 2),
-        "cache_fill_s": round(cache_fill_s, 1),
+        "cache_fill_s": round(cache_fill_s, 3), "cache_windows_filled": windows_filled,
         "train_s": round(train_s, 1), "wall_s_this_session": round(time.perf_counter() - started, 1),
         "threads": torch.get_num_threads(), "final": evals[-1], "evals": evals, "calibration": calibration,
     }

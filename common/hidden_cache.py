@@ -101,9 +101,11 @@ class HiddenStateCache:
         tmp.replace(self.folder / CACHE_META)
 
     @torch.no_grad()
-    def fill(self, teacher, stream: np.ndarray, batch: int = 4) -> None:
-        """Compute the windows not yet written: window i is stream[i*seq_len : (i+1)*seq_len]."""
+    def fill(self, teacher, stream: np.ndarray, batch: int = 4) -> int:
+        """Compute the windows not yet written: window i is stream[i*seq_len : (i+1)*seq_len]. Returns how many
+        windows this call wrote (0: the cache was full)."""
         meta = self.meta
+        before = meta.filled
         if len(stream) < self.used * meta.seq_len:
             raise ValueError(f"the token stream has {len(stream):,} tokens, the cache needs {self.used * meta.seq_len:,}")
         with tqdm(total=self.used, initial=self.available, desc="hidden-state cache", unit="window") as bar:
@@ -120,6 +122,7 @@ class HiddenStateCache:
                 meta = self.meta = replace(meta, filled=last)
                 self._write_meta()
                 bar.update(last - first)
+        return max(0, meta.filled - before)
 
     def batch(self, seed: int, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids [B, T], h_k [B*T, D], h_mid [B*T, D]) float32, windows drawn from the seed and step alone (a
