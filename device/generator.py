@@ -51,9 +51,10 @@ PROBE_WHOLE = 1024  # then a scratch prompt of this many tokens (at most half th
 # no cached positions costs less than one after them (the attention runs causal, without a mask; the reference
 # model's cloud on 2 shared cores: 512 tokens 110 ms at position 0, 128 ms after 160), and a first prompt, sent
 # whole, is one: without it an 839-token first prompt on loopback was predicted 11-23% high
-PROBE_WARMUPS = 1  # passes of the probe's scratch prompts run first and not learned from: a fresh path's first large
-# forwards ran slower than later ones (reference model on loopback, a fresh cloud: its 1024-token forward at 199-253
-# ms in the first pass, 163-176 in the next, in 3 of 6 starts), so a fit of them put the first prompt 10-20% high
+PROBE_WARMUPS = 1  # runs of the probe's largest forward (its whole scratch prompt) first, not learned from: a fresh
+# path's first large forwards ran slower than later ones (reference model on loopback, a fresh cloud: its 1024-token
+# forward at 199-253 ms in a first pass, 163-176 in the next, in 3 of 6 starts), so a fit of them put the first prompt
+# 10-20% high; only the largest, as a whole second pass cost SmolLM2's start-up 4 s more (4.6 s -> 8.5-9.0 s)
 
 
 class PromptTooLongError(ValueError):
@@ -123,7 +124,8 @@ class SplitGenerator:
         then one of `whole` tokens sent whole (0: none). The link estimator learns the link, the cloud tracker how
         the cloud's published predictor holds, and the device's fits its parts over the real path, so that the
         first prompt's plan and prediction are right (a cold start would otherwise plan with a 10 MB/s, 20 ms prior
-        link). `warmups` passes of the same prompts run first, their timings taken by a throwaway pipeline."""
+        link). The scratch prompt with the largest forward runs `warmups` times first, its timings taken by a
+        throwaway pipeline."""
         kept, room = [], self.max_context // 2  # a scratch prompt takes half the context at most
         for n in sizes:
             if n <= room:
@@ -133,11 +135,11 @@ class SplitGenerator:
         whole = min(whole, self.max_context // 2, self.max_message_tokens)
         if whole > (kept[0] if kept else 0):  # the chunked prompt's first forward did not time it already
             prompts.append((whole,))
+        largest = max(prompts, key=lambda cut: (max(cut), -len(cut)))
         for _ in range(warmups):
             warmup = PrefillPipeline(self.model, self.link, self.prefill.config, copy.deepcopy(self.prefill.profile),
                                      LinkEstimator())
-            for cut in prompts:
-                self._scratch_prompt(cut, warmup)
+            self._scratch_prompt(largest, warmup)
         for cut in prompts:
             self._scratch_prompt(cut, self.prefill)
 
