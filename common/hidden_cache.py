@@ -122,7 +122,7 @@ class HiddenStateCache:
                 meta = self.meta = replace(meta, filled=last)
                 self._write_meta()
                 bar.update(last - first)
-        return max(0, meta.filled - before)
+        return meta.filled - before
 
     def batch(self, seed: int, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids [B, T], h_k [B*T, D], h_mid [B*T, D]) float32, windows drawn from the seed and step alone (a

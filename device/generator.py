@@ -136,10 +136,11 @@ class SplitGenerator:
         if whole > (kept[0] if kept else 0):  # the chunked prompt's first forward did not time it already
             prompts.append((whole,))
         largest = max(prompts, key=lambda cut: (max(cut), -len(cut)))
-        for _ in range(warmups):
+        if warmups:
             warmup = PrefillPipeline(self.model, self.link, self.prefill.config, copy.deepcopy(self.prefill.profile),
                                      LinkEstimator())
-            self._scratch_prompt(largest, warmup)
+            for _ in range(warmups):
+                self._scratch_prompt(largest, warmup)
         for cut in prompts:
             self._scratch_prompt(cut, self.prefill)
 
