@@ -3,8 +3,8 @@
 fixed chunk size of a sweep, and the pipeline's lower bound, for each prompt length and uplink rate.
 
 One run prints one table. Per cell (prompt length x uplink rate) the figures are medians over --repeats
-runs of held-out prompts (modes interleaved, in an order that changes per prompt (a Williams design: each mode runs after each other
-mode equally often), so drift of the machine and the order itself hit every mode alike):
+runs of held-out prompts (modes interleaved, in an order that changes per prompt: a Williams design, each mode
+runs right after each other mode equally often; so drift of the machine and the order itself hit every mode alike):
   adaptive  the chunk planner's cut (`ChunkingConfig()`), after one warm-up prompt on that link
   none      the whole prompt in one message (--no-chunking)
   best      the fastest fixed size of the sweep (--sizes), and which it was
@@ -332,8 +332,9 @@ def report(args, cells: list[dict]) -> None:
         elif vs_bound > BOUND_TARGET and c["uplink_mbps"] != LOOPBACK:
             misses.append(f"{where}: {vs_bound:.2f} x bound (issue 5's target only)")
     print(f"\nx min: the medians' ratio; paired: per baseline (none, best fixed), the median over prompts of "
-          f"adaptive / baseline on the same prompt, the larger.\nTargets: paired <= {BEST_FIXED_TARGET} and the prediction within {PREDICTION_TARGET:.0%} of "
-          f"the measured median in every cell (issue 18); <= {BOUND_TARGET} x bound (issue 5, emulated links).")
+          f"adaptive / baseline on the same prompt, the larger.\nTargets: paired <= {BEST_FIXED_TARGET} and the "
+          f"prediction within {PREDICTION_TARGET:.0%} of the measured median in every cell (issue 18); "
+          f"<= {BOUND_TARGET} x bound (issue 5, emulated links).")
     print("Cells that miss: " + ("none" if not misses else "\n  " + "\n  ".join(misses)))
 
 
