@@ -210,13 +210,7 @@ def balanced_order(modes: dict, index: int) -> list[str]:
     mode runs right after every other mode equally often (over n prompts for n modes, 2n when n is odd) and at every
     place in the order; a plain rotation would keep each mode's predecessor the same on every prompt."""
     names, n = list(modes), len(modes)
-    first, low, high = [0], 1, n - 1
-    while low <= high:
-        first.append(low)
-        low += 1
-        if low <= high:
-            first.append(high)
-            high -= 1
+    first = [0] + [(k + 1) // 2 if k % 2 else n - k // 2 for k in range(1, n)]  # 0, 1, n-1, 2, n-2, ...
     shift, mirrored = (index // 2, index % 2 == 1) if n % 2 else (index, False)
     row = [names[(x + shift) % n] for x in first]
     return row[::-1] if mirrored else row
