@@ -102,16 +102,22 @@ class PrefillPipeline:
         plan = planner.plan(tokens, self.costs(), max_chunk, start, in_flight) if sizes is None else \
             planner.evaluate(list(sizes), self.costs(), start)
         report.plan_ms += (time.perf_counter() - began) * 1000
-        return plan, self._rates()
+        return plan, self._rates(max(plan.sizes))
 
-    def _rates(self) -> tuple[float, ...]:
-        """What a plan depends on and may drift: link rates, the cloud's cost ratio, the device's per-token cost."""
+    def _rates(self, chunk: int) -> tuple[int, float, float, float, float]:
+        """What a plan of chunks up to `chunk` tokens depends on and may drift: the link's rates, the cloud's cost of
+        such a chunk as the planner sees it (its cost model, anchored at the sizes timed: the raw moving ratio to the
+        published line moved 30% on one outlier chunk, and re-planned prompts for nothing), the device's per-token
+        cost. The size comes first, to measure the same thing again."""
         link = self.estimator.estimate
-        return (link.uplink_bytes_per_s, link.downlink_bytes_per_s, self.cloud.ratio,
+        cloud, _ = self.cloud.cost(own=self.shared_compute())
+        return (chunk, link.uplink_bytes_per_s, link.downlink_bytes_per_s, cloud.predict(chunk) or 1.0,
                 self.profile.input.cost.predict(128) or 1.0)
 
-    def _drifted(self, reference: tuple[float, ...]) -> bool:
-        return any(abs(now / then - 1) > self.config.replan_drift for now, then in zip(self._rates(), reference) if then)
+    def _drifted(self, reference: tuple[int, float, float, float, float]) -> bool:
+        now = self._rates(reference[0])
+        return any(abs(value / then - 1) > self.config.replan_drift for value, then in zip(now[1:], reference[1:])
+                   if then)
 
     def run(self, session_id: str, token_ids: list[int], caches: DeviceCaches, max_chunk: int,
             steps: list[StepTiming], open_sequence: int | None = None,

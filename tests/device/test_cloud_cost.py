@@ -62,3 +62,21 @@ def test_a_published_line_that_misses_large_chunks_is_corrected_at_the_sizes_tim
         assert cost.predict(tokens) == pytest.approx(seconds, rel=0.1)
     ratio_only = cost.line
     assert max(abs(ratio_only.predict(tokens) / seconds - 1) for tokens, seconds in measured.items()) > 0.3
+
+
+def test_one_outlier_chunk_barely_moves_the_planners_cost_and_a_slower_cloud_moves_it_at_once():
+    """What the pipeline's re-plan check reads (device/prefill.py): the planner's cost of a chunk, not the raw moving
+    ratio. After 20 chunks as published, one chunk twice as slow moves the ratio by 30% (past the default drift of
+    25%, a re-plan for nothing) and the planner's cost by under 5%; a cloud that stays twice as slow moves the
+    planner's cost by over 50% within three chunks (the fit's change watch)."""
+    tracker = CloudCostTracker(PublishedPredictor())
+    as_published = 2e-3 + 50e-6 * 256
+    for _ in range(20):
+        tracker.observe(256, 0, as_published, batch_sessions=1)
+    before = tracker.cost()[0].predict(256)
+    tracker.observe(256, 0, 2 * as_published, batch_sessions=1)
+    assert tracker.ratio == pytest.approx(1.3)
+    assert tracker.cost()[0].predict(256) == pytest.approx(before, rel=0.05)
+    for _ in range(2):
+        tracker.observe(256, 0, 2 * as_published, batch_sessions=1)
+    assert tracker.cost()[0].predict(256) > 1.5 * before
