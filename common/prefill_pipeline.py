@@ -6,7 +6,8 @@ an even share of a chunk's middle-part time: chunk i + 1 enters stage 0 as chunk
 executor's (`hat.device.prefill`) policy exactly: it computes and sends the chunks in order; before
 each chunk it waits for the oldest reply when `max_in_flight` chunks are out, then runs the output part
 over every reply that has arrived; once all are sent it takes the remaining replies in order. The time to
-the first token is when the last chunk's output part is done, plus the head and sampling. When the device and
+the first token is when the last chunk's output part is done, plus the head and sampling, plus what the model
+has been seen to leave out (per prompt, and per chunk after the first: `MispredictionModel`). When the device and
 the cloud share cores (`shared_compute`), their compute takes turns on one processor.
 
 `prefill_lower_bound` is the bound no cut can beat: the busiest resource's total work plus the
@@ -36,8 +37,10 @@ class PipelineCosts:
     final_s: float = 0.0  # head and sampling of the first token after the last chunk
     cloud_stages: int = 1  # stages of the cloud's pipeline-parallel middle part (as it publishes)
     shared_compute: bool = False  # the device and the cloud compute on the same cores: their compute never overlaps
-    chunk_overhead_s: float = 0.0  # device time per chunk after a prompt's first the fitted parts leave out (learned
-    # from mispredictions: per-message costs, and on shared cores the device's and the cloud's compute contending)
+    chunk_overhead_s: float = 0.0  # time per chunk after a prompt's first that the fitted parts leave out, added to
+    # the time to the first token as it was learned (from mispredictions: per-message costs, and on shared cores the
+    # device's and the cloud's compute contending); as device time it was hidden wherever the device was not the
+    # bottleneck, and a cut into many chunks stayed predicted faster than it ran
     prompt_overhead_s: float = 0.0  # time per prompt the model leaves out (learned from mispredictions)
 
     def up_s(self, tokens: int) -> float:
@@ -80,7 +83,9 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
     stage_free = [0.0] * costs.cloud_stages
     half_rtt = costs.rtt_s / 2
     handled = 0  # replies the device has run the output part over
-    tail_s = costs.final_s + costs.prompt_overhead_s  # after the last output part: no cut finishes before now + this
+    later_chunks = count - sent_before - (1 if start == 0 else 0)  # planned chunks after the prompt's first
+    # after the last output part: no cut finishes before now + this
+    tail_s = costs.final_s + costs.prompt_overhead_s + costs.chunk_overhead_s * later_chunks
     host_free = 0.0  # with shared_compute: when the one processor is free
 
     def compute(at: float, seconds: float) -> float:
@@ -104,7 +109,7 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
             now = handle(handled, now)
             handled += 1
         if i >= sent_before:
-            now = compute(now, costs.device_input.predict(n, positions[i]) + (costs.chunk_overhead_s if i else 0.0))
+            now = compute(now, costs.device_input.predict(n, positions[i]))
         sent[i] = now
         up_free = max(now, up_free) + costs.up_s(n)
         at = max(up_free + half_rtt, stage_free[0]) + costs.cloud_queue_s
@@ -118,7 +123,7 @@ def simulate_prefill(sizes: list[int], costs: PipelineCosts, max_in_flight: int,
     while handled < count:
         now = handle(handled, now)
         handled += 1
-    return SimulatedPrefill(now + costs.final_s + costs.prompt_overhead_s, tuple(sent[sent_before:]),
+    return SimulatedPrefill(now + tail_s, tuple(sent[sent_before:]),
                             tuple(done[sent_before:]))
 
 

@@ -282,7 +282,7 @@ def summarize(results: dict[str, list], length: int, uplink: float, profile) -> 
     ttft = {name: median(times) for name, times in per_prompt.items()}
     fixed = {name: t for name, t in ttft.items() if name.startswith("fixed")}
     best_name = min(fixed, key=fixed.get) if fixed else "none"
-    best = min(fixed.get(best_name, ttft["none"]), ttft["none"])
+    best = fixed.get(best_name, ttft["none"])  # the fastest fixed size's time, as its label says ("x min" adds none)
     baselines = [per_prompt["none"]] + ([per_prompt[best_name]] if best_name != "none" else [])
     bound = stage_bound(results, profile.uplink_bytes_per_s, profile.downlink_bytes_per_s, profile.rtt_s)
     last = results["adaptive"][-1]

@@ -146,6 +146,23 @@ def test_a_learned_overhead_per_chunk_moves_the_plan_to_fewer_chunks():
     assert len(planner.plan(1024, learned, 4096).sizes) < len(before.sizes)
 
 
+def test_a_learned_overhead_per_chunk_counts_where_the_device_is_not_the_bottleneck():
+    """The per-chunk overhead is learned as time to the first token per chunk after the first, and is added so: with
+    the cloud the bottleneck (as the reference model over a 10 MB/s link), a cut's prediction grows by exactly the
+    overhead per later chunk, where as device time it was hidden behind the cloud and many chunks kept looking
+    cheap; and the next plan has fewer chunks."""
+    costs = dataclasses.replace(TYPICAL, cloud=LinearCost(5e-3, 4e-4, 2e-10), uplink_bytes_per_s=1e7,
+                                downlink_bytes_per_s=1.5e7, rtt_s=0.02, up_bytes_per_token=1024,
+                                down_bytes_per_token=1024)
+    planner = ChunkPlanner()
+    before = planner.plan(2048, costs, 4096)
+    assert len(before.sizes) > 2
+    learned = dataclasses.replace(costs, chunk_overhead_s=0.01)
+    assert planner.evaluate(list(before.sizes), learned, 0).predicted_s == \
+        pytest.approx(before.predicted_s + 0.01 * (len(before.sizes) - 1), rel=1e-9)
+    assert len(planner.plan(2048, learned, 4096).sizes) < len(before.sizes)
+
+
 def test_the_probe_measures_the_path_before_the_first_prompt(tiny_checkpoint, tmp_path):
     """SplitGenerator.probe() (cold start): afterwards the link estimator has measured both offsets and the uplink
     (no longer its 20 ms prior round trip), the cloud tracker has its ratio from replies, the device's fits hold the
