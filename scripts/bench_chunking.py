@@ -291,6 +291,9 @@ def summarize(results: dict[str, list], length: int, uplink: float, profile) -> 
             "paired_vs_min": paired_ratio(per_prompt["adaptive"], baselines),
             "paired_vs_none": paired_ratio(per_prompt["adaptive"], [per_prompt["none"]]),
             "adaptive_predicted_ms": median([r.ttft_predicted_ms for r in results["adaptive"]]),
+            "runs_ms": per_prompt,  # every run's time, per mode in prompt order (the medians' raw material)
+            "adaptive_predicted_runs_ms": [r.ttft_predicted_ms for r in results["adaptive"]],
+            "adaptive_cuts": [list(r.chunks) for r in results["adaptive"]],
             "adaptive_chunks": last.chunks, "replans": sum(r.replans for r in results["adaptive"]),
             "plan_ms": median([r.plan_ms for r in results["adaptive"]])}
     log(f"{length:>5} tokens over {link_name(uplink)}: adaptive {ttft['adaptive']:.0f} ms (predicted "
