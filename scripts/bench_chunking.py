@@ -292,7 +292,7 @@ def summarize(results: dict[str, list], length: int, uplink: float, profile) -> 
             "paired_vs_none": paired_ratio(per_prompt["adaptive"], [per_prompt["none"]]),
             "adaptive_predicted_ms": median([r.ttft_predicted_ms for r in results["adaptive"]]),
             "runs_ms": per_prompt,  # every run's time, per mode in prompt order (the medians' raw material)
-            "adaptive_predicted_runs_ms": [r.ttft_predicted_ms for r in results["adaptive"]],
+            "predicted_runs_ms": {name: [r.ttft_predicted_ms for r in runs] for name, runs in results.items()},
             "adaptive_cuts": [list(r.chunks) for r in results["adaptive"]],
             "adaptive_chunks": last.chunks, "replans": sum(r.replans for r in results["adaptive"]),
             "plan_ms": median([r.plan_ms for r in results["adaptive"]])}
